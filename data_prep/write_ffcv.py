@@ -1,0 +1,108 @@
+"""Turn a dataset into FFCV files: OUT_DIR/train.beton and OUT_DIR/val.beton.
+
+Examples:
+  python data_prep/write_ffcv.py --dataset digits                  # bundled, offline
+  python data_prep/write_ffcv.py --dataset cifar10 --data-dir ~/data/cifar
+  python data_prep/write_ffcv.py --dataset imagenet --data-dir /data/imagenet \\
+      --out-dir /data/ffcv/imagenet --max-resolution 500 --compress-probability 0.5
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as `python data_prep/write_ffcv.py` from a checkout
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from fastibd import datasets
+from fastibd.beton import WRITE_MODES, image_field, write_beton
+from fastibd.cli import ArgumentParser, bounded
+from fastibd.errors import UserError, exit_on_user_error
+
+DATASETS = ("cifar10", "cifar100", "imagenet", "folder", "digits")
+FOLDER_DATASETS = ("imagenet", "folder")
+
+# FFCV's ImageNet recipe (ffcv-imagenet, ResNet-50 rows); small datasets are stored raw.
+FOLDER_DEFAULTS = {"write_mode": "proportion", "max_resolution": 500,
+                   "jpeg_quality": 90, "compress_probability": 0.5}
+SMALL_DEFAULTS = {"write_mode": "raw", "max_resolution": None,
+                  "jpeg_quality": 90, "compress_probability": 0.5}
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(
+        prog="write_ffcv.py",
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=__import__("argparse").RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--dataset", choices=DATASETS, default="cifar10",
+                        help="cifar10/cifar100: torchvision's files (downloaded into --data-dir "
+                             "when missing); imagenet/folder: an ImageFolder tree with train/ and "
+                             "val/; digits: scikit-learn's bundled digits, 32x32 RGB, offline "
+                             "(default: %(default)s)")
+    parser.add_argument("--data-dir", type=Path, default=None,
+                        help="where the source data is (or is downloaded to, for CIFAR; "
+                             "default data/downloads). Required for imagenet/folder")
+    parser.add_argument("--out-dir", type=Path, default=None,
+                        help="where train.beton and val.beton go (default data/DATASET)")
+    parser.add_argument("--num-workers", type=bounded(int, 1), default=min(16, os.cpu_count() or 1),
+                        help="writer processes (default: %(default)s)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace existing .beton files (otherwise refuse)")
+    parser.add_argument("--limit", type=bounded(int, 1), default=None, metavar="N",
+                        help="write only the first N samples of each split, for quick trials")
+    images = parser.add_argument_group(
+        "image storage (FFCV RGBImageField); defaults: imagenet/folder use FFCV's ImageNet "
+        "recipe (proportion, 500px, q90, 0.5), cifar/digits are stored raw at full size")
+    images.add_argument("--write-mode", choices=WRITE_MODES, default=None,
+                        help="raw pixels, jpg, a proportion of jpgs, or smart (jpg for big images)")
+    images.add_argument("--max-resolution", type=bounded(int, 8), default=None, metavar="PX",
+                        help="downscale so the longer side is at most PX")
+    images.add_argument("--jpeg-quality", type=bounded(int, 1, 100), default=None, metavar="Q",
+                        help="JPEG quality 1..100")
+    images.add_argument("--compress-probability", type=bounded(float, 0.0, 1.0), default=None,
+                        metavar="P", help="fraction of images stored as JPEG in proportion mode")
+    return parser
+
+
+def load_splits(dataset: str, data_dir: Path | None) -> dict[str, datasets.ImageDataset]:
+    if dataset == "digits":
+        return {split: datasets.digits_dataset(split) for split in datasets.SPLITS}
+    if dataset in FOLDER_DATASETS:
+        if data_dir is None:
+            raise UserError(f"--dataset {dataset} needs --data-dir pointing at a folder "
+                            "with train/ and val/ inside")
+        return datasets.folder_splits(data_dir)
+    root = data_dir if data_dir is not None else Path("data/downloads")
+    return {split: datasets.cifar_dataset(dataset, root, split) for split in datasets.SPLITS}
+
+
+@exit_on_user_error("write_ffcv.py")
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    out_dir = args.out_dir if args.out_dir is not None else Path("data") / args.dataset
+    outputs = {split: out_dir / f"{split}.beton" for split in datasets.SPLITS}
+    existing = [str(p) for p in outputs.values() if p.exists()]
+    if existing and not args.overwrite:  # checked before any slow work
+        raise UserError(f"{', '.join(existing)} already exists; pass --overwrite to replace")
+
+    defaults = FOLDER_DEFAULTS if args.dataset in FOLDER_DATASETS else SMALL_DEFAULTS
+    storage = {key: defaults[key] if getattr(args, key) is None else getattr(args, key)
+               for key in defaults}
+    splits = load_splits(args.dataset, args.data_dir)
+    for split, data in splits.items():
+        count = len(data) if args.limit is None else min(args.limit, len(data))
+        print(f"{args.dataset} {split}: {count} images -> {outputs[split]}", flush=True)
+        write_beton(data, outputs[split], image=image_field(**storage),
+                    indices=None if args.limit is None else range(count),
+                    num_workers=args.num_workers, overwrite=args.overwrite)
+    for path in outputs.values():
+        print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

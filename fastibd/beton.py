@@ -1,0 +1,146 @@
+"""Write an indexable image dataset to an FFCV .beton file, atomically and failing clearly.
+
+FFCV's `DatasetWriter` runs the dataset in worker processes and waits until every
+sample is counted; an exception in a worker would leave it waiting forever. So samples
+are read through `_FailureGuard`, which records the first error in shared memory and
+turns the remaining samples into cheap placeholders; the writer finishes, the partial
+file is deleted and the error is raised in the main process. The file is written under
+a temporary name and renamed at the end, so a .beton that exists is a complete one.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import multiprocessing as mp
+import os
+import signal
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from fastibd.datasets import ImageDataset
+from fastibd.errors import UserError
+
+WriteMode = Literal["raw", "jpg", "proportion", "smart"]
+WRITE_MODES: tuple[str, ...] = ("raw", "jpg", "proportion", "smart")
+PARTIAL_SUFFIX = ".partial"
+
+_MESSAGE_BYTES = 4096
+_PLACEHOLDER = (np.zeros((1, 1, 3), dtype=np.uint8), 0)
+
+
+class _FailureGuard:
+    """Reads samples for FFCV's worker processes; remembers the first failure."""
+
+    def __init__(self, dataset: ImageDataset) -> None:
+        self.dataset = dataset
+        self.message = mp.Array(ctypes.c_char, _MESSAGE_BYTES)
+        self.main_pid = os.getpid()
+        self.worker_ready = False
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
+        if not self.worker_ready and os.getpid() != self.main_pid:
+            # Ctrl-C is handled by the main process, which terminates the workers.
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            self.worker_ready = True
+        if self.message.value:
+            return _PLACEHOLDER
+        try:
+            image, label = self.dataset[index]
+            _check_sample(image, index)
+            return image, label
+        except Exception as err:  # noqa: BLE001 - anything a sample raises must reach the user
+            with self.message.get_lock():
+                if not self.message.value:
+                    self.message.value = str(err).encode()[: _MESSAGE_BYTES - 1]
+            return _PLACEHOLDER
+
+    def failure(self) -> str | None:
+        return self.message.value.decode(errors="replace") or None
+
+
+def _check_sample(image: np.ndarray, index: int) -> None:
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise UserError(f"sample {index}: expected a uint8 HxWx3 image, got "
+                        f"{image.dtype} {image.shape}")
+
+
+def image_field(
+    write_mode: WriteMode = "raw",
+    max_resolution: int | None = None,
+    jpeg_quality: int = 90,
+    compress_probability: float = 0.5,
+):
+    """FFCV's RGB image field with the options of its ImageNet recipe exposed."""
+    from ffcv.fields import RGBImageField
+
+    if write_mode not in WRITE_MODES:
+        raise UserError(f"write mode must be one of {', '.join(WRITE_MODES)}, not {write_mode!r}")
+    return RGBImageField(
+        write_mode=write_mode,
+        max_resolution=max_resolution,
+        jpeg_quality=jpeg_quality,
+        compress_probability=compress_probability,
+    )
+
+
+def write_beton(
+    dataset: ImageDataset,
+    path: Path,
+    *,
+    image=None,
+    indices: Sequence[int] | None = None,
+    num_workers: int = -1,
+    overwrite: bool = False,
+    chunksize: int = 100,
+) -> Path:
+    """Write `dataset` (or the given `indices` of it) as fields `image` and `label` to `path`.
+
+    `image` is an FFCV image field (default: raw RGB). Returns `path`.
+    """
+    from ffcv.fields import IntField
+    from ffcv.writer import DatasetWriter
+
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise UserError(f"{path} exists; pass --overwrite to replace it")
+    if len(dataset) == 0 or (indices is not None and len(indices) == 0):
+        raise UserError(f"nothing to write to {path}: the dataset is empty")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + PARTIAL_SUFFIX)
+    guard = _FailureGuard(dataset)
+    fields = {"image": image if image is not None else image_field(), "label": IntField()}
+    writer = DatasetWriter(str(partial), fields, num_workers=num_workers)
+    try:
+        writer.from_indexed_dataset(
+            guard, indices=None if indices is None else list(indices), chunksize=chunksize
+        )
+        failure = guard.failure()
+        if failure is not None:
+            raise UserError(failure)
+        os.replace(partial, path)
+    except BaseException:
+        _stop_workers(writer)
+        raise
+    finally:
+        partial.unlink(missing_ok=True)
+    return path
+
+
+def _stop_workers(writer) -> None:
+    """After a failure or Ctrl-C: end FFCV's worker processes and free its shared memory."""
+    for child in mp.active_children():
+        child.terminate()
+        child.join(timeout=5)
+    shared = getattr(writer, "metadata_sm", None)
+    if shared is not None and hasattr(shared, "unlink"):
+        try:
+            shared.close()
+            shared.unlink()
+        except FileNotFoundError:  # FFCV already released it
+            pass

@@ -1,0 +1,128 @@
+"""FFCV loaders that yield `(images, labels)` ready for a robust-training step.
+
+Images come out as float in [0, 1], NCHW shape in channels_last memory, on the requested
+device; labels as int64 [B]. Normalization is *not* done here: every model owns its
+mean/std, so attack budgets are always in pixel space (DESIGN.md §3).
+
+FFCV reuses its output buffers: a batch is valid until the next one is drawn, so
+`.clone()` anything kept across iterations.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from fastibd.errors import UserError
+
+Order = Literal["random", "quasi_random", "sequential"]
+CIFAR_PAD = 4
+DEFAULT_CROP_RATIO = 224 / 256
+
+
+@dataclass(frozen=True)
+class LoaderOptions:
+    """What every loader takes besides its augmentation."""
+
+    batch_size: int
+    device: torch.device | str = "cpu"
+    num_workers: int = min(8, os.cpu_count() or 1)
+    distributed: bool = False  # FFCV's flag: each rank reads its own share (pads with repeats)
+    drop_last: bool = False
+    order: Order = "random"
+    os_cache: bool = True  # True when the dataset fits in RAM; False streams with QUASI_RANDOM
+    seed: int | None = None  # ordering seed; set it for reproducible (and distributed) runs
+    dtype: torch.dtype = torch.float32
+
+
+def cifar_loader(path: str | Path, train: bool, options: LoaderOptions):
+    """CIFAR-like 32x32 data: train = random crop (4 px zero padding) + flip; val = as stored."""
+    from ffcv.fields.decoders import SimpleRGBImageDecoder
+    from ffcv.transforms import RandomHorizontalFlip, RandomTranslate
+
+    augment = [RandomHorizontalFlip(), RandomTranslate(padding=CIFAR_PAD)] if train else []
+    return _loader(path, [SimpleRGBImageDecoder(), *augment], options)
+
+
+class ImageNetTrainLoader:
+    """ImageNet-like training data: random resized crop + flip at a resolution that can change
+    between epochs (progressive resizing): call `set_resolution` before iterating."""
+
+    def __init__(self, path: str | Path, resolution: int, options: LoaderOptions) -> None:
+        from ffcv.fields.decoders import RandomResizedCropRGBImageDecoder
+        from ffcv.transforms import RandomHorizontalFlip
+
+        self.decoder = RandomResizedCropRGBImageDecoder((resolution, resolution))
+        self.loader = _loader(path, [self.decoder, RandomHorizontalFlip()], options)
+
+    @property
+    def resolution(self) -> int:
+        return self.decoder.output_size[0]
+
+    def set_resolution(self, resolution: int) -> None:
+        self.decoder.output_size = (resolution, resolution)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return iter(self.loader)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+
+def imagenet_val_loader(
+    path: str | Path,
+    options: LoaderOptions,
+    resolution: int = 224,
+    crop_ratio: float = DEFAULT_CROP_RATIO,
+):
+    """ImageNet-like validation data: the central `crop_ratio` of the shorter side, resized."""
+    from ffcv.fields.decoders import CenterCropRGBImageDecoder
+
+    decoder = CenterCropRGBImageDecoder((resolution, resolution), ratio=crop_ratio)
+    return _loader(path, [decoder], options)
+
+
+def _loader(path: str | Path, image_ops: list, options: LoaderOptions):
+    from ffcv.fields.decoders import IntDecoder
+    from ffcv.loader import Loader, OrderOption
+    from ffcv.transforms import Convert, Squeeze, ToDevice, ToTensor, ToTorchImage
+    from torchvision.transforms import Normalize
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"no dataset file {path}; write one with data_prep/write_ffcv.py")
+    if options.order == "quasi_random" and options.distributed:
+        raise UserError("order quasi_random cannot be used with distributed loading (FFCV); "
+                        "use random")
+    orders = {"random": OrderOption.RANDOM, "quasi_random": OrderOption.QUASI_RANDOM,
+              "sequential": OrderOption.SEQUENTIAL}
+    if options.order not in orders:
+        raise UserError(f"order must be one of {', '.join(orders)}, not {options.order!r}")
+    device = torch.device(options.device)
+    # Decode and augment as uint8 on the CPU, move, then convert on the device: uint8 is a
+    # quarter of float32's bytes to transfer.
+    image = [
+        *image_ops,
+        ToTensor(),
+        ToDevice(device, non_blocking=True),
+        ToTorchImage(channels_last=True),
+        Convert(options.dtype),
+        Normalize(mean=(0.0, 0.0, 0.0), std=(255.0, 255.0, 255.0)),  # -> [0, 1]
+    ]
+    label = [IntDecoder(), ToTensor(), ToDevice(device, non_blocking=True), Squeeze(1)]
+    return Loader(
+        str(path),
+        batch_size=options.batch_size,
+        num_workers=options.num_workers,
+        order=orders[options.order],
+        os_cache=options.os_cache,
+        distributed=options.distributed,
+        seed=options.seed,
+        drop_last=options.drop_last,
+        pipelines={"image": image, "label": label},
+    )

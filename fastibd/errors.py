@@ -1,0 +1,42 @@
+"""User-facing errors: one clear line and a non-zero exit, never a traceback.
+
+Code anywhere in the package raises `UserError` for a mistake the user can fix (a
+missing file, a bad option, no network). Command-line entry points wrap their `main`
+with `exit_on_user_error`, which prints `prog: error: message` and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from typing import ParamSpec
+
+P = ParamSpec("P")
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130  # the shell's convention for "killed by SIGINT"
+
+
+class UserError(Exception):
+    """A problem with the user's input, reported as one line without a traceback."""
+
+
+def exit_on_user_error(prog: str) -> Callable[[Callable[P, int | None]], Callable[P, int]]:
+    """Decorate a CLI `main`: UserError and Ctrl-C become a one-line message and an exit code."""
+
+    def decorate(main: Callable[P, int | None]) -> Callable[P, int]:
+        @functools.wraps(main)
+        def wrapped(*args: P.args, **kwargs: P.kwargs) -> int:
+            try:
+                return main(*args, **kwargs) or 0
+            except UserError as err:
+                print(f"{prog}: error: {err}", file=sys.stderr)
+                return EXIT_USER_ERROR
+            except KeyboardInterrupt:
+                print(f"{prog}: interrupted", file=sys.stderr)
+                return EXIT_INTERRUPTED
+
+        return wrapped
+
+    return decorate

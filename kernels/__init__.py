@@ -1,0 +1,1 @@
+"""Triton kernels for the feature-distillation hot path (see DESIGN.md §3)."""

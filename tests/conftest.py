@@ -1,0 +1,58 @@
+"""Shared fixtures: real images (scikit-learn's digits) written as files and as .beton."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from data_prep import write_ffcv
+
+CLASS_TINTS = np.array([[1.0, 0.4, 0.2], [0.2, 1.0, 0.5], [0.3, 0.5, 1.0]])
+
+
+def smooth_images(count: int, size: tuple[int, int], seed: int) -> list[np.ndarray]:
+    """Real handwritten digits, upsampled to `size` (W, H) and tinted: smooth like photos,
+    so JPEG error stays small, and with different values in each channel."""
+    from sklearn.datasets import load_digits
+
+    rng = np.random.default_rng(seed)
+    digits = load_digits().images
+    images = []
+    for i in range(count):
+        digit = np.round(digits[rng.integers(len(digits))] * (255 / 16)).astype(np.uint8)
+        grey = np.asarray(Image.fromarray(digit).resize(size, Image.BILINEAR), dtype=np.float64)
+        tint = CLASS_TINTS[i % len(CLASS_TINTS)]
+        images.append(np.clip(grey[..., None] * tint + 20, 0, 255).astype(np.uint8))
+    return images
+
+
+def make_image_folder(
+    root: Path,
+    sizes: list[tuple[int, int]],
+    classes: tuple[str, ...] = ("cat", "dog", "emu"),
+    per_class: int = 4,
+) -> Path:
+    """An ImageFolder tree root/{train,val}/<class>/ of PNG and JPEG files; image k of a class
+    is PNG when k is even, JPEG otherwise, and has size sizes[k % len(sizes)]."""
+    for split_index, split in enumerate(("train", "val")):
+        for class_index, name in enumerate(classes):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for k in range(per_class):
+                seed = 1000 * split_index + 100 * class_index + k
+                (image,) = smooth_images(1, sizes[k % len(sizes)], seed)
+                ext = "png" if k % 2 == 0 else "jpg"
+                Image.fromarray(image).save(folder / f"img{k}.{ext}", quality=95)
+    return root
+
+
+@pytest.fixture(scope="session")
+def digits_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """train.beton / val.beton of the bundled digits, written through the real CLI."""
+    out = tmp_path_factory.mktemp("digits")
+    args = ["--dataset", "digits", "--out-dir", str(out), "--num-workers", "2"]
+    assert write_ffcv.main(args) == 0
+    return out
