@@ -1,0 +1,44 @@
+"""fastibd's own checkpoint layout, and writing files so a crash never leaves half of one.
+
+A checkpoint is a dict of tensors and plain values only, so `torch.load(weights_only=True)`
+reads it: {"format": "fastibd", "version": 1, "spec": ModelSpec fields, "model": state_dict,
+...anything else the trainer adds (optimizer, epoch, ...)}.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fastibd.models import TappedModel
+
+FORMAT = "fastibd"
+VERSION = 1
+
+
+def model_checkpoint(model: TappedModel, **extra: Any) -> dict[str, Any]:
+    """The checkpoint dict for `model` (which must come from `build_model`)."""
+    return {"format": FORMAT, "version": VERSION, "spec": asdict(model.spec),
+            "model": model.state_dict(), **extra}
+
+
+def atomic_save(obj: Any, path: str | Path) -> Path:
+    """torch.save to a temporary file in the same folder, then rename over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as file:
+            torch.save(obj, file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

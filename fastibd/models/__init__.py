@@ -1,0 +1,66 @@
+"""Architectures with feature taps and input normalization inside; build them by name.
+
+    model = build_model("resnet18", num_classes=10, normalization="cifar10")
+    logits = model(x)                          # x: [B, 3, H, W] in [0, 1]
+    logits, taps = model(x, features=True)     # one tap per residual block
+    model.feature_shapes(32)                   # [(C, H, W), ...] without computing
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict
+from typing import Any
+
+from torchvision.models.resnet import BasicBlock, Bottleneck
+
+from fastibd.errors import UserError
+from fastibd.models.base import NORMALIZATIONS, ModelSpec, Stats, TappedModel
+from fastibd.models.cifar_resnet import CifarResNet, PreActResNet
+from fastibd.models.imagenet_resnet import ImageNetResNet
+from fastibd.models.wide_resnet import WideResNet
+
+__all__ = ["ARCHITECTURES", "NORMALIZATIONS", "ModelSpec", "TappedModel", "build_model",
+           "build_from_spec"]
+
+# name -> (constructor taking num_classes, normalization, width_mult, **options; input size)
+ARCHITECTURES: dict[str, tuple[Callable[..., TappedModel], int]] = {
+    "resnet18": (CifarResNet, 32),
+    "preact_resnet18": (PreActResNet, 32),
+    "wrn34_10": (lambda **kw: WideResNet(depth=34, widen_factor=10, **kw), 32),
+    "wrn28_10": (lambda **kw: WideResNet(depth=28, widen_factor=10, **kw), 32),
+    "wrn34_20": (lambda **kw: WideResNet(depth=34, widen_factor=20, **kw), 32),
+    "resnet18_imagenet": (lambda **kw: ImageNetResNet(BasicBlock, (2, 2, 2, 2), **kw), 224),
+    "resnet50": (lambda **kw: ImageNetResNet(Bottleneck, (3, 4, 6, 3), **kw), 224),
+}
+
+
+def build_model(arch: str, num_classes: int = 10, normalization: str | Stats = "cifar10",
+                width_mult: float = 1.0, **options: Any) -> TappedModel:
+    """Build an architecture by name. `width_mult` scales every channel count (tests use
+    e.g. 1/8); `options` are architecture-specific (`sub_block1=True` for WideResNets that
+    load TRADES/AWP checkpoints)."""
+    if arch not in ARCHITECTURES:
+        raise UserError(f"unknown architecture {arch!r}; choose from {', '.join(ARCHITECTURES)}")
+    if num_classes < 1 or width_mult <= 0:
+        raise UserError(f"num_classes must be >= 1 and width_mult > 0, got {num_classes}, "
+                        f"{width_mult}")
+    constructor, _ = ARCHITECTURES[arch]
+    try:
+        model = constructor(num_classes=num_classes, normalization=normalization,
+                            width_mult=width_mult, **options)
+    except TypeError as err:  # an option this architecture does not have
+        raise UserError(f"{arch}: {err}") from None
+    model.spec = ModelSpec(arch, num_classes, normalization, width_mult, dict(options))
+    return model
+
+
+def build_from_spec(spec: ModelSpec | dict[str, Any]) -> TappedModel:
+    """Rebuild a model from its spec (as saved in a checkpoint)."""
+    fields = asdict(spec) if isinstance(spec, ModelSpec) else dict(spec)
+    options = fields.pop("options", {}) or {}
+    normalization = fields["normalization"]
+    if isinstance(normalization, list):  # (mean, std) comes back from a checkpoint as lists
+        normalization = tuple(tuple(v) for v in normalization)
+    return build_model(fields["arch"], fields["num_classes"], normalization,
+                       fields["width_mult"], **options)

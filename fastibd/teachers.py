@@ -1,0 +1,232 @@
+"""Load a (robust) teacher from the checkpoint files people actually have.
+
+Formats (`format="auto"` recognises each from the file's contents):
+  fastibd      this project's checkpoints (architecture and normalization inside)
+  state_dict   a plain state_dict in our/torchvision's names (torchvision ResNets, the
+               CIFAR ResNet code RSLAD/IBD/pyautoattack share); DataParallel's `module.`
+               prefix is removed
+  robustbench  RobustBench model files: optional 'state_dict' wrapper, `module.`/`model.`
+               prefixes, and ImageNet models' `normalize.mean/std` buffers
+  robustness   MadryLab robustness checkpoints: 'model' -> `module.model.*` (the attacker
+               and normalizer copies are ignored; the normalizer gives the normalization)
+
+Files load with `weights_only=True`. Some formats (robustness) are full pickles, which can
+run arbitrary code when loaded: they load only with `trust_pickle=True`.
+
+Normalization, unless given: what the file carries; else 'imagenet' for ImageNet
+architectures (torchvision's convention) and 'none' for CIFAR ones (RobustBench's).
+"""
+
+from __future__ import annotations
+
+import pickle
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fastibd.checkpoint import FORMAT as FASTIBD_FORMAT
+from fastibd.errors import UserError
+from fastibd.models import ARCHITECTURES, NORMALIZATIONS, TappedModel, build_model
+from fastibd.models.base import Stats
+
+FORMATS = ("auto", "fastibd", "state_dict", "robustbench", "robustness")
+IMAGENET_INPUT = 224
+_SHOWN = 4  # keys listed per kind of mismatch
+
+
+def load_teacher(
+    arch: str | None,
+    path: str | Path,
+    format: str = "auto",
+    *,
+    num_classes: int | None = None,
+    normalization: str | Stats | None = None,
+    width_mult: float = 1.0,
+    trust_pickle: bool = False,
+    device: torch.device | str = "cpu",
+    **options: Any,
+) -> TappedModel:
+    """Build `arch` and load the weights in `path` into it, strictly.
+
+    `arch` may be None for fastibd checkpoints (they name their architecture).
+    `num_classes=None` reads it off the classifier's weights. Returns the model in eval
+    mode with requires_grad off, on `device`.
+    """
+    if format not in FORMATS:
+        raise UserError(f"unknown checkpoint format {format!r}; choose from {', '.join(FORMATS)}")
+    raw = read_checkpoint(path, trust_pickle)
+    fmt = detect_format(raw) if format == "auto" else format
+    state, stats, spec = _interpret(raw, fmt, path)
+
+    if spec is not None:  # our own checkpoint knows how to build itself
+        if arch is not None and arch != spec["arch"]:
+            raise UserError(f"{path} holds a {spec['arch']}, not a {arch}")
+        arch, width_mult = spec["arch"], spec["width_mult"]
+        options = {**spec.get("options", {}), **options}
+        stats = spec["normalization"]
+        num_classes = spec["num_classes"] if num_classes is None else num_classes
+    if arch is None:
+        raise UserError(f"say which architecture {path} holds ({', '.join(ARCHITECTURES)})")
+    if arch in ("wrn34_10", "wrn28_10", "wrn34_20") and any(k.startswith("sub_block1.")
+                                                             for k in state):
+        options.setdefault("sub_block1", True)  # TRADES / AWP files carry this unused block
+    num_classes = num_classes if num_classes is not None else _infer_num_classes(state, path)
+    normalization = _choose_normalization(normalization, stats, arch, path)
+
+    model = build_model(arch, num_classes, normalization, width_mult, **options)
+    _check_fit(model, state, f"{path} does not fit {arch} (num_classes={num_classes}, "
+                             f"read as format {fmt!r})")
+    model.load_state_dict(state, strict=True)
+    model.eval().requires_grad_(False)
+    return model.to(device)
+
+
+def read_checkpoint(path: str | Path, trust_pickle: bool = False) -> Any:
+    """torch.load with weights_only=True; a full pickle only when the user trusts it."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"no checkpoint file {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        needs = re.search(r"GLOBAL ([\w.]+)", str(err))
+        if needs is None:  # not a question of trust: the bytes are bad
+            raise UserError(f"cannot read {path}: not a PyTorch checkpoint ({_first_line(err)})"
+                            ) from None
+        if not trust_pickle:
+            raise UserError(
+                f"{path} is a full pickle (it needs {needs.group(1)}); loading it can run "
+                "arbitrary code. MadryLab robustness checkpoints are like this. If you trust "
+                "where it came from, pass --trust-pickle (trust_pickle=True)") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as err:
+        raise UserError(f"cannot read {path}: truncated or not a PyTorch checkpoint "
+                        f"({_first_line(err)})") from None
+    try:  # only reached with trust_pickle=True
+        import dill as pickle_module  # the robustness library pickles with dill
+    except ImportError:
+        pickle_module = pickle
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False,
+                          pickle_module=pickle_module)
+    except Exception as err:  # noqa: BLE001 - any failure of a foreign pickle is the file's
+        raise UserError(f"cannot read {path} even as a trusted pickle ({_first_line(err)})"
+                        ) from None
+
+
+def detect_format(raw: Any) -> str:
+    if not isinstance(raw, Mapping):
+        raise UserError(f"a checkpoint should hold a dict, this one holds a {type(raw).__name__}")
+    if raw.get("format") == FASTIBD_FORMAT:
+        return "fastibd"
+    inner = raw.get("model")
+    if isinstance(inner, Mapping) and any(str(k).startswith("module.model.") for k in inner):
+        return "robustness"
+    if "state_dict" in raw or any(str(k).startswith(("model.", "normalize.", "module.model."))
+                                  for k in raw):
+        return "robustbench"
+    return "state_dict"
+
+
+def _interpret(raw: Any, fmt: str, path: str | Path
+               ) -> tuple[dict[str, torch.Tensor], Stats | None, dict | None]:
+    """The state_dict in our names, the normalization the file carries, and our spec."""
+    if not isinstance(raw, Mapping):
+        raise UserError(f"{path}: a checkpoint should hold a dict, not a {type(raw).__name__}")
+    if fmt == "fastibd":
+        if raw.get("format") != FASTIBD_FORMAT:
+            raise UserError(f"{path} is not a fastibd checkpoint (no format marker)")
+        return dict(raw["model"]), None, dict(raw["spec"])
+    if fmt == "robustness":
+        if not isinstance(raw.get("model"), Mapping):
+            raise UserError(f"{path} is not a robustness checkpoint (no 'model' dict)")
+        inner = raw["model"]
+        state = _strip(inner, "module.model.", keep_only=True)
+        stats = _stats(inner, "module.normalizer.new_mean", "module.normalizer.new_std")
+        return state, stats, None
+    state = raw.get("state_dict", raw) if fmt == "robustbench" else raw
+    state = _strip(_strip(state, "module."), "model.") if fmt == "robustbench" else \
+        _strip(state, "module.")
+    stats = None
+    for mean_key, std_key in (("normalize.mean", "normalize.std"), ("mu", "sigma"),
+                              ("mean", "std")):
+        if mean_key in state:
+            stats = _stats(state, mean_key, std_key)
+            state = {k: v for k, v in state.items() if k not in (mean_key, std_key)}
+    return state, stats, None
+
+
+def _strip(state: Mapping[str, Any], prefix: str, keep_only: bool = False) -> dict[str, Any]:
+    """Remove `prefix` from keys that have it; with keep_only, drop keys without it."""
+    out = {}
+    for key, value in state.items():
+        if key.startswith(prefix):
+            out[key[len(prefix):]] = value
+        elif not keep_only:
+            out[key] = value
+    return out
+
+
+def _stats(state: Mapping[str, Any], mean_key: str, std_key: str) -> Stats | None:
+    if mean_key not in state or std_key not in state:
+        return None
+    mean, std = (tuple(float(v) for v in torch.as_tensor(state[k]).flatten())
+                 for k in (mean_key, std_key))
+    return mean, std  # type: ignore[return-value]
+
+
+def _infer_num_classes(state: Mapping[str, torch.Tensor], path: str | Path) -> int:
+    for key in ("linear.weight", "fc.weight"):
+        if key in state:
+            return int(state[key].shape[0])
+    raise UserError(f"cannot tell num_classes from {path}: no linear.weight or fc.weight; "
+                    "pass it explicitly")
+
+
+def _choose_normalization(asked: str | Stats | None, carried: str | Stats | None, arch: str,
+                          path: str | Path) -> str | Stats:
+    carried = _name_stats(carried)
+    if asked is not None and carried is not None and _name_stats(asked) != carried:
+        raise UserError(f"{path} carries normalization {carried} but {asked} was asked for")
+    if asked is not None:
+        return asked
+    if carried is not None:
+        return carried
+    return "imagenet" if ARCHITECTURES[arch][1] == IMAGENET_INPUT else "none"
+
+
+def _name_stats(normalization: str | Stats | None) -> str | Stats | None:
+    """Give stats that match a named normalization its name, for readable specs."""
+    if normalization is None or isinstance(normalization, str):
+        return normalization
+    for name, stats in NORMALIZATIONS.items():
+        if stats is not None and all(abs(a - b) < 1e-3 for a, b in
+                                     zip((*stats[0], *stats[1]), (*normalization[0],
+                                                                  *normalization[1]),
+                                         strict=True)):
+            return name
+    return normalization
+
+
+def _check_fit(model: TappedModel, state: Mapping[str, torch.Tensor], context: str) -> None:
+    """One readable error naming missing keys, unexpected keys and shape conflicts."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    conflicts = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
+                 for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    problems = [f"{label} ({len(items)}): {', '.join(items[:_SHOWN])}"
+                + (", ..." if len(items) > _SHOWN else "")
+                for label, items in (("missing keys", missing), ("unexpected keys", unexpected),
+                                     ("shape conflicts, file vs model", conflicts)) if items]
+    if problems:
+        hint = ""
+        if any(k.startswith(("linear.", "fc.")) for k in conflicts):
+            hint = " (is num_classes right?)"
+        raise UserError(f"{context}: " + "; ".join(problems) + hint)
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
