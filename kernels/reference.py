@@ -1,0 +1,112 @@
+"""Eager reference of the feature-distillation hot path (DESIGN.md §3, Eq. 12–14).
+
+This module is the *specification*: the fused kernels must reproduce these functions,
+forward and backward (autograd of this code is the reference backward). It is written
+for clarity, not speed or memory: inputs are upcast before any arithmetic.
+
+The three ops, composed by `feature_distillation`:
+
+    pool(z)                    -> (map [B,H,W] = mean_c z^2,  gap [B,C] = mean_hw z)
+    pair_distances(t, s)       -> d [B,n,m]  (resize student map j to teacher map i's size,
+                                              L2-normalize both, mean squared difference)
+    weighted_sum(d, attn)      -> scalar     mean_b sum_ij attn[b,i,j] * d[b,i,j]
+
+Accumulation dtype: float64 inputs stay float64 (for gradcheck); every other float dtype
+(fp16, bf16, fp32) is computed and returned in fp32.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+NORMALIZE_EPS = 1e-12  # F.normalize's default: a map's L2 norm is clamped to at least this
+
+
+def accumulation_dtype(*tensors: Tensor) -> torch.dtype:
+    """float64 if any input is float64, else float32 (the dtype every op computes in)."""
+    if any(t.dtype == torch.float64 for t in tensors):
+        return torch.float64
+    return torch.float32
+
+
+def pool(z: Tensor) -> tuple[Tensor, Tensor]:
+    """Channel-pooled energy map and global average pool of one feature map.
+
+    z: [B, C, H, W], any memory format (NCHW or channels_last), any float dtype.
+    Returns (map, gap):
+        map: [B, H, W] = mean over C of z^2   (the attention map of Eq. 14)
+        gap: [B, C]    = mean over H, W of z  (the input of the query/key MLPs)
+    both in fp32 (float64 for float64 input), accumulated in that dtype.
+    """
+    if z.dim() != 4:
+        raise ValueError(f"pool expects a [B, C, H, W] feature map, got shape {tuple(z.shape)}")
+    zf = z.to(accumulation_dtype(z))
+    return zf.square().mean(dim=1), zf.mean(dim=(2, 3))
+
+
+def normalized_flat(maps: Tensor) -> Tensor:
+    """[B, ..., H, W] -> [B, ..., H*W], each sample's flattened map scaled to unit L2 norm
+    (F.normalize semantics: divided by max(norm, 1e-12), so an all-zero map stays zero)."""
+    return F.normalize(maps.flatten(-2), p=2.0, dim=-1, eps=NORMALIZE_EPS)
+
+
+def pair_distances(t_maps: Sequence[Tensor], s_maps: Sequence[Tensor]) -> Tensor:
+    """Distances between every teacher map and every student map.
+
+    t_maps: n teacher maps, map i is [B, Ht_i, Wt_i] (the `map` output of `pool`).
+    s_maps: m student maps, map j is [B, Hs_j, Ws_j]; sizes may be larger or smaller than
+            the teacher's (adaptive average pooling then down- or upsamples).
+    Returns d: [B, n, m] in fp32 (float64 if any map is float64), where
+        v_t      = normalize(flatten(t_maps[i]))
+        v_s      = normalize(flatten(adaptive_avg_pool2d(s_maps[j], (Ht_i, Wt_i))))
+        d[b,i,j] = mean over the Ht_i*Wt_i positions of (v_t - v_s)^2
+    """
+    if len(t_maps) == 0 or len(s_maps) == 0:
+        raise ValueError("pair_distances needs at least one teacher map and one student map")
+    dtype = accumulation_dtype(*t_maps, *s_maps)
+    # Student maps resized to each distinct teacher size, computed once per size:
+    # ResNet-style nets have only 3–4 distinct tap sizes for 8–16 taps.
+    resized: dict[tuple[int, int], Tensor] = {}
+    rows = []
+    for t_map in t_maps:
+        size = (t_map.shape[-2], t_map.shape[-1])
+        if size not in resized:
+            stacked = [
+                F.adaptive_avg_pool2d(s.to(dtype).unsqueeze(1), size).squeeze(1) for s in s_maps
+            ]
+            resized[size] = normalized_flat(torch.stack(stacked, dim=1))  # [B, m, HW]
+        v_s = resized[size]
+        v_t = normalized_flat(t_map.to(dtype)).unsqueeze(1)  # [B, 1, HW]
+        rows.append((v_t - v_s).square().mean(dim=-1))  # [B, m]
+    return torch.stack(rows, dim=1)
+
+
+def weighted_sum(d: Tensor, attn: Tensor) -> Tensor:
+    """Attention-weighted feature loss (Eq. 14): scalar mean_b sum_{i,j} attn[b,i,j] d[b,i,j].
+
+    d, attn: [B, n, m]. Computed in fp32 (float64 if either is float64).
+    """
+    if d.shape != attn.shape or d.dim() != 3:
+        raise ValueError(
+            f"weighted_sum expects d and attn of the same [B, n, m] shape, "
+            f"got {tuple(d.shape)} and {tuple(attn.shape)}"
+        )
+    dtype = accumulation_dtype(d, attn)
+    return (attn.to(dtype) * d.to(dtype)).sum(dim=(1, 2)).mean()
+
+
+def feature_distillation(
+    t_feats: Sequence[Tensor], s_feats: Sequence[Tensor], attn: Tensor
+) -> Tensor:
+    """The whole hot path on raw taps: weighted_sum(pair_distances(maps_t, maps_s), attn).
+
+    t_feats: n teacher taps [B, Ct_i, Ht_i, Wt_i]; s_feats: m student taps [B, Cs_j, Hs_j, Ws_j];
+    attn: [B, n, m] (rows usually sum to 1). Returns a scalar.
+    """
+    t_maps = [pool(z)[0] for z in t_feats]
+    s_maps = [pool(z)[0] for z in s_feats]
+    return weighted_sum(pair_distances(t_maps, s_maps), attn)
