@@ -1,0 +1,502 @@
+"""Throughput of the feature-distillation loss: eager reference vs torch.compile vs fused.
+
+    python -m kernels.bench                      # all GPU configs, all providers
+    python -m kernels.bench --configs cifar-b128 --providers eager,fused --out bench-out
+    python -m kernels.bench --help
+
+What is timed (per config, provider and mode) is the hot path of FeatureDistillation on
+synthetic bf16 channels_last taps already on the device:
+
+    maps, gaps = pool(every tap)           (teacher taps detached, student taps require grad)
+    loss = weighted_sum(pair_distances(teacher maps, student maps), attn)
+           + sum_k mean_b <gap_k, v_k>
+
+with a fixed random attention tensor attn [B, n, m] (rows sum to 1) and fixed random vectors
+v_k standing in for the attention MLPs (so no provider can drop the GAP half of `pool`).
+`--loss module` times the real fastibd.loss.FeatureDistillation instead (backend eager or
+fused; its attention MLPs included). Modes: "fwd" (the loss, autograd recording as in
+training) and "fwd+bwd" (plus loss.backward() into the student taps).
+
+Reported: median ms (triton.testing.do_bench on CUDA), effective GB/s against the bytes floor
+(fwd: every tap read once; fwd+bwd: plus the student taps read again and their gradients
+written once), that as a fraction of this card's copy bandwidth measured in the same run
+(a 1 GiB device-to-device copy, read + write bytes), and the peak memory beyond the inputs.
+Without CUDA the script says so and times small CPU shapes with time.perf_counter instead.
+Results: a table on stdout, results.csv and results.png (matplotlib, if installed) in --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import statistics
+import sys
+import textwrap
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from kernels import fused, reference
+
+# ----------------------------------------------------------------------------- configs
+
+Tap = tuple[int, int]  # (channels, size): a square [B, C, size, size] tap
+
+
+def _taps(*groups: tuple[int, int, int]) -> tuple[Tap, ...]:
+    """(count, channels, size) groups -> the tap list."""
+    return tuple((c, s) for count, c, s in groups for _ in range(count))
+
+
+WRN34_10_CIFAR = _taps((5, 160, 32), (5, 320, 16), (5, 640, 8))
+RESNET18_CIFAR = _taps((2, 64, 32), (2, 128, 16), (2, 256, 8), (2, 512, 4))
+
+
+def _resnet50(px: int) -> tuple[Tap, ...]:
+    s = px // 4  # 56 at 224 px, 40 at 160 px
+    return _taps((3, 256, s), (4, 512, s // 2), (6, 1024, s // 4), (3, 2048, s // 8))
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str
+    description: str
+    teacher: tuple[Tap, ...]
+    student: tuple[Tap, ...]
+    batch: int
+
+
+GPU_CONFIGS = {
+    c.name: c
+    for c in (
+        Config("cifar-b128", "WRN-34-10 -> ResNet-18, CIFAR 32 px", WRN34_10_CIFAR,
+               RESNET18_CIFAR, 128),
+        Config("cifar-b512", "WRN-34-10 -> ResNet-18, CIFAR 32 px", WRN34_10_CIFAR,
+               RESNET18_CIFAR, 512),
+        Config("imagenet224-b256", "ResNet-50 -> ResNet-50, ImageNet 224 px", _resnet50(224),
+               _resnet50(224), 256),
+        Config("imagenet160-b256", "ResNet-50 -> ResNet-50, ImageNet 160 px", _resnet50(160),
+               _resnet50(160), 256),
+    )
+}
+
+
+def _shrink(taps: tuple[Tap, ...], divisor: int) -> tuple[Tap, ...]:
+    return tuple((max(1, c // divisor), s) for c, s in taps)
+
+
+# Same tap structure (so the same n x m pairs and resizes), channels and batch cut down so
+# the eager reference runs in seconds on a small CPU.
+CPU_CONFIGS = {
+    c.name: c
+    for c in (
+        Config("cifar-cpu", "WRN-34-10 -> ResNet-18 taps, channels / 16", _shrink(
+            WRN34_10_CIFAR, 16), _shrink(RESNET18_CIFAR, 16), 8),
+        Config("imagenet160-cpu", "ResNet-50 -> ResNet-50 taps at 160 px, channels / 32",
+               _shrink(_resnet50(160), 32), _shrink(_resnet50(160), 32), 2),
+    )
+}
+
+PROVIDERS = ("eager", "compile", "fused", "fused+compile")
+DEFAULT_GPU_PROVIDERS = ("eager", "compile", "fused")
+DEFAULT_CPU_PROVIDERS = ("eager", "fused")
+MODES = ("fwd", "fwd+bwd")
+
+
+# ------------------------------------------------------------------------------- losses
+
+
+@dataclass
+class Inputs:
+    teacher: list[Tensor]
+    student: list[Tensor]  # leaves with requires_grad
+    attn: Tensor  # [B, n, m]
+    probes: list[Tensor]  # one [C] vector per tap, teacher taps first
+
+    @property
+    def teacher_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.teacher)
+
+    @property
+    def student_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.student)
+
+
+def make_inputs(config: Config, device: torch.device, dtype: torch.dtype,
+                seed: int = 0) -> Inputs:
+    """Post-ReLU-like random taps (non-negative), channels_last, on the device."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+
+    def tap(c: int, s: int, grad: bool) -> Tensor:
+        x = torch.randn((config.batch, c, s, s), generator=gen, device=device, dtype=dtype)
+        x = x.relu_().to(memory_format=torch.channels_last)
+        return x.requires_grad_(grad)
+
+    teacher = [tap(c, s, False) for c, s in config.teacher]
+    student = [tap(c, s, True) for c, s in config.student]
+    logits = torch.randn((config.batch, len(teacher), len(student)), generator=gen,
+                         device=device)
+    probes = [torch.randn((c,), generator=gen, device=device) / c
+              for c, _ in (*config.teacher, *config.student)]
+    return Inputs(teacher, student, logits.softmax(-1), probes)
+
+
+def ops_loss(ops) -> Callable[[Inputs], Tensor]:
+    """The hot path on a kernel module with the reference signatures (reference or fused)."""
+
+    def loss(x: Inputs) -> Tensor:
+        t_pooled = [ops.pool(z.detach()) for z in x.teacher]
+        s_pooled = [ops.pool(z) for z in x.student]
+        d = ops.pair_distances([mp for mp, _ in t_pooled], [mp for mp, _ in s_pooled])
+        value = ops.weighted_sum(d, x.attn)
+        gaps = [g for _, g in t_pooled] + [g for _, g in s_pooled]
+        for gap, probe in zip(gaps, x.probes, strict=True):
+            value = value + (gap @ probe).mean()
+        return value
+
+    return loss
+
+
+def module_loss(config: Config, backend: str, device: torch.device) -> Callable[[Inputs], Tensor]:
+    """The real FeatureDistillation (attention MLPs included) on the chosen backend."""
+    from fastibd.loss import FeatureDistillation
+
+    torch.manual_seed(0)  # the same attention weights for every provider
+    module = FeatureDistillation([c for c, _ in config.teacher], [c for c, _ in config.student],
+                                 dim=128, backend=backend).to(device)
+
+    def loss(x: Inputs) -> Tensor:
+        return module(x.teacher, x.student)
+
+    return loss
+
+
+def build_loss(provider: str, kind: str, config: Config,
+               device: torch.device) -> Callable[[Inputs], Tensor]:
+    use_fused = provider.startswith("fused")
+    if kind == "module":
+        fn = module_loss(config, "fused" if use_fused else "eager", device)
+    else:
+        fn = ops_loss(fused if use_fused else reference)
+    if provider.endswith("compile"):
+        fn = torch.compile(fn, fullgraph=True, dynamic=False)
+    return fn
+
+
+# ------------------------------------------------------------------------- correctness
+
+# Largest |fused - reference| of a student gradient, relative to the largest |reference|:
+# the gradients are returned in the taps' dtype, so about one rounding of that dtype.
+GRAD_TOLERANCE = {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 1e-4}
+
+
+def check_fused(config: Config, device: torch.device, dtype: torch.dtype) -> tuple[bool, str]:
+    """Fused vs reference on this config's tap shapes at batch 4 (fresh random taps): the
+    loss and every student-tap gradient. Returns (ok, one-line summary)."""
+    small = replace(config, batch=min(config.batch, 4))
+    x = make_inputs(small, device, dtype, seed=1)
+    want = ops_loss(reference)(x)
+    want_grads = torch.autograd.grad(want, x.student)
+    got = ops_loss(fused)(x)
+    got_grads = torch.autograd.grad(got, x.student)
+    loss_err = ((got - want).abs() / want.abs().clamp_min(1e-30)).item()
+    grad_err = max(((g.float() - w.float()).abs().max() / w.float().abs().max().clamp_min(1e-30)
+                    ).item() for g, w in zip(got_grads, want_grads, strict=True))
+    ok = loss_err <= 1e-4 and grad_err <= GRAD_TOLERANCE[dtype]
+    verdict = "ok" if ok else "FAILED"
+    return ok, (f"check {config.name} (batch {small.batch}): loss rel err {loss_err:.2e}, "
+                f"max student grad rel err {grad_err:.2e} -> {verdict}")
+
+
+# ------------------------------------------------------------------------------- timing
+
+
+@dataclass
+class Row:
+    config: str
+    description: str
+    batch: int
+    provider: str
+    mode: str
+    median_ms: float
+    floor_bytes: int
+    gbps: float
+    copy_fraction: float  # nan on CPU
+    peak_extra_mib: float  # nan on CPU
+    device: str
+
+
+def time_cpu(fn: Callable[[], object], reps: int) -> float:
+    """Median wall time in ms of fn() after one warm-up call (CPU mode)."""
+    fn()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def time_cuda(fn: Callable[[], object], grads: Sequence[Tensor], warmup: int, rep: int
+              ) -> tuple[float, float]:
+    """(median ms via triton.testing.do_bench, peak MiB allocated beyond what existed before)."""
+    from triton.testing import do_bench
+
+    fn()  # compile / autotune outside the timed region
+    fn()
+    for g in grads:
+        g.grad = None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+    for g in grads:
+        g.grad = None
+    ms = do_bench(fn, warmup=warmup, rep=rep, grad_to_none=list(grads), return_mode="median")
+    return float(ms), peak
+
+
+def copy_bandwidth_gbps(device: torch.device, warmup: int, rep: int) -> float:
+    """This card's device-to-device copy bandwidth (read + write bytes / time), 1 GiB."""
+    from triton.testing import do_bench
+
+    src = torch.empty(2**30, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    ms = do_bench(lambda: dst.copy_(src), warmup=warmup, rep=rep, return_mode="median")
+    src = dst = None  # free the 2 GiB before the configs run
+    torch.cuda.empty_cache()
+    return 2 * 2**30 / (ms * 1e-3) / 1e9
+
+
+def run_config(config: Config, providers: Sequence[str], modes: Sequence[str], kind: str,
+               device: torch.device, dtype: torch.dtype, copy_gbps: float, args) -> list[Row]:
+    rows = []
+    inputs = make_inputs(config, device, dtype)
+    floor = {"fwd": inputs.teacher_bytes + inputs.student_bytes,
+             "fwd+bwd": inputs.teacher_bytes + 3 * inputs.student_bytes}
+    for provider in providers:
+        if provider.endswith("compile"):
+            torch._dynamo.reset()  # one compile per config; no cache-limit surprises
+        loss = build_loss(provider, kind, config, device)
+        for mode in modes:
+            if mode == "fwd":
+                def fn(loss=loss):
+                    return loss(inputs)
+            else:
+                def fn(loss=loss):
+                    loss(inputs).backward()
+            try:
+                if device.type == "cuda":
+                    ms, peak = time_cuda(fn, inputs.student, args.warmup, args.rep)
+                else:
+                    ms, peak = time_cpu(fn, args.cpu_reps), math.nan
+            except torch.cuda.OutOfMemoryError:
+                print(f"  {config.name} {provider} {mode}: out of memory, skipped",
+                      file=sys.stderr)
+                torch.cuda.empty_cache()
+                continue
+            finally:
+                for s in inputs.student:
+                    s.grad = None
+            gbps = floor[mode] / (ms * 1e-3) / 1e9
+            rows.append(Row(config.name, config.description, config.batch, provider, mode, ms,
+                            floor[mode], gbps, gbps / copy_gbps if copy_gbps else math.nan,
+                            peak, str(device)))
+            print(f"  {config.name:18s} {provider:14s} {mode:8s} {ms:10.3f} ms", flush=True)
+    return rows
+
+
+# ------------------------------------------------------------------------------ output
+
+
+def format_table(rows: Sequence[Row]) -> str:
+    head = ("config", "B", "provider", "mode", "median ms", "floor MB", "GB/s", "% copy BW",
+            "peak extra MiB")
+    lines = [head]
+    for r in rows:
+        lines.append((r.config, str(r.batch), r.provider, r.mode, f"{r.median_ms:.3f}",
+                      f"{r.floor_bytes / 1e6:.1f}", f"{r.gbps:.3g}",
+                      "-" if math.isnan(r.copy_fraction) else f"{100 * r.copy_fraction:.1f}",
+                      "-" if math.isnan(r.peak_extra_mib) else f"{r.peak_extra_mib:.0f}"))
+    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
+    out = ["  ".join(cell.rjust(w) for cell, w in zip(line, widths, strict=True))
+           for line in lines]
+    out.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(out)
+
+
+def write_csv(rows: Sequence[Row], path: Path) -> None:
+    fields = list(Row.__dataclass_fields__)
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(fields)
+        for r in rows:
+            writer.writerow([getattr(r, k) for k in fields])
+
+
+def write_plot(rows: Sequence[Row], path: Path, title: str) -> bool:
+    """Grouped bars: median ms per (config, mode), one bar per provider; and the fraction of
+    copy bandwidth on CUDA. False when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    groups = list(dict.fromkeys((r.config, r.mode) for r in rows))
+    providers = list(dict.fromkeys(r.provider for r in rows))
+    by_key = {(r.config, r.mode, r.provider): r for r in rows}
+    has_bw = any(not math.isnan(r.copy_fraction) for r in rows)
+    fig, axes = plt.subplots(2 if has_bw else 1, 1, figsize=(max(6, 1.6 * len(groups)), 7),
+                             squeeze=False)
+    width = 0.8 / max(1, len(providers))
+    panels = [("median ms (log)", lambda r: r.median_ms)]
+    if has_bw:
+        panels.append(("fraction of copy bandwidth", lambda r: r.copy_fraction))
+    for ax, (label, value) in zip(axes[:, 0], panels, strict=True):
+        for k, provider in enumerate(providers):
+            xs, ys = [], []
+            for g, (config, mode) in enumerate(groups):
+                r = by_key.get((config, mode, provider))
+                if r is not None:
+                    xs.append(g + (k - (len(providers) - 1) / 2) * width)
+                    ys.append(value(r))
+            ax.bar(xs, ys, width, label=provider)
+        ax.set_xticks(range(len(groups)), [f"{c}\n{m}" for c, m in groups], fontsize=8)
+        ax.set_ylabel(label)
+        if label.endswith("(log)"):
+            ax.set_yscale("log")
+        ax.legend(fontsize=8)
+    axes[0, 0].set_title(textwrap.fill(title, 100), fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+# -------------------------------------------------------------------------------- main
+
+
+def _csv_list(value: str, allowed: Sequence[str], what: str) -> list[str]:
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    bad = [v for v in items if v not in allowed]
+    if bad or not items:
+        raise argparse.ArgumentTypeError(
+            f"unknown {what} {', '.join(bad) or '(none given)'}; choose from {', '.join(allowed)}")
+    return items
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    all_configs = [*GPU_CONFIGS, *CPU_CONFIGS]
+    p = argparse.ArgumentParser(
+        prog="python -m kernels.bench",
+        description="Time the feature-distillation loss (pool all taps + pair distances + "
+        "weighted sum) for the eager reference, torch.compile of it, and the fused kernels.",
+    )
+    p.add_argument("--out", type=Path, default=Path("bench-out"),
+                   help="directory for results.csv and results.png (default: bench-out)")
+    p.add_argument("--configs", type=lambda v: _csv_list(v, all_configs, "config"),
+                   default=None, help="comma-separated; GPU: " + ", ".join(GPU_CONFIGS)
+                   + " (default all); CPU: " + ", ".join(CPU_CONFIGS) + " (default all)")
+    p.add_argument("--providers", type=lambda v: _csv_list(v, PROVIDERS, "provider"),
+                   default=None, help=f"comma-separated from {', '.join(PROVIDERS)} (default: "
+                   f"{','.join(DEFAULT_GPU_PROVIDERS)} on CUDA, "
+                   f"{','.join(DEFAULT_CPU_PROVIDERS)} on CPU)")
+    p.add_argument("--modes", type=lambda v: _csv_list(v, MODES, "mode"), default=list(MODES),
+                   help="comma-separated from fwd, fwd+bwd (default both)")
+    p.add_argument("--loss", choices=("ops", "module"), default="ops",
+                   help="ops: the three ops with a fixed attention tensor (default); module: "
+                   "the real FeatureDistillation, attention MLPs included")
+    p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
+                   help="auto: CUDA when available, else CPU at small shapes")
+    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16",
+                   help="dtype of the taps (default bf16)")
+    p.add_argument("--warmup", type=int, default=25, help="do_bench warm-up, ms (CUDA)")
+    p.add_argument("--rep", type=int, default=100, help="do_bench measuring time, ms (CUDA)")
+    p.add_argument("--cpu-reps", type=int, default=5, help="timed repetitions per row (CPU)")
+    p.add_argument("--no-check", dest="check", action="store_false",
+                   help="skip the fused-vs-reference check (batch 4) run before timing")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    cuda = torch.cuda.is_available()
+    if args.device == "cuda" and not cuda:
+        print("error: --device cuda, but CUDA is not available on this machine", file=sys.stderr)
+        return 2
+    device = torch.device("cuda" if cuda and args.device != "cpu" else "cpu")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    catalog = GPU_CONFIGS if device.type == "cuda" else CPU_CONFIGS
+    names = args.configs or list(catalog)
+    wrong = [n for n in names if n not in catalog]
+    if wrong:
+        print(f"error: config(s) {', '.join(wrong)} are for the "
+              f"{'CPU' if device.type == 'cuda' else 'GPU'}; on {device.type} choose from "
+              f"{', '.join(catalog)}", file=sys.stderr)
+        return 2
+    providers = args.providers or list(
+        DEFAULT_GPU_PROVIDERS if device.type == "cuda" else DEFAULT_CPU_PROVIDERS)
+
+    versions = f"torch {torch.__version__}"
+    try:
+        import triton
+
+        versions += f", triton {triton.__version__}"
+    except ImportError:
+        versions += ", no triton"
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        copy_gbps = copy_bandwidth_gbps(device, args.warmup, args.rep)
+        header = f"{name}, {versions}; copy bandwidth {copy_gbps:.0f} GB/s (1 GiB D2D copy)"
+        title = header
+    else:
+        copy_gbps = 0.0
+        header = (f"CPU ({torch.get_num_threads()} threads), {versions}. CUDA is not "
+                  "available: timing small CPU shapes with time.perf_counter; the fused "
+                  "provider runs the reference fallback here (its kernels need a GPU).")
+        title = f"CPU, {versions} (no CUDA: small shapes; fused = reference fallback)"
+    print(header, flush=True)
+    print(f"loss: {args.loss}; taps {args.dtype} channels_last; providers "
+          f"{', '.join(providers)}; modes {', '.join(args.modes)}", flush=True)
+
+    if args.check:
+        failed = False
+        for name in names:
+            ok, line = check_fused(catalog[name], device, dtype)
+            print(line, flush=True)
+            failed |= not ok
+        if failed:
+            print("error: the fused kernels disagree with the reference; not timing them",
+                  file=sys.stderr)
+            return 1
+
+    rows: list[Row] = []
+    for name in names:
+        config = catalog[name]
+        rows += run_config(config, providers, args.modes, args.loss, device, dtype, copy_gbps,
+                           args)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    print()
+    print(format_table(rows))
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_csv(rows, args.out / "results.csv")
+    print(f"\nwrote {args.out / 'results.csv'}")
+    if write_plot(rows, args.out / "results.png", title):
+        print(f"wrote {args.out / 'results.png'}")
+    else:
+        print("matplotlib is not installed: no plot (the CSV has every number)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

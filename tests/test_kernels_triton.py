@@ -1,0 +1,316 @@
+"""The Triton kernels themselves (not the reference fallback), run by Triton's interpreter.
+
+Collected only under TRITON_INTERPRET=1, which must be set before Triton is imported:
+tests/test_kernels.py::test_triton_kernels_under_interpreter runs this module in a fresh
+subprocess with TRITON_INTERPRET=1 and FASTIBD_POISON_OUTPUTS=1 (every buffer a host
+function allocates starts as NaN, so an element a kernel forgot to write fails the
+comparison). Run it alone with:
+
+    TRITON_INTERPRET=1 FASTIBD_POISON_OUTPUTS=1 python -m pytest -q tests/test_kernels_triton.py
+
+Every result is compared with a float64 eager reference on fresh random inputs, forward and
+every gradient. The interpreter is slow: shapes are tiny but cover the edge cases (C not a
+multiple of the block, H*W = 1, odd sizes, several spatial blocks, student maps larger /
+smaller / equal to the teacher's, n != m, both memory formats, fp32/fp16/bf16).
+"""
+
+import os
+
+import pytest
+import torch
+
+from kernels import reference
+
+if os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("runs in a TRITON_INTERPRET=1 subprocess started by tests/test_kernels.py",
+                allow_module_level=True)
+
+from kernels import fused, ops, pairs, pool  # noqa: E402  (after the skip: imports Triton)
+
+# Relative tolerance of a gradient stored in each dtype (its rounding), and of fp32 maths.
+GRAD_RTOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_environment_is_interpreted_and_poisoned() -> None:
+    assert ops.use_triton([torch.zeros(1)])  # CPU tensors are routed to the kernels
+    assert os.environ.get("FASTIBD_POISON_OUTPUTS") == "1"
+
+
+# ---------------------------------------------------------------------------------- pool
+
+
+def pool_reference64(z: torch.Tensor, g_map: torch.Tensor | None, g_gap: torch.Tensor | None):
+    """float64 map, gap and dz (autograd of the reference on the rounded inputs)."""
+    z64 = z.detach().double().requires_grad_()
+    channel_map, gap = reference.pool(z64)
+    loss = channel_map.new_zeros(())
+    if g_map is not None:
+        loss = loss + (channel_map * g_map.double()).sum()
+    if g_gap is not None:
+        loss = loss + (gap * g_gap.double()).sum()
+    (dz,) = torch.autograd.grad(loss, z64)
+    return channel_map, gap, dz
+
+
+def check_pool(z: torch.Tensor, *, with_map: bool = True, with_gap: bool = True,
+               block_hw: int | None = None, block_c: int | None = None) -> None:
+    gen = torch.Generator().manual_seed(z.numel())
+    batch, channels, h, w = z.shape
+    g_map = torch.randn(batch, h, w, generator=gen) if with_map else None
+    g_gap = torch.randn(batch, channels, generator=gen) if with_gap else None
+    channel_map, gap = pool.pool_fwd(z, block_hw, block_c)
+    dz = pool.pool_bwd(z, g_map, g_gap, block_hw, block_c)
+    want_map, want_gap, want_dz = pool_reference64(z, g_map, g_gap)
+    assert channel_map.dtype == gap.dtype == torch.float32
+    assert channel_map.shape == (batch, h, w) and gap.shape == (batch, channels)
+    torch.testing.assert_close(channel_map.double(), want_map, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gap.double(), want_gap, rtol=1e-5, atol=1e-6)
+    # dz keeps z's dtype and memory format
+    assert dz.dtype == z.dtype and dz.shape == z.shape
+    _, channels_last = pool.dense_sample_layout(z)  # z's layout, or the one it is copied to
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    assert dz.is_contiguous(memory_format=fmt)
+    rtol = GRAD_RTOL[z.dtype]
+    scale = want_dz.abs().max().item()
+    torch.testing.assert_close(dz.double(), want_dz, rtol=rtol, atol=rtol * scale + 1e-12)
+
+
+POOL_SHAPES = [
+    (2, 5, 3, 7),  # odd H, W; C=5 and H*W=21 not multiples of the forced blocks below
+    (3, 1, 1, 1),  # H*W = 1, C = 1
+    (2, 40, 4, 4),  # C > the default channel block (32 in channels_last)
+    (1, 3, 9, 9),  # B = 1
+    (2, 33, 1, 5),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("shape", POOL_SHAPES)
+def test_pool_kernels_match_float64(shape, channels_last: bool, dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(sum(shape) + 7 * channels_last)
+    z = torch.randn(shape, generator=gen).to(dtype)
+    if channels_last:
+        z = z.to(memory_format=torch.channels_last)
+    check_pool(z)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_pool_kernels_with_several_blocks_both_ways(channels_last: bool) -> None:
+    """Small forced blocks: several spatial blocks (GAP partials summed), ragged last blocks
+    in both the channel and the spatial direction."""
+    z = torch.randn(2, 11, 5, 7, generator=torch.Generator().manual_seed(3))
+    if channels_last:
+        z = z.to(memory_format=torch.channels_last)
+    check_pool(z, block_hw=8, block_c=4)
+
+
+@pytest.mark.parametrize(("with_map", "with_gap"), [(True, False), (False, True)])
+def test_pool_backward_with_one_gradient(with_map: bool, with_gap: bool) -> None:
+    z = torch.randn(2, 6, 3, 3).to(memory_format=torch.channels_last)
+    check_pool(z, with_map=with_map, with_gap=with_gap)
+
+
+def test_pool_batch_strided_and_non_dense_inputs() -> None:
+    base = torch.randn(4, 6, 5, 5, generator=torch.Generator().manual_seed(4))
+    check_pool(base[::2])  # every other sample: read in place through the batch stride
+    check_pool(base.to(memory_format=torch.channels_last)[1:3])
+    check_pool(base[:, 1:4])  # a channel slice of NCHW: still dense within a sample
+    sliced_cl = base.to(memory_format=torch.channels_last)[:, 1:4]  # not dense: copied
+    assert pool.sample_layout(sliced_cl) is None
+    check_pool(sliced_cl)
+    check_pool(base.permute(0, 1, 3, 2))  # transposed H/W: copied
+
+
+# -------------------------------------------------------------------------------- pairs
+
+
+def positive_maps(batch: int, sizes, gen: torch.Generator) -> list[torch.Tensor]:
+    """Maps like mean_c(z^2): non-negative, not all zero."""
+    return [torch.rand(batch, h, w, generator=gen) + 0.05 for h, w in sizes]
+
+
+def pairs_reference64(t_maps, s_maps, grad_d):
+    ts = [x.detach().double().requires_grad_() for x in t_maps]
+    ss = [x.detach().double().requires_grad_() for x in s_maps]
+    d = reference.pair_distances(ts, ss)
+    grads = torch.autograd.grad(d, ts + ss, grad_d.double())
+    return d, list(grads[: len(ts)]), list(grads[len(ts):])
+
+
+def assert_grads_close(got: list[torch.Tensor], want: list[torch.Tensor], rtol: float) -> None:
+    for k, (a, b) in enumerate(zip(got, want, strict=True)):
+        assert a.shape == b.shape, k
+        scale = b.abs().max().item()
+        rtol = max(rtol, GRAD_RTOL[a.dtype])  # gradients come back in each map's dtype
+        # atol: fp32 round-off of terms that cancel (e.g. the exactly-zero gradient of a
+        # 1x1 map, whose normalized value cannot change) stays at ~1e-7 of O(1e-2) terms.
+        torch.testing.assert_close(a.double(), b, rtol=rtol, atol=rtol * scale + 1e-6,
+                                   msg=lambda m, k=k: f"map {k}: {m}")
+
+
+def assert_distances_close(d: torch.Tensor, want: torch.Tensor, t_maps) -> None:
+    """d = (|u|^2 + |v|^2 - 2<u, v>) / HW in fp32 carries a few ulps of 1 (1.2e-7) of
+    absolute error divided by the teacher map's HW (e.g. 1.2e-7 instead of the reference's
+    exact 0 for two 1x1 maps): the tolerance is that, plus 1e-4 relative."""
+    hw = torch.tensor([x.shape[-2] * x.shape[-1] for x in t_maps], dtype=torch.float64)
+    allowed = 1e-4 * want.abs() + 5e-7 / hw[None, :, None]
+    err = (d.double() - want).abs()
+    excess = (err - allowed).max()
+    assert torch.all(err <= allowed), f"max error {err.max():.3g}, excess {excess:.3g}"
+
+
+def check_pairs(t_maps, s_maps, need_t: bool = True, need_s: bool = True) -> None:
+    gen = torch.Generator().manual_seed(len(t_maps) * 100 + len(s_maps))
+    d, stats = pairs.pairs_fwd(t_maps, s_maps)
+    batch, n, m = t_maps[0].shape[0], len(t_maps), len(s_maps)
+    assert d.shape == (batch, n, m) and d.dtype == torch.float32
+    assert stats.shape == (3, batch, n, m)
+    grad_d = torch.rand(batch, n, m, generator=gen)
+    want_d, want_gt, want_gs = pairs_reference64(t_maps, s_maps, grad_d)
+    assert_distances_close(d, want_d, t_maps)
+    gt, gs = pairs.pairs_bwd(grad_d, t_maps, s_maps, stats, need_t, need_s)
+    if need_t:
+        assert_grads_close(pairs.unpack(gt, t_maps), want_gt, 1e-4)
+    else:
+        assert gt.numel() == 0
+    if need_s:
+        assert_grads_close(pairs.unpack(gs, s_maps), want_gs, 1e-4)
+    else:
+        assert gs.numel() == 0
+
+
+PAIR_CASES = [
+    # teacher sizes, student sizes
+    ([(5, 7), (3, 3)], [(9, 11), (4, 6), (2, 3)]),  # odd sizes, uneven windows, n != m
+    ([(1, 1), (6, 4), (7, 7)], [(7, 7), (13, 5)]),  # 1x1 teacher, equal sizes, n > m
+    ([(4, 4), (8, 8), (4, 4), (2, 2)], [(8, 8), (1, 1), (4, 4), (10, 10), (2, 2)]),  # groups
+    ([(17, 3)], [(4, 9)]),  # one pair, rows downsampled and columns upsampled
+]
+
+
+@pytest.mark.parametrize(("t_sizes", "s_sizes"), PAIR_CASES)
+def test_pairs_kernels_match_float64(t_sizes, s_sizes) -> None:
+    gen = torch.Generator().manual_seed(len(t_sizes) + 10 * len(s_sizes))
+    check_pairs(positive_maps(2, t_sizes, gen), positive_maps(2, s_sizes, gen))
+
+
+def test_pairs_kernels_student_or_teacher_gradient_only() -> None:
+    gen = torch.Generator().manual_seed(5)
+    t_maps = positive_maps(2, [(4, 4), (2, 2)], gen)
+    s_maps = positive_maps(2, [(8, 8), (3, 3)], gen)
+    check_pairs(t_maps, s_maps, need_t=False, need_s=True)
+    check_pairs(t_maps, s_maps, need_t=True, need_s=False)
+
+
+def test_pairs_kernels_all_zero_maps_follow_normalize_eps() -> None:
+    """A dead (all-zero) map normalizes to 0 (norm clamped at 1e-12): d = 1/HW, and its
+    gradient is huge (1/eps) but finite and equal to the reference's."""
+    gen = torch.Generator().manual_seed(6)
+    t_maps = positive_maps(2, [(3, 3), (2, 2)], gen)
+    s_maps = positive_maps(2, [(6, 6), (3, 3)], gen)
+    s_maps[0][1] = 0.0  # sample 1 of student map 0
+    t_maps[1][0] = 0.0  # sample 0 of teacher map 1
+    check_pairs(t_maps, s_maps)
+    d, _ = pairs.pairs_fwd(t_maps, s_maps)
+    torch.testing.assert_close(d[1, 0, 0], torch.tensor(1.0 / 9.0))
+    assert torch.isfinite(d).all()
+
+
+def test_pairs_kernels_accept_low_precision_maps() -> None:
+    gen = torch.Generator().manual_seed(7)
+    t_maps = [m.bfloat16() for m in positive_maps(2, [(4, 4)], gen)]
+    s_maps = [m.half() for m in positive_maps(2, [(2, 2), (5, 5)], gen)]
+    check_pairs(t_maps, s_maps)
+
+
+# ----------------------------------------------------- the registered ops on the Triton path
+
+
+def test_ops_run_triton_and_pass_opcheck() -> None:
+    """Under the interpreter the custom ops dispatch to the kernels (stats is non-empty only
+    there); opcheck compares the fake functions with the real Triton outputs."""
+    z = torch.randn(2, 5, 2, 3).to(memory_format=torch.channels_last).requires_grad_()
+    torch.library.opcheck(ops.pool_op, (z,))
+    gen = torch.Generator().manual_seed(8)
+    t_maps = positive_maps(2, [(2, 2), (1, 1)], gen)
+    s_maps = [m.requires_grad_() for m in positive_maps(2, [(3, 3), (2, 2)], gen)]
+    d, stats = ops.pair_distances_op(t_maps, s_maps)
+    assert stats.shape == (3, 2, 2, 2)
+    torch.library.opcheck(ops.pair_distances_op, (t_maps, s_maps))
+
+
+def test_composed_triton_path_matches_reference_with_compile() -> None:
+    """pool -> pair_distances -> weighted_sum through autograd and torch.compile(aot_eager,
+    fullgraph=True), every op on its Triton kernel, against the float64 reference."""
+    gen = torch.Generator().manual_seed(9)
+    t_feats = [torch.randn(2, 3, 4, 4, generator=gen), torch.randn(2, 5, 2, 2, generator=gen)]
+    s_feats = [torch.randn(2, 4, 6, 6, generator=gen).bfloat16(),
+               torch.randn(2, 3, 3, 3, generator=gen)]
+    s_feats = [s.to(memory_format=torch.channels_last).requires_grad_() for s in s_feats]
+    attn = torch.rand(2, 2, 2, generator=gen).softmax(-1)
+
+    def loss(t_feats, s_feats, attn):
+        t_maps = [fused.pool(z.detach())[0] for z in t_feats]
+        s_pooled = [fused.pool(z) for z in s_feats]
+        d = fused.pair_distances(t_maps, [mp for mp, _ in s_pooled])
+        return fused.weighted_sum(d, attn) + sum(g.square().mean() for _, g in s_pooled)
+
+    s64 = [s.detach().double().requires_grad_() for s in s_feats]
+    want = loss([t.double() for t in t_feats], s64, attn.double())
+    want_grads = torch.autograd.grad(want, s64)
+    compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)
+    for fn in (loss, compiled):
+        got = fn(t_feats, s_feats, attn)
+        grads = torch.autograd.grad(got, s_feats)
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-7)
+        for g, w, s in zip(grads, want_grads, s_feats, strict=True):
+            assert g.dtype == s.dtype and g.is_contiguous(memory_format=torch.channels_last)
+            rtol = GRAD_RTOL[g.dtype]
+            torch.testing.assert_close(g.double(), w, rtol=rtol,
+                                       atol=rtol * w.abs().max().item())
+
+
+def test_feature_distillation_fused_equals_eager_on_model_taps() -> None:
+    """The real loss on the real taps of two tiny ResNet-18s (channels_last, 16 px): value
+    and gradients (student parameters through the taps, attention parameters) with every
+    fused op on its Triton kernel, against backend='eager'."""
+    from fastibd.loss import FeatureDistillation
+    from fastibd.models import build_model
+
+    torch.manual_seed(0)
+    teacher = build_model("resnet18", width_mult=1 / 8, normalization="none").eval()
+    student = build_model("resnet18", width_mult=1 / 8, normalization="none")
+    teacher = teacher.to(memory_format=torch.channels_last)
+    student = student.to(memory_format=torch.channels_last)
+    x = torch.rand(2, 3, 16, 16).to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        _, t_taps = teacher(x, features=True)
+    _, s_taps = student(x, features=True)
+    t_ch, s_ch = [t.shape[1] for t in t_taps], [s.shape[1] for s in s_taps]
+    eager = FeatureDistillation(t_ch, s_ch, dim=16, backend="eager")
+    fused_fd = FeatureDistillation(t_ch, s_ch, dim=16, backend="fused")
+    fused_fd.load_state_dict(eager.state_dict())
+    assert fused_fd.kernels.pool is fused.pool
+
+    params = list(student.parameters())
+    want = eager(t_taps, s_taps)
+    want_grads = torch.autograd.grad(want, params + list(eager.parameters()),
+                                     retain_graph=True, allow_unused=True)
+    got = fused_fd(t_taps, s_taps)
+    got_grads = torch.autograd.grad(got, params + list(fused_fd.parameters()),
+                                    allow_unused=True)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+    for g, w in zip(got_grads, want_grads, strict=True):
+        assert (g is None) == (w is None)
+        if w is not None:
+            # absolute floor: biases in front of BatchNorm have zero gradient up to round-off
+            torch.testing.assert_close(g, w, rtol=1e-3, atol=1e-6)
