@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import torch
 
 from fastibd.errors import UserError
@@ -38,6 +39,7 @@ class LoaderOptions:
     os_cache: bool = True  # True when the dataset fits in RAM; False streams with QUASI_RANDOM
     seed: int | None = None  # ordering seed; set it for reproducible (and distributed) runs
     dtype: torch.dtype = torch.float32
+    indices: tuple[int, ...] | None = None  # read only these samples (e.g. a held-out slice)
 
 
 def cifar_loader(path: str | Path, train: bool, options: LoaderOptions):
@@ -124,5 +126,30 @@ def _loader(path: str | Path, image_ops: list, options: LoaderOptions):
         distributed=options.distributed,
         seed=options.seed,
         drop_last=options.drop_last,
+        indices=None if options.indices is None else np.asarray(options.indices),
         pipelines={"image": image, "label": label},
     )
+
+
+def beton_labels(path: str | Path) -> np.ndarray:
+    """Every label in a .beton, read from its metadata table (no image is decoded)."""
+    from ffcv.reader import Reader
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"no dataset file {path}; write one with data_prep/write_ffcv.py")
+    try:
+        reader = Reader(str(path))
+    except Exception as err:  # noqa: BLE001 - FFCV raises assorted errors on foreign bytes
+        raise UserError(f"{path} is not a readable .beton file ({err})") from None
+    names = list(reader.handlers)
+    if names != ["image", "label"]:
+        raise UserError(f"{path} has fields {names}; expected image and label")
+    return np.asarray(reader.metadata[f"f{names.index('label')}"])
+
+
+def set_epoch(loader, epoch: int) -> None:
+    """Make the next pass over an FFCV loader use `epoch`'s shuffle (its order is seeded by
+    seed + epoch), as DistributedSampler.set_epoch does; needed when a run resumes."""
+    target = loader.loader if isinstance(loader, ImageNetTrainLoader) else loader
+    target.next_epoch = epoch

@@ -223,8 +223,10 @@ def _check_fit(model: TappedModel, state: Mapping[str, torch.Tensor], context: s
                                      ("shape conflicts, file vs model", conflicts)) if items]
     if problems:
         hint = ""
-        if any(k.startswith(("linear.", "fc.")) for k in conflicts):
+        if conflicts and all(k.startswith(("linear.", "fc.")) for k in conflicts):
             hint = " (is num_classes right?)"
+        elif conflicts:
+            hint = " (is the architecture or width_mult right?)"
         raise UserError(f"{context}: " + "; ".join(problems) + hint)
 
 

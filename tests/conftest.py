@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -56,3 +58,32 @@ def digits_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     args = ["--dataset", "digits", "--out-dir", str(out), "--num-workers", "2"]
     assert write_ffcv.main(args) == 0
     return out
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def train_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    """`python -m fastibd.train ARGS` from the repository root, output captured."""
+    return subprocess.run([sys.executable, "-m", "fastibd.train", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def smoke_runs(digits_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The README demo's runs, through the real CLI: a PGD-AT teacher, the IBD student
+    distilled from it, and a `standard` student (same data, no attack) for comparison."""
+    root = tmp_path_factory.mktemp("smoke")
+    data = [f"--data.train_path={digits_dir / 'train.beton'}",
+            f"--data.val_path={digits_dir / 'val.beton'}", "--logging.progress=false"]
+    runs = {name: root / name for name in ("teacher", "ibd", "standard")}
+    commands = {
+        "teacher": ["--cfg", "smoke_teacher"],
+        "ibd": ["--cfg", "smoke", f"--teacher.path={runs['teacher'] / 'best.pt'}"],
+        "standard": ["--cfg", "smoke", "--loss.mode=standard", "--training.epochs=4"],
+    }
+    for name, command in commands.items():
+        result = train_cli(*command, *data, f"--training.out_dir={runs[name]}")
+        assert result.returncode == 0, result.stderr[-3000:]
+        (runs[name] / "stdout.txt").write_text(result.stdout)
+    return runs

@@ -156,6 +156,8 @@ def test_truncated_wrong_arch_and_wrong_classes(tmp_path: Path) -> None:
 
     with pytest.raises(UserError, match=r"shape conflicts.*linear\.weight.*num_classes"):
         load_teacher("resnet18", good, num_classes=100, width_mult=1 / 8)
+    with pytest.raises(UserError, match=r"shape conflicts.*architecture or width_mult"):
+        load_teacher("resnet18", good, width_mult=1 / 4)
     with pytest.raises(UserError, match="no checkpoint file"):
         load_teacher("resnet18", tmp_path / "missing.pt")
     with pytest.raises(UserError, match="carries normalization"):

@@ -8,7 +8,7 @@ part of the model's `ModelSpec` instead.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -81,6 +81,13 @@ class TappedModel(nn.Module):
 
     def forward_taps(self, x: torch.Tensor, taps: list[torch.Tensor] | None) -> torch.Tensor:
         raise NotImplementedError
+
+    def set_normalization(self, normalization: str | Stats) -> None:
+        """Change the input normalization (e.g. after finding what a foreign file needs)."""
+        device = self.normalize.mean.device
+        self.normalize = Normalize(normalization).to(device)
+        if hasattr(self, "spec"):
+            self.spec = replace(self.spec, normalization=normalization)
 
     def forward(self, x: torch.Tensor, features: bool = False):
         taps: list[torch.Tensor] | None = [] if features else None

@@ -1,0 +1,245 @@
+"""python -m fastibd.train: the smoke run end to end, resume, signals, errors, DDP, compile."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from fastibd.checkpoint import atomic_save, model_checkpoint
+from fastibd.config import as_dict, available_configs, load_config
+from fastibd.models import ARCHITECTURES, build_model
+from fastibd.objective import TEACHER_MODES
+from fastibd.runlog import read_metrics
+from fastibd.train import main
+from tests.conftest import REPO, train_cli
+
+# Margin of the IBD student's PGD-10 accuracy over the standard student's, on digits val
+# (measured: seed 0 78.6% vs 51.1%; see the closing note of the training issue).
+ROBUSTNESS_MARGIN = 0.15
+
+FAST = ["--cfg", "smoke_teacher", "--training.epochs=3", "--training.max_steps=6",
+        "--data.holdout=64", "--attack.steps=2", "--attack.eval_steps=2",
+        "--logging.progress=false"]
+
+
+def data_args(digits_dir: Path) -> list[str]:
+    return [f"--data.train_path={digits_dir / 'train.beton'}",
+            f"--data.val_path={digits_dir / 'val.beton'}"]
+
+
+def final(run: Path) -> dict:
+    (record,) = [r for r in read_metrics(run) if r["kind"] == "final"]
+    return record
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=True)["model"]
+
+
+def test_smoke_ibd_student_is_robust(smoke_runs: dict[str, Path]) -> None:
+    ibd, standard, teacher = (final(smoke_runs[k]) for k in ("ibd", "standard", "teacher"))
+    epochs = [r for r in read_metrics(smoke_runs["ibd"]) if r["kind"] == "epoch"]
+    assert len(epochs) == 8
+    assert epochs[-1]["loss_total"] < 0.5 * epochs[0]["loss_total"]
+    assert epochs[-1]["loss_feat"] < epochs[0]["loss_feat"]
+    assert ibd["val_clean_acc"] > 0.8 and teacher["val_clean_acc"] > 0.8
+    assert ibd["val_pgd_acc"] > standard["val_pgd_acc"] + ROBUSTNESS_MARGIN
+    for name in ("config.yaml", "last.pt", "best.pt", "metrics.jsonl"):
+        assert (smoke_runs["ibd"] / name).is_file()
+    assert "final best" in (smoke_runs["ibd"] / "stdout.txt").read_text()
+    # Overrides land in the resolved config saved beside the run.
+    saved = yaml.safe_load((smoke_runs["standard"] / "config.yaml").read_text())
+    assert saved["loss"]["mode"] == "standard" and saved["data"]["holdout"] == 200
+
+
+@pytest.fixture(scope="module")
+def reference_run(digits_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("reference")
+    result = train_cli(*FAST, *data_args(digits_dir), f"--training.out_dir={out}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    return out
+
+
+def start_then_signal(args: list[str], out: Path, signum: int) -> int:
+    """Start a run, wait until its first epoch is saved, send `signum`; the exit code."""
+    process = subprocess.Popen([sys.executable, "-m", "fastibd.train", *args,
+                                f"--training.out_dir={out}"], cwd=REPO,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not (out / "last.pt").exists():
+        assert process.poll() is None and time.monotonic() < deadline, "run ended too early"
+        time.sleep(0.05)
+    time.sleep(0.5)  # into the second epoch
+    process.send_signal(signum)
+    return process.wait(timeout=300)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGINT])
+def test_interrupted_run_resumes_to_the_same_weights(
+        signum: int, reference_run: Path, digits_dir: Path, tmp_path: Path) -> None:
+    args = [*FAST, *data_args(digits_dir)]
+    code = start_then_signal(args, tmp_path, signum)
+    saved = torch.load(tmp_path / "last.pt", map_location="cpu", weights_only=True)
+    if signum == signal.SIGINT:  # saved where it stopped, mid-epoch
+        assert code == 130 and saved["step_in_epoch"] > 0
+    else:
+        assert code == -signal.SIGKILL and saved["step_in_epoch"] == 0
+    resumed = train_cli(*args, f"--training.out_dir={tmp_path}")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming" in resumed.stdout
+    expected, got = weights(reference_run / "last.pt"), weights(tmp_path / "last.pt")
+    # Bitwise: same seeds, same batch order (FFCV seeds it by epoch), augmentation and
+    # attack noise from checkpointed generators, deterministic CPU kernels.
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+
+
+def test_kill_during_save_keeps_the_previous_checkpoint(tmp_path: Path) -> None:
+    target = tmp_path / "last.pt"
+    atomic_save({"epoch": 1}, target)
+    # The child is SIGKILLed by its own torch.save after half a checkpoint is on disk: no
+    # Python cleanup runs, exactly as when the machine kills a run in the middle of a save.
+    script = """
+import os, signal, sys, torch
+from fastibd.checkpoint import atomic_save
+
+def half_then_killed(obj, file):
+    file.write(b"PK" + bytes(1_000_000))
+    file.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+torch.save = half_then_killed
+atomic_save({"epoch": 2}, sys.argv[1])
+"""
+    result = subprocess.run([sys.executable, "-c", script, str(target)], cwd=REPO, timeout=120)
+    assert result.returncode == -signal.SIGKILL
+    assert [p.stat().st_size for p in tmp_path.glob(".last.pt.*.tmp")] == [1_000_002]
+    assert torch.load(target, weights_only=True) == {"epoch": 1}
+
+
+def test_nan_loss_stops_without_saving_garbage(digits_dir: Path, tmp_path: Path) -> None:
+    # lr 100 diverges within three epochs: huge losses, then BN statistics and weights at inf.
+    result = train_cli(*FAST, *data_args(digits_dir), "--optim.lr=100", "--optim.momentum=0.99",
+                       "--optim.schedule=constant", f"--training.out_dir={tmp_path}")
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    message = result.stderr.strip().splitlines()[-1]
+    assert "stopped without saving" in message and "optim.lr" in message
+    assert "non-finite" in message or "the loss became nan" in message
+    if (tmp_path / "last.pt").exists():  # what was saved before the blow-up is sound
+        saved = torch.load(tmp_path / "last.pt", map_location="cpu", weights_only=True)
+        assert all(v.isfinite().all() for v in saved["model"].values() if v.is_floating_point())
+
+
+def test_help_lists_every_parameter() -> None:
+    result = subprocess.run([sys.executable, "-m", "fastibd.train", "--help"], cwd=REPO,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0
+    for key in ("--data.train_path", "--loss.beta", "--attack.eps", "--optim.schedule",
+                "--training.compile", "--teacher.trust_pickle", "smoke_teacher"):
+        assert key in result.stdout
+
+
+def one_line_error(capsys: pytest.CaptureFixture, argv: list[str], *needles: str) -> None:
+    assert main(argv) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fastibd.train: error:"), lines
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_bad_input_fails_before_training(capsys: pytest.CaptureFixture, digits_dir: Path,
+                                         tmp_path: Path) -> None:
+    base = ["--cfg", "smoke", *data_args(digits_dir), f"--training.out_dir={tmp_path / 'r'}"]
+    one_line_error(capsys, ["--cfg", "smok"], "unknown config", "smoke")
+    one_line_error(capsys, [*base, "--optim.lrr=0.1"], "unknown parameter", "optim.lr")
+    one_line_error(capsys, [*base, "--training.epochs=ten"], "training.epochs", "integer")
+    one_line_error(capsys, [*base, "--attack.eps=8"], "attack.eps")
+    one_line_error(capsys, [*base, "--data.train_path=/nope/train.beton"], "no dataset file")
+    if not torch.cuda.is_available():
+        one_line_error(capsys, [*base, "--training.device=cuda"], "no CUDA device")
+
+    five_classes = build_model("resnet18", 5, "none", 0.125)
+    atomic_save(model_checkpoint(five_classes), tmp_path / "five.pt")
+    one_line_error(capsys, [*base, f"--teacher.path={tmp_path / 'five.pt'}"],
+                   "predicts 5 classes", "10")
+    assert not (tmp_path / "r").exists()  # nothing was started
+
+
+def test_teacher_with_wrong_normalization_is_caught(capsys: pytest.CaptureFixture,
+                                                   smoke_runs: dict[str, Path],
+                                                   digits_dir: Path, tmp_path: Path) -> None:
+    # The smoke teacher reads raw [0,1] pixels; as a plain state_dict nothing says so, and
+    # telling the loader it expects ImageNet normalization wrecks its predictions.
+    plain = tmp_path / "teacher_state.pt"
+    torch.save(weights(smoke_runs["teacher"] / "best.pt"), plain)
+    argv = ["--cfg", "smoke", *data_args(digits_dir), f"--training.out_dir={tmp_path / 'r'}",
+            f"--teacher.path={plain}", "--teacher.width_mult=0.125",
+            "--teacher.normalization=imagenet"]
+    one_line_error(capsys, argv, "with normalization imagenet", "teacher.normalization=none")
+
+
+def test_existing_run_is_not_clobbered(capsys: pytest.CaptureFixture, reference_run: Path,
+                                       digits_dir: Path) -> None:
+    before = (reference_run / "last.pt").read_bytes()
+    one_line_error(capsys, [*FAST, *data_args(digits_dir), f"--training.out_dir={reference_run}",
+                            "--training.resume=false"], "already holds a run")
+    assert (reference_run / "last.pt").read_bytes() == before
+
+
+def test_two_process_gloo_run(digits_dir: Path, tmp_path: Path) -> None:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc_per_node=2", "-m", "fastibd.train", *FAST, *data_args(digits_dir),
+               "--training.epochs=1", "--training.max_steps=2", "--data.num_workers=1",
+               f"--training.out_dir={tmp_path}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600,
+                            env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (epoch,) = [r for r in read_metrics(tmp_path) if r["kind"] == "epoch"]
+    assert epoch["images"] == 2 * 2 * 128  # both ranks' batches, summed over ranks
+    assert sorted(p.name for p in tmp_path.glob("*.pt")) == ["best.pt", "last.pt"]
+    assert result.stdout.count("final best") == 1  # rank 0 alone reports
+
+
+def test_compiled_objective_matches_eager() -> None:
+    from fastibd.loss import FeatureDistillation, soft_labels
+    from fastibd.objective import LossSettings, TrainingObjective
+
+    torch.manual_seed(0)
+    student = build_model("resnet18", 10, "none", 1 / 16).to(memory_format=torch.channels_last)
+    teacher = build_model("resnet18", 10, "none", 1 / 16).eval()
+    features = FeatureDistillation([c for c, _, _ in teacher.feature_shapes(16)],
+                                   [c for c, _, _ in student.feature_shapes(16)], 8, "eager")
+    objective = TrainingObjective(student, LossSettings(), features)
+    x = torch.rand(8, 3, 16, 16).to(memory_format=torch.channels_last)
+    x_adv = (x + 0.03 * torch.randn_like(x)).clamp(0, 1)
+    y = torch.randint(0, 10, (8,))
+    with torch.no_grad():
+        teacher_logits, teacher_feats = teacher(x, features=True)
+    inputs = (x, x_adv, y, soft_labels(teacher_logits), teacher_feats)
+    eager, _ = objective(*inputs)
+    eager_grads = torch.autograd.grad(eager, list(objective.parameters()))
+    # aot_eager: Dynamo traces the whole step as one graph (fullgraph) and AOTAutograd builds
+    # its backward, as with inductor; inductor's CPU code generation alone takes ~3 minutes
+    # on these 2 cores, so it is exercised on the GPU machine instead.
+    compiled, _ = torch.compile(objective, backend="aot_eager", fullgraph=True)(*inputs)
+    compiled_grads = torch.autograd.grad(compiled, list(objective.parameters()))
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+    for a, b in zip(compiled_grads, eager_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", available_configs())
+def test_every_shipped_config_is_valid(name: str) -> None:
+    settings = as_dict(load_config(["--cfg", name]))
+    assert settings["model"]["arch"] in ARCHITECTURES
+    if settings["loss"]["mode"] in TEACHER_MODES:
+        assert settings["teacher"]["arch"] in ARCHITECTURES and settings["teacher"]["path"]
