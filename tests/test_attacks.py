@@ -11,36 +11,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastibd import attacks
-from fastibd.datasets import digits_dataset
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tensors are tiny: one intra-op thread is faster, and it does not stall on OpenMP
-    barriers when another process shares the 2 cores (measured: 4 s vs 45 s for one test)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
+from tests.tiny import BNNet, digits_8px, trained_bnnet
 
 EPS = 16 / 255  # the 8x8 digits net is fairly robust at 8/255; a larger ball shows strength
-
-
-class BNNet(nn.Module):
-    """Tiny conv net with BatchNorm and the project's model API (x in [0, 1])."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.block1 = nn.Sequential(nn.Conv2d(3, 8, 3, 1, 1), nn.BatchNorm2d(8), nn.ReLU())
-        self.block2 = nn.Sequential(nn.Conv2d(8, 16, 3, 2, 1), nn.BatchNorm2d(16), nn.ReLU())
-        self.head = nn.Linear(16 * 4 * 4, 10)
-
-    def forward(self, x: torch.Tensor, features: bool = False):
-        z1 = self.block1(x)
-        z2 = self.block2(z1)
-        logits = self.head(z2.flatten(1))
-        return (logits, [z1, z2]) if features else logits
 
 
 class SignLinear(nn.Module):
@@ -57,28 +30,10 @@ class SignLinear(nn.Module):
         return torch.cat([torch.zeros_like(score), score], dim=1)
 
 
-def digits_8px(split: str) -> tuple[torch.Tensor, torch.Tensor]:
-    data = digits_dataset(split)
-    x = F.avg_pool2d(torch.from_numpy(data.images).permute(0, 3, 1, 2).float(), 4)  # 8x8
-    # full contrast: the brightest pixel of each image is exactly 1, the background exactly 0
-    return x / x.amax(dim=(1, 2, 3), keepdim=True), torch.from_numpy(data.labels)
-
-
 @pytest.fixture(scope="module")
 def trained() -> tuple[BNNet, torch.Tensor, torch.Tensor]:
     """A BNNet trained briefly on digits (~97% val accuracy), and 128 val images + labels."""
-    torch.manual_seed(0)
-    x_train, y_train = digits_8px("train")
-    model = BNNet()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    gen = torch.Generator().manual_seed(0)
-    for _ in range(150):
-        idx = torch.randint(0, len(x_train), (128,), generator=gen)
-        loss = F.cross_entropy(model(x_train[idx]), y_train[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    opt.zero_grad(set_to_none=True)
+    model = trained_bnnet()
     x_val, y_val = digits_8px("val")
     x, y = x_val[:128], y_val[:128]
     with torch.no_grad():

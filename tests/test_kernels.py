@@ -24,16 +24,6 @@ from kernels import bench, fused, ops, reference
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread is faster and does not stall on OpenMP barriers when
-    another process shares the 2 cores (see tests/test_reference.py)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def positive_maps(batch: int, sizes, gen: torch.Generator) -> list[torch.Tensor]:
     return [torch.rand(batch, h, w, generator=gen) + 0.05 for h, w in sizes]
 

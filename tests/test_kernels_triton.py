@@ -31,14 +31,6 @@ from kernels import fused, ops, pairs, pool  # noqa: E402  (after the skip: impo
 GRAD_RTOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_environment_is_interpreted_and_poisoned() -> None:
     assert ops.use_triton([torch.zeros(1)])  # CPU tensors are routed to the kernels
     assert os.environ.get("FASTIBD_POISON_OUTPUTS") == "1"

@@ -16,16 +16,6 @@ from fastibd.loss import AttentionModule, FeatureDistillation
 from kernels import reference
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tensors are tiny: one intra-op thread is faster, and it does not stall on OpenMP
-    barriers when another process shares the 2 cores (measured: 4 s vs 45 s for one test)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 class TapNet(nn.Module):
     """Tiny conv net with the project's model API: model(x) -> logits,
     model(x, features=True) -> (logits, taps); one tap per stage, stride 2 after the first."""

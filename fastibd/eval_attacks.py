@@ -1,0 +1,244 @@
+"""Evaluation-time Linf attacks: FGSM, PGD-k (cross-entropy) and CW-inf-k (margin loss) with
+restarts, and AutoAttack / APGD / Square through pyautoattack.
+
+fastibd.attacks makes training examples; the attacks here answer, for every example, "is it
+still classified correctly under this attack?". Conventions (DESIGN.md §3-4):
+- eps is in pixel space, images in [0, 1] (models normalize inside);
+- the model runs in eval mode (restored afterwards), gradients only to the input;
+- attack losses in fp32 from the logits.
+
+Bookkeeping. An example counts as broken as soon as any point the attack visited is
+misclassified: the clean image, the random start, every iterate of every restart. Each of
+those points lies in the eps-ball, so each is a valid adversarial example, and looking at them
+costs nothing (the logits are computed for the gradient anyway). Two consequences the sanity
+checks of fastibd.evaluate rely on: no attack reports a higher accuracy than clean, and
+PGD-k with more steps is never weaker than with fewer steps from the same random starts (the
+starts depend only on the seed and the restart index, not on the number of steps).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fastibd.attacks import attack_start, eval_mode, project
+
+LOSSES = ("ce", "cw")
+AUTOATTACK_NAMES = ("aa", "aa-apgd", "square")
+AA_TARGET_CLASSES = 9  # AutoAttack standard: APGD-T and FAB-T try the 9 most likely targets
+SQUARE_QUERIES = 5000  # AutoAttack standard
+
+
+@dataclass
+class AttackResult:
+    """What an attack found, per example.
+
+    x_adv: [B, C, H, W] a misclassified point of the eps-ball where one was found, else the
+    last point visited. correct: bool [B], still classified correctly. correct_by_step: bool
+    [steps + 1, B] for PGD-type attacks: row k says "correct under the first k steps" (of
+    every restart; row 0 is clean + random start), so one long run gives every shorter one.
+    """
+
+    x_adv: Tensor
+    correct: Tensor
+    correct_by_step: Tensor | None = None
+
+
+def check_budget(eps: float, step_size: float | None = None) -> None:
+    """Reject budgets that cannot be meant: eps must be in (0, 1] (pixel space)."""
+    if not 0.0 < eps <= 1.0:
+        raise ValueError(f"eps={eps} is outside (0, 1]: eps is measured in pixel space on [0, 1] "
+                         "images (write 8/255, not 8)")
+    if step_size is not None and step_size <= 0:
+        raise ValueError(f"the step size must be > 0, got {step_size}")
+
+
+def margin_loss(logits: Tensor, y: Tensor) -> Tensor:
+    """Per-example CW margin max_{j != y} z_j - z_y in fp32 (positive = misclassified).
+
+    The Linf "CW" of robustness papers (TRADES, RSLAD, IBD): PGD on this margin. It is not
+    torchattacks' CW, which is the L2 Carlini-Wagner optimisation."""
+    logits = logits.float()
+    true = logits.gather(1, y[:, None]).squeeze(1)
+    others = logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), float("-inf"))
+    return others.amax(dim=1) - true
+
+
+def ce_loss(logits: Tensor, y: Tensor) -> Tensor:
+    """Per-example cross-entropy in fp32."""
+    return F.cross_entropy(logits.float(), y, reduction="none")
+
+
+LOSS_FUNCTIONS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {"ce": ce_loss, "cw": margin_loss}
+
+
+def restart_generator(seed: int, restart: int, device: torch.device) -> torch.Generator:
+    """The random-start generator of one restart: the same for every PGD/CW attack of a run, so
+    a longer attack starts where the shorter one did."""
+    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + restart)
+
+
+@torch.no_grad()
+def predict(model: nn.Module, x: Tensor) -> Tensor:
+    """Predicted classes [B] in eval mode."""
+    with eval_mode(model):
+        return model(x).argmax(dim=1)
+
+
+def pgd(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    eps: float,
+    step_size: float = 2 / 255,
+    steps: int = 20,
+    loss: str = "ce",
+    restarts: int = 1,
+    random_start: bool = True,
+    seed: int = 0,
+) -> AttackResult:
+    """Linf PGD ascending `loss` ("ce": cross-entropy, PGD-k; "cw": CW margin, CW-inf-k).
+
+    x: [B, C, H, W] in [0, 1]; y: [B] labels. Each restart starts uniformly in the eps-ball
+    (or at x without random_start) and takes `steps` signed steps of `step_size`, projected
+    onto the ball and [0, 1]. An example is broken if any restart breaks it at any step.
+    """
+    check_budget(eps, step_size)
+    if loss not in LOSS_FUNCTIONS:
+        raise ValueError(f"unknown attack loss {loss!r}; choose one of {LOSSES}")
+    if steps < 1 or restarts < 1:
+        raise ValueError(f"steps and restarts must be >= 1, got {steps}, {restarts}")
+    loss_fn = LOSS_FUNCTIONS[loss]
+    x, y = x.detach(), y.detach()
+    with eval_mode(model):
+        correct = predict(model, x) == y
+        by_step = correct.expand(steps + 1, -1).clone()
+        best = x.clone()
+        for restart in range(restarts):
+            generator = restart_generator(seed, restart, x.device)
+            x_adv = attack_start(x, eps, "uniform" if random_start else "none", generator)
+            alive = torch.ones_like(correct)  # not yet broken in this restart
+            for step in range(steps + 1):
+                last = step == steps
+                x_adv = x_adv.detach().requires_grad_(not last)
+                with torch.set_grad_enabled(not last):
+                    logits = model(x_adv)
+                wrong = logits.argmax(dim=1) != y
+                newly = wrong & correct
+                best[newly] = x_adv.detach()[newly]
+                correct &= ~wrong
+                alive &= ~wrong
+                by_step[step] &= alive
+                if last:
+                    break
+                (grad,) = torch.autograd.grad(loss_fn(logits, y).sum(), x_adv)
+                x_adv = project(x_adv.detach() + step_size * grad.sign(), x, eps)
+            best[correct] = x_adv.detach()[correct]  # unbroken: the last point visited
+    return AttackResult(best, correct, by_step)
+
+
+def fgsm(model: nn.Module, x: Tensor, y: Tensor, eps: float) -> AttackResult:
+    """FGSM (Goodfellow et al.): one signed cross-entropy step of size eps from x itself."""
+    return pgd(model, x, y, eps, step_size=eps, steps=1, loss="ce", random_start=False)
+
+
+# ------------------------------------------------------------------------- pyautoattack
+
+
+class _Collect(logging.Handler):
+    """Keeps pyautoattack's warnings (printed once by the caller instead of once per batch)."""
+
+    def __init__(self, sink: set[str]) -> None:
+        super().__init__(level=logging.WARNING)
+        self.sink = sink
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.sink.add(record.getMessage().strip())
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the gradient contiguous: pyautoattack calls .view() on
+    input gradients, which fails on the channels_last gradients our models produce."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        return grad.contiguous()
+
+
+class _PlainLayout(nn.Module):
+    """The model as pyautoattack needs it: NCHW-contiguous input gradients, fp32 logits."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(_ContiguousGrad.apply(x)).float()
+
+
+@contextmanager
+def collect_autoattack_warnings(sink: set[str]) -> Iterator[None]:
+    logger = logging.getLogger("auto-attack")
+    handler = _Collect(sink)
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+
+
+def autoattack(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    eps: float,
+    name: str = "aa",
+    seed: int = 0,
+    num_classes: int | None = None,
+    square_queries: int = SQUARE_QUERIES,
+    warnings: set[str] | None = None,
+) -> AttackResult:
+    """Run pyautoattack on one batch.
+
+    name: "aa" = AutoAttack standard (APGD-CE, APGD-T, FAB-T, Square 5000 queries);
+    "aa-apgd" = its two gradient attacks only (APGD-CE + APGD-T, as configured in standard:
+    one restart, 9 target classes); "square" = the black-box Square attack alone.
+    With fewer than 10 classes the targeted attacks use every other class as a target.
+    `warnings` receives pyautoattack's warning messages (randomness, output range, ...).
+    """
+    from pyautoattack import AutoAttack
+
+    check_budget(eps)
+    if name not in AUTOATTACK_NAMES:
+        raise ValueError(f"unknown pyautoattack attack {name!r}; choose one of "
+                         f"{AUTOATTACK_NAMES}")
+    x, y = x.detach().contiguous(), y.detach()  # pyautoattack .view()s its tensors
+    wrapped = _PlainLayout(model)
+    with eval_mode(model):
+        if num_classes is None:
+            with torch.no_grad():
+                num_classes = int(model(x[:1]).shape[1])
+        kwargs = {"norm": "Linf", "eps": eps, "device": x.device, "seed": seed}
+        if name == "aa":
+            adversary = AutoAttack(wrapped, version="standard", **kwargs)
+        else:
+            chosen = ["apgd-ce", "apgd-t"] if name == "aa-apgd" else ["square"]
+            adversary = AutoAttack(wrapped, version="custom", attacks=chosen, **kwargs)
+            adversary.apgd.n_restarts = 1  # the custom version's default is 5; standard uses 1
+        targets = max(1, min(AA_TARGET_CLASSES, num_classes - 1))
+        adversary.apgd_targeted.n_target_classes = targets
+        adversary.fab.n_target_classes = targets
+        adversary.square.n_queries = square_queries
+        with collect_autoattack_warnings(warnings if warnings is not None else set()):
+            x_adv, y_pred = adversary.run_standard_evaluation(x, y, batch_size=len(x))
+    return AttackResult(x_adv.detach(), y_pred == y)

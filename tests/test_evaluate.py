@@ -1,0 +1,356 @@
+"""fastibd.eval_attacks and fastibd.evaluate: attacks on tiny nets trained here on real digits,
+on a model that always predicts one class (whose numbers are known exactly), and the CLI on a
+standard-trained tiny ResNet-18 written as a fastibd checkpoint."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastibd import eval_attacks, evaluate
+from fastibd.checkpoint import atomic_save, model_checkpoint
+from fastibd.data import LoaderOptions, cifar_loader
+from fastibd.models import build_model
+from tests.tiny import BNNet, digits_8px, trained_bnnet
+
+EPS = 16 / 255  # the 8x8 digits net is fairly robust at 8/255; a larger ball shows strength
+TOLERANCE = 1e-6  # float32 rounding of x + delta
+
+
+# ------------------------------------------------------------------------------ tiny models
+
+
+class OneClass(nn.Module):
+    """Always predicts class `label`: a margin of 10 that a tiny linear term (|change| < 0.02
+    over the whole [0, 1] cube) cannot overturn, but which still gives attacks a gradient."""
+
+    def __init__(self, label: int, pixels: int = 3 * 8 * 8, classes: int = 10) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(0)
+        self.weight = nn.Parameter(1e-4 * torch.randn(classes, pixels, generator=gen),
+                                   requires_grad=False)
+        bias = torch.zeros(classes)
+        bias[label] = 10.0
+        self.bias = nn.Parameter(bias, requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(1) @ self.weight.t() + self.bias
+
+
+@pytest.fixture(scope="module")
+def trained() -> tuple[BNNet, torch.Tensor, torch.Tensor]:
+    """A BNNet trained briefly on 8x8 digits (>90% val accuracy) and 64 val images."""
+    model = trained_bnnet()
+    model.eval().requires_grad_(False)
+    x_val, y_val = digits_8px("val")
+    x, y = x_val[:64], y_val[:64]
+    assert (eval_attacks.predict(model, x) == y).float().mean() > 0.9
+    return model, x, y
+
+
+def as_batches(x: torch.Tensor, y: torch.Tensor, size: int) -> list:
+    return [(x[i:i + size], y[i:i + size]) for i in range(0, len(y), size)]
+
+
+# ------------------------------------------------------------------------------ attacks
+
+
+def test_every_attack_stays_in_the_ball_and_reports_what_it_found(trained) -> None:
+    model, x, y = trained
+    x, y = x[:24], y[:24]
+    results = {
+        "fgsm": eval_attacks.fgsm(model, x, y, EPS),
+        "pgd": eval_attacks.pgd(model, x, y, EPS, 4 / 255, 5, restarts=2),
+        "cw": eval_attacks.pgd(model, x, y, EPS, 4 / 255, 5, loss="cw"),
+        "aa-apgd": eval_attacks.autoattack(model, x, y, EPS, "aa-apgd"),
+        "square": eval_attacks.autoattack(model, x, y, EPS, "square", square_queries=100),
+    }
+    clean = eval_attacks.predict(model, x) == y
+    for name, result in results.items():
+        x_adv = result.x_adv
+        assert x_adv.shape == x.shape, name
+        assert (x_adv - x).abs().max() <= EPS + TOLERANCE, name
+        assert x_adv.min() >= 0 and x_adv.max() <= 1, name
+        # what the attack reports is what the model does on the points it returns
+        assert torch.equal(eval_attacks.predict(model, x_adv) == y, result.correct), name
+        assert not (result.correct & ~clean).any(), name  # never "repairs" a clean mistake
+    assert results["pgd"].correct.sum() < clean.sum()  # and the white-box attacks do bite
+
+
+def test_stronger_attacks_never_score_higher(trained) -> None:
+    model, x, y = trained
+    settings = evaluate.Settings(eps=EPS, step_size=4 / 255, num_classes=10)
+    attacks = ["fgsm", "pgd5", "pgd10", "pgd20", "cw20"]
+    results, kept = evaluate.run_attacks(model, as_batches(x, y, 32), attacks, settings,
+                                         progress=False, keep=16)
+    count = {name: int(c.sum()) for name, c in results.correct.items()}
+    assert results.attacks == ["clean", *attacks] and results.n == 64
+    assert count["clean"] >= count["fgsm"] >= count["pgd10"] >= count["pgd20"]
+    assert count["pgd5"] >= count["pgd10"] and count["clean"] >= count["cw20"]
+    assert count["pgd20"] < count["clean"]
+    # per example: what PGD-5 breaks, PGD-20 (same starts, more steps) breaks too
+    assert not (results.correct["pgd20"] & ~results.correct["pgd5"]).any()
+    robust = results.robust()
+    assert int(robust.sum()) <= min(count.values())
+    assert torch.equal(robust, torch.stack(list(results.correct.values())).all(0))
+    assert kept is not None and len(kept[1]) == 16 and torch.equal(kept[1], y[:16])
+    assert not [f for f in evaluate.sanity_flags(results, None, 10, "fp32", settings)
+                if f["check"] == "monotonic"]
+
+    # one long run gives every shorter one: row k of correct_by_step is PGD-k
+    long = eval_attacks.pgd(model, x, y, EPS, 2 / 255, 20, seed=3)
+    rows = long.correct_by_step.int()
+    assert (rows[1:] <= rows[:-1]).all()
+    short = eval_attacks.pgd(model, x, y, EPS, 2 / 255, 5, seed=3)
+    assert torch.equal(long.correct_by_step[5], short.correct)
+
+
+def test_a_model_that_predicts_one_class_gives_exact_numbers(trained) -> None:
+    _, x, y = trained
+    x, y = x[:40], y[:40]
+    label = int(y[0])
+    share = (y == label).float().mean().item()
+    model = OneClass(label)
+    attacks = ["fgsm", "pgd10", "cw10", "aa-apgd", "square", "aa"]
+    settings = evaluate.Settings(eps=EPS, num_classes=10, square_queries=200)
+    results, kept = evaluate.run_attacks(model, as_batches(x, y, 20), attacks, settings,
+                                         progress=False, keep=20)
+    for name in results.attacks:
+        assert torch.equal(results.correct[name], y == label), name
+    assert results.robust().float().mean().item() == share
+    huge = evaluate.huge_eps_check(model, *kept, seed=0, device=torch.device("cpu"),
+                                   batch_size=20)
+    assert huge.accuracy == (kept[1] == label).float().mean().item() > 0
+    checks = {f["check"] for f in evaluate.sanity_flags(results, huge, 10, "fp32")}
+    assert "huge_eps" in checks  # unbreakable even at eps 0.5: suspicious, rightly
+    assert not checks & {"monotonic", "black_box"}
+
+
+def test_autoattack_end_to_end_on_a_tiny_model(trained) -> None:
+    model, x, y = trained
+    x, y = x[:6], y[:6]
+    warnings: set[str] = set()
+    result = eval_attacks.autoattack(model, x, y, EPS, "aa", seed=0, square_queries=500,
+                                     warnings=warnings)
+    clean = eval_attacks.predict(model, x) == y
+    assert (result.x_adv - x).abs().max() <= EPS + TOLERANCE
+    assert not (result.correct & ~clean).any()
+    pgd20 = eval_attacks.pgd(model, x, y, EPS, 2 / 255, 20).correct
+    assert result.correct.sum() <= pgd20.sum() < clean.sum()
+    assert isinstance(warnings, set)
+
+
+def test_bf16_runs_and_is_flagged(trained) -> None:
+    model, x, y = trained
+    wrapped = evaluate.Autocast(model, torch.bfloat16)
+    settings = evaluate.Settings(eps=EPS, num_classes=10)
+    results, _ = evaluate.run_attacks(wrapped, as_batches(x[:16], y[:16], 16), ["pgd3"],
+                                      settings, progress=False)
+    assert results.n == 16
+    assert "precision" in {f["check"] for f in evaluate.sanity_flags(results, None, 10, "bf16")}
+
+
+def test_masking_signs_are_flagged() -> None:
+    def pattern(ones: int, n: int = 10) -> torch.Tensor:
+        return torch.arange(n) < ones
+
+    results = evaluate.Results(["clean", "fgsm", "pgd20", "pgd100", "square"])
+    results.correct = {"clean": pattern(9), "fgsm": pattern(6), "pgd20": pattern(3),
+                       "pgd100": pattern(4), "square": pattern(1)}
+    huge = evaluate.HugeEpsCheck(0.5, 20, 0.05, n=10, correct=3, seconds=0.1)
+    flags = evaluate.sanity_flags(results, huge, 10, "fp32")
+    assert [f["check"] for f in flags] == ["monotonic", "huge_eps", "black_box"]
+    assert "pgd100 (40.00%)" in flags[0]["message"] and "pgd20 (30.00%)" in flags[0]["message"]
+
+    results.correct = {"clean": pattern(9), "fgsm": pattern(6), "pgd20": pattern(3),
+                       "pgd100": pattern(2), "square": pattern(5)}
+    huge = evaluate.HugeEpsCheck(0.5, 20, 0.05, n=10, correct=0, seconds=0.1)
+    assert evaluate.sanity_flags(results, huge, 10, "fp32") == []
+
+
+def test_strength_order() -> None:
+    pairs = set(evaluate.stronger_pairs(["clean", "fgsm", "pgd20", "pgd100", "cw100", "aa",
+                                         "square"]))
+    assert {("clean", "fgsm"), ("fgsm", "pgd20"), ("pgd20", "pgd100"), ("pgd100", "aa"),
+            ("cw100", "aa"), ("fgsm", "cw100"), ("clean", "aa")} <= pairs
+    assert ("pgd20", "cw100") not in pairs and ("cw100", "pgd100") not in pairs
+    assert not any("square" in pair for pair in pairs)  # compared with white-box separately
+    # 8 steps of 1/255 cannot cross a 8/255 ball: no claim that they beat FGSM's corner
+    short = evaluate.stronger_pairs(["fgsm", "pgd8", "pgd16"], 8 / 255, 1 / 255)
+    assert ("fgsm", "pgd8") not in short and {("fgsm", "pgd16"), ("pgd8", "pgd16")} <= set(short)
+
+
+def test_budget_and_attack_parsing() -> None:
+    assert evaluate.parse_budget("8/255") == pytest.approx(8 / 255)
+    assert evaluate.parse_budget("0.031") == pytest.approx(0.031)
+    assert evaluate.parse_budget("1") == 1.0
+    for bad, words in (("8", ("pixel space", "8/255")), ("0", ("(0, 1]",)),
+                       ("-2/255", ("(0, 1]",)), ("abc", ("not a number",)),
+                       ("1/0", ("not a number",))):
+        with pytest.raises(Exception) as info:
+            evaluate.parse_budget(bad)
+        assert all(w in str(info.value) for w in words), (bad, str(info.value))
+    assert evaluate.parse_attacks("clean, PGD20,cw100,aa,pgd20") == ["clean", "pgd20", "cw100",
+                                                                     "aa"]
+    for bad in ("pgd", "pgd0", "cw-5", "apgd", "fgsm,bogus", ","):
+        with pytest.raises(Exception, match="attack"):
+            evaluate.parse_attacks(bad)
+
+
+# ------------------------------------------------------------------------------ the CLI
+
+
+@pytest.fixture(scope="module")
+def standard_ckpt(digits_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny ResNet-18 (width 1/8, no normalization) trained without attacks on the digits
+    for 4 epochs (~97% val accuracy), saved as a fastibd checkpoint."""
+    options = LoaderOptions(batch_size=512, order="sequential", num_workers=2)
+    xs, ys = zip(*[(x.clone(), y.clone()) for x, y in
+                   cifar_loader(digits_dir / "train.beton", False, options)], strict=True)
+    x, y = torch.cat(xs), torch.cat(ys)
+    torch.manual_seed(0)
+    model = build_model("resnet18", 10, "none", 1 / 8)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    for _ in range(4):
+        order = torch.randperm(len(y))
+        for begin in range(0, len(y) - 63, 64):
+            idx = order[begin:begin + 64]
+            loss = F.cross_entropy(model(x[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return atomic_save(model_checkpoint(model.eval()),
+                       tmp_path_factory.mktemp("standard") / "standard.pt")
+
+
+NUMBER = re.compile(r"(?<![\w.])\d+(?:\.\d+)?(?![\w.])")
+PATH_LINES = ("checkpoint", "data ", "report")
+
+
+def json_numbers(tree) -> list[float]:
+    if isinstance(tree, bool):
+        return []
+    if isinstance(tree, int | float):
+        return [float(tree)]
+    if isinstance(tree, dict):
+        return [v for value in tree.values() for v in json_numbers(value)]
+    if isinstance(tree, list):
+        return [v for value in tree for v in json_numbers(value)]
+    return []
+
+
+def assert_printed_numbers_in_json(printed: str, report: dict) -> None:
+    """Every number on stdout (outside the path lines) is a JSON number, as printed (fractions
+    and percentages alike)."""
+    values = json_numbers(report)
+    lines = [line for line in printed.splitlines() if not line.startswith(PATH_LINES)]
+    tokens = NUMBER.findall("\n".join(lines).replace("/255", ""))
+    assert len(tokens) > 20
+    for token in tokens:
+        decimals = len(token.partition(".")[2])
+        shown = {f"{v:.{decimals}f}" for v in values} | {f"{100 * v:.{decimals}f}"
+                                                          for v in values}
+        assert token in shown, f"{token} is printed but not in the JSON report"
+
+
+def test_cli_pgd_breaks_a_standard_model(standard_ckpt: Path, digits_dir: Path, tmp_path: Path,
+                                         capsys) -> None:
+    out = tmp_path / "report.json"
+    # The smooth, upsampled digits give even a standard model a wide margin (PGD keeps ~74%
+    # at 8/255, ~5% at 24/255), so "moderate" here is 32/255.
+    args = ["--ckpt", str(standard_ckpt), "--data", str(digits_dir / "val.beton"),
+            "--attacks", "clean,fgsm,pgd10", "--eps", "32/255", "--step-size", "4/255",
+            "--n", "100",
+            "--batch-size", "50", "--sanity-n", "50", "--device", "cpu", "--workers", "2",
+            "--no-progress", "--out", str(out)]
+    assert evaluate.main(args) == 0
+    printed = capsys.readouterr().out
+    report = json.loads(out.read_text())
+    attacks = report["attacks"]
+    assert list(attacks) == ["clean", "fgsm", "pgd10"]
+    assert attacks["clean"]["accuracy"] > 0.85
+    assert attacks["pgd10"]["accuracy"] < 0.1  # a standard model has no robustness
+    assert attacks["clean"]["accuracy"] >= attacks["fgsm"]["accuracy"] >= \
+        attacks["pgd10"]["accuracy"]
+    assert report["robust"]["accuracy"] == attacks["pgd10"]["accuracy"]
+    assert report["robust"]["attacks"] == ["fgsm", "pgd10"]
+    assert report["sanity"]["huge_eps"]["ok"] and report["sanity"]["huge_eps"]["n"] == 50
+    assert report["flags"] == []
+    assert report["data"] == {"path": str((digits_dir / "val.beton").resolve()),
+                              "num_examples": 100, "dataset_size": 360, "num_classes": 10}
+    assert report["checkpoint"]["sha256"] == hashlib.sha256(standard_ckpt.read_bytes()).hexdigest()
+    assert report["model"]["arch"] == "resnet18" and report["model"]["width_mult"] == 0.125
+    assert report["config"]["eps"] == pytest.approx(32 / 255)
+    assert report["config"]["precision"] == "fp32"
+    assert all(row["time_s"] > 0 for row in attacks.values())
+    per_example = report["per_example"]
+    assert all(len(bits) == 100 for bits in per_example.values())
+    assert per_example["pgd10"].count("1") == attacks["pgd10"]["correct"]
+    assert_printed_numbers_in_json(printed, report)
+    assert "pgd10" in printed and "robust" in printed
+
+
+@pytest.fixture(scope="module")
+def three_class_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    model = build_model("resnet18", 3, "none", 1 / 8)
+    return atomic_save(model_checkpoint(model), tmp_path_factory.mktemp("three") / "three.pt")
+
+
+def bad_cases(tmp: Path, ckpt: Path, three: Path, val: Path) -> dict[str, tuple[list, str]]:
+    base = ["--data", str(val), "--n", "4", "--device", "cpu", "--no-progress",
+            "--out", str(tmp / "r.json")]
+    return {
+        "missing checkpoint": (["--ckpt", str(tmp / "nowhere.pt"), *base], "no checkpoint file"),
+        "architecture mismatch": (["--ckpt", str(ckpt), "--arch", "wrn34_10", *base],
+                                  "holds a resnet18, not a wrn34_10"),
+        "eps out of range": (["--ckpt", str(ckpt), "--eps", "8", *base], "pixel space"),
+        "unknown attack": (["--ckpt", str(ckpt), "--attacks", "clean,pgd", *base],
+                           "unknown attack 'pgd'"),
+        "classes differ": (["--ckpt", str(three), *base], "has 10 classes"),
+        "missing data": (["--ckpt", str(ckpt), *base[2:], "--data", str(tmp / "none.beton")],
+                         "no dataset file"),
+        "out is a folder": (["--ckpt", str(ckpt), *base, "--out", str(tmp)], "is a directory"),
+    }
+
+
+@pytest.mark.parametrize("case", ["missing checkpoint", "architecture mismatch",
+                                  "eps out of range", "unknown attack", "classes differ",
+                                  "missing data", "out is a folder"])
+def test_cli_bad_input_is_one_line(case: str, standard_ckpt: Path, three_class_ckpt: Path,
+                                   digits_dir: Path, tmp_path: Path, capsys) -> None:
+    argv, expected = bad_cases(tmp_path, standard_ckpt, three_class_ckpt,
+                               digits_dir / "val.beton")[case]
+    try:
+        code = evaluate.main(argv)
+    except SystemExit as exit_:  # argparse errors exit from inside parse_args
+        code = exit_.code
+    err = capsys.readouterr().err
+    assert code == 2
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert "error: " in lines[0] and expected in lines[0], err
+    assert "Traceback" not in err
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_cli_as_a_process(standard_ckpt: Path, three_class_ckpt: Path, digits_dir: Path,
+                          tmp_path: Path) -> None:
+    """The real `python -m fastibd.evaluate` (one case: each process imports torch and FFCV)."""
+    argv, expected = bad_cases(tmp_path, standard_ckpt, three_class_ckpt,
+                               digits_dir / "val.beton")["classes differ"]
+    proc = subprocess.run([sys.executable, "-m", "fastibd.evaluate", *argv],
+                          capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert lines == [f"fastibd.evaluate: error: {lines[0].partition('error: ')[2]}"]
+    assert expected in lines[0] and proc.stdout == ""
