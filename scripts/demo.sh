@@ -12,3 +12,5 @@ if [ ! -f data/digits/train.beton ] || [ ! -f data/digits/val.beton ]; then
 fi
 "$VENV/bin/python" -m fastibd.train --cfg smoke_teacher
 "$VENV/bin/python" -m fastibd.train --cfg smoke
+"$VENV/bin/python" -m fastibd.evaluate --ckpt runs/smoke/best.pt --data data/digits/val.beton \
+    --attacks clean,fgsm,pgd20,cw20 --eps 8/255 --out runs/smoke/report.json
