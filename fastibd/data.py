@@ -117,7 +117,8 @@ def _loader(path: str | Path, image_ops: list, options: LoaderOptions):
         Normalize(mean=(0.0, 0.0, 0.0), std=(255.0, 255.0, 255.0)),  # -> [0, 1]
     ]
     label = [IntDecoder(), ToTensor(), ToDevice(device, non_blocking=True), Squeeze(1)]
-    return Loader(
+    threads = torch.get_num_threads()
+    loader = Loader(
         str(path),
         batch_size=options.batch_size,
         num_workers=options.num_workers,
@@ -129,6 +130,11 @@ def _loader(path: str | Path, image_ops: list, options: LoaderOptions):
         indices=None if options.indices is None else np.asarray(options.indices),
         pipelines={"image": image, "label": label},
     )
+    # FFCV sets torch's intra-op thread count to its own worker count as a side effect: on a
+    # small machine that oversubscribes the cores the training step needs (and it changes
+    # CPU results behind the caller's back). Its decoders only need numba's threads.
+    torch.set_num_threads(threads)
+    return loader
 
 
 def beton_labels(path: str | Path) -> np.ndarray:

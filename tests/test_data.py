@@ -36,7 +36,9 @@ def indexed_beton(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_cifar_train_epoch_sees_each_sample_once(indexed_beton: Path) -> None:
     options = LoaderOptions(batch_size=16, num_workers=2, seed=0)  # 101 = 6 * 16 + 5
+    threads = torch.get_num_threads()
     loader = cifar_loader(indexed_beton, train=True, options=options)
+    assert torch.get_num_threads() == threads  # FFCV would set it to num_workers
     for _epoch in range(2):
         seen = []
         for images, labels in loader:
