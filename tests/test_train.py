@@ -50,7 +50,7 @@ def test_smoke_ibd_student_is_robust(smoke_runs: dict[str, Path]) -> None:
     assert len(epochs) == 8
     assert epochs[-1]["loss_total"] < 0.5 * epochs[0]["loss_total"]
     assert epochs[-1]["loss_feat"] < epochs[0]["loss_feat"]
-    assert ibd["val_clean_acc"] > 0.8 and teacher["val_clean_acc"] > 0.8
+    assert min(ibd["val_clean_acc"], teacher["val_clean_acc"], standard["val_clean_acc"]) > 0.8
     assert ibd["val_pgd_acc"] > standard["val_pgd_acc"] + ROBUSTNESS_MARGIN
     for name in ("config.yaml", "last.pt", "best.pt", "metrics.jsonl"):
         assert (smoke_runs["ibd"] / name).is_file()
@@ -58,6 +58,7 @@ def test_smoke_ibd_student_is_robust(smoke_runs: dict[str, Path]) -> None:
     # Overrides land in the resolved config saved beside the run.
     saved = yaml.safe_load((smoke_runs["standard"] / "config.yaml").read_text())
     assert saved["loss"]["mode"] == "standard" and saved["data"]["holdout"] == 200
+    assert saved["data"]["train_path"].endswith("train.beton")
 
 
 @pytest.fixture(scope="module")
