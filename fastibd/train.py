@@ -74,13 +74,14 @@ class Trainer:
         if self.device.type == "cuda":
             self.device = torch.device("cuda", self.world.local_rank)
         self.dtype = resolve_precision(cfg.training.precision, self.device)
+        self.memory_format = training_memory_format(self.device)
         self.run_dir = Path(cfg.training.out_dir)
         torch.manual_seed(cfg.training.seed + self.world.rank)
 
         self._check_data()
         self.student = build_model(cfg.model.arch, self.num_classes, cfg.model.normalization,
                                    cfg.model.width_mult).to(self.device,
-                                                            memory_format=torch.channels_last)
+                                                            memory_format=self.memory_format)
         self.teacher = self._load_teacher() if cfg.loss.mode in TEACHER_MODES else None
         self.train_loader, self.holdout_loader, self.val_loader = self._loaders()
         self._check_teacher_accuracy()
@@ -171,7 +172,7 @@ class Trainer:
             raise UserError(f"the teacher {cfg.teacher.path} predicts "
                             f"{teacher.spec.num_classes} classes, the data has "
                             f"{self.num_classes}")
-        return teacher.to(self.device, memory_format=torch.channels_last)
+        return teacher.to(self.device, memory_format=self.memory_format)
 
     def _options(self, **overrides: Any) -> LoaderOptions:
         cfg = self.cfg
@@ -324,6 +325,7 @@ class Trainer:
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict]:
         mode = self.cfg.loss.mode
+        x = x.contiguous(memory_format=self.memory_format)  # a no-op on CUDA
         if self.cfg.data.pipeline == "cifar":
             x = random_crop_flip(x, CIFAR_PAD, self.augment_rng)
         self.student.train()
@@ -528,6 +530,14 @@ def resolve_precision(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         name = "bf16" if device.type == "cuda" else "fp32"
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+def training_memory_format(device: torch.device) -> torch.memory_format:
+    """channels_last on CUDA (what tensor-core convolutions want); NCHW on CPU, where
+    channels_last gains little and oneDNN's 1x1 stride-2 weight gradient is wrong in
+    channels_last when the layer has fewer input channels than its SIMD block (narrow
+    layers, as in tiny models: oneDNN issue #6035; tests/test_train.py checks it)."""
+    return torch.channels_last if device.type == "cuda" else torch.contiguous_format
 
 
 def resolve_compile(name: str, device: torch.device) -> bool:
