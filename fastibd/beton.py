@@ -20,6 +20,7 @@ from typing import Literal
 
 import numpy as np
 
+from fastibd.data import keep_torch_threads
 from fastibd.datasets import ImageDataset
 from fastibd.errors import UserError
 
@@ -77,6 +78,7 @@ def image_field(
     compress_probability: float = 0.5,
 ):
     """FFCV's RGB image field with the options of its ImageNet recipe exposed."""
+    keep_torch_threads()
     from ffcv.fields import RGBImageField
 
     if write_mode not in WRITE_MODES:
@@ -103,6 +105,7 @@ def write_beton(
 
     `image` is an FFCV image field (default: raw RGB). Returns `path`.
     """
+    keep_torch_threads()
     from ffcv.fields import IntField
     from ffcv.writer import DatasetWriter
 

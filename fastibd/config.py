@@ -10,7 +10,6 @@ wrong type is one clear line (UserError), not a traceback or a silently ignored 
 from __future__ import annotations
 
 import difflib
-from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -31,13 +30,19 @@ class Number(Checker):
         self.low, self.high = low, high
 
     def check(self, value: Any) -> float:
-        number = float(Fraction(value.replace(" ", ""))) if isinstance(value, str) else float(value)
+        number = parse_number(value) if isinstance(value, str) else float(value)
         if not self.low <= number <= self.high:
             raise ValueError(value)
         return number
 
     def help(self) -> str:
         return f"a number in [{self.low}, {self.high}] (8/255 works)"
+
+
+def parse_number(text: str) -> float:
+    """'8/255', '2.5/255', '0.031' or '1e-4' as a float (ValueError otherwise)."""
+    numerator, slash, denominator = text.replace(" ", "").partition("/")
+    return float(numerator) / float(denominator) if slash else float(numerator)
 
 
 class Integer(Checker):
@@ -122,16 +127,31 @@ def declare(config: Config) -> None:
             num_workers=Param(Integer(1), "FFCV decoding threads", default=8),
             os_cache=Param(Flag(), "let the OS cache the .beton (dataset fits in RAM)",
                            default=True),
-            train_res=Param(Integer(8), "imagenet pipeline: training resolution", default=160),
-            val_res=Param(Integer(8), "imagenet pipeline: validation resolution", default=224))
+            min_res=Param(Integer(8), "imagenet pipeline: training resolution (the start of "
+                          "progressive resizing)", default=160),
+            max_res=Param(Integer(0), "imagenet pipeline: final training resolution of "
+                          "progressive resizing (0: no resizing)", default=0),
+            start_ramp=Param(Integer(0), "progressive resizing: epoch the ramp from min_res "
+                             "starts", default=0),
+            end_ramp=Param(Integer(0), "progressive resizing: epoch max_res is reached",
+                           default=0),
+            res_step=Param(Integer(1), "progressive resizing: resolutions are multiples of this",
+                           default=32),
+            val_res=Param(Integer(8), "imagenet pipeline: validation resolution", default=224),
+            val_crop_ratio=Param(Number(0.01, 1), "imagenet pipeline: validation center crop, "
+                                 "as a fraction of the shorter side", default=224 / 256))
     section("model", "The student",
             arch=Param(Text(), "architecture (fastibd.models)", default="resnet18"),
             width_mult=Param(Number(0.001, 64), "channel multiplier", default=1.0),
             normalization=Param(Text(), "input normalization inside the model: cifar10, "
-                                "cifar100, imagenet or none", default="cifar10"))
+                                "cifar100, imagenet or none", default="cifar10"),
+            blurpool=Param(Flag(), "ImageNet ResNets: blur before each strided convolution "
+                           "(anti-aliasing, as FFCV's recipe)", default=False))
     section("teacher", "The robust teacher (distillation modes)",
             arch=Param(Text(), "architecture of the teacher checkpoint", default="wrn34_10"),
             path=Param(Text(), "teacher checkpoint file", default=""),
+            source=Param(Text(), "how to get the teacher file (said when it is missing)",
+                         default=""),
             format=Param(Choice("auto", "fastibd", "state_dict", "robustbench", "robustness"),
                          "checkpoint layout", default="auto"),
             width_mult=Param(Number(0.001, 64), "channel multiplier", default=1.0),
@@ -149,7 +169,9 @@ def declare(config: Config) -> None:
             fgsm_alpha=Param(Number(0, 10), "fast_at / single-step: step = alpha * eps",
                              default=1.25),
             eval_steps=Param(Integer(1), "PGD steps for model selection on the held-out slice",
-                             default=10))
+                             default=10),
+            eval_step_size=Param(Number(0, 1), "PGD step for model selection (0: eps/4)",
+                                 default=0))
     section("loss", "Objective",
             mode=Param(Choice(*MODES), "ibd (the paper), rslad, kd, trades, pgd_at, fast_at, "
                        "standard", default="ibd"),
@@ -194,6 +216,8 @@ def declare(config: Config) -> None:
                          default=True),
             eval_every=Param(Integer(1), "evaluate on the held-out slice every N epochs",
                              default=1),
+            nproc=Param(Text(), "processes (one per GPU) when not started by torchrun: auto "
+                        "= every visible GPU (DDP), or a number", default="auto"),
             max_steps=Param(Integer(0), "stop each epoch after N steps (0: full epochs); for "
                             "quick trials", default=0))
     section("logging", "Output",

@@ -89,7 +89,31 @@ def imagenet_val_loader(
     return _loader(path, [decoder], options)
 
 
+def keep_torch_threads() -> None:
+    """Stop FFCV from changing torch's intra-op thread count. FFCV sets it to 1 when first
+    imported and to its worker count at every epoch, also from its batch-making thread: on a
+    small machine that oversubscribes the cores the training step needs and changes CPU
+    results behind the caller's back. Its decoders only need numba's threads, so its thread
+    setter is narrowed to those. Call before anything imports ffcv."""
+    threads = torch.get_num_threads()
+    from ffcv.pipeline.compiler import Compiler  # importing it sets torch's threads to 1
+
+    torch.set_num_threads(threads)
+    if getattr(Compiler, "keeps_torch_threads", False):
+        return
+
+    def set_numba_threads(cls, n: int) -> None:
+        import numba
+
+        cls.num_threads = n if n >= 1 else (os.cpu_count() or 1)
+        numba.set_num_threads(cls.num_threads)
+
+    Compiler.set_num_threads = classmethod(set_numba_threads)
+    Compiler.keeps_torch_threads = True
+
+
 def _loader(path: str | Path, image_ops: list, options: LoaderOptions):
+    keep_torch_threads()
     from ffcv.fields.decoders import IntDecoder
     from ffcv.loader import Loader, OrderOption
     from ffcv.transforms import Convert, Squeeze, ToDevice, ToTensor, ToTorchImage
@@ -117,7 +141,6 @@ def _loader(path: str | Path, image_ops: list, options: LoaderOptions):
         Normalize(mean=(0.0, 0.0, 0.0), std=(255.0, 255.0, 255.0)),  # -> [0, 1]
     ]
     label = [IntDecoder(), ToTensor(), ToDevice(device, non_blocking=True), Squeeze(1)]
-    threads = torch.get_num_threads()
     loader = Loader(
         str(path),
         batch_size=options.batch_size,
@@ -130,15 +153,12 @@ def _loader(path: str | Path, image_ops: list, options: LoaderOptions):
         indices=None if options.indices is None else np.asarray(options.indices),
         pipelines={"image": image, "label": label},
     )
-    # FFCV sets torch's intra-op thread count to its own worker count as a side effect: on a
-    # small machine that oversubscribes the cores the training step needs (and it changes
-    # CPU results behind the caller's back). Its decoders only need numba's threads.
-    torch.set_num_threads(threads)
     return loader
 
 
 def beton_labels(path: str | Path) -> np.ndarray:
     """Every label in a .beton, read from its metadata table (no image is decoded)."""
+    keep_torch_threads()
     from ffcv.reader import Reader
 
     path = Path(path)
@@ -152,6 +172,24 @@ def beton_labels(path: str | Path) -> np.ndarray:
     if names != ["image", "label"]:
         raise UserError(f"{path} has fields {names}; expected image and label")
     return np.asarray(reader.metadata[f"f{names.index('label')}"])
+
+
+def beton_resolution(path: str | Path) -> int:
+    """The side of the square images of a fixed-size .beton (the cifar pipeline's input)."""
+    keep_torch_threads()
+    from ffcv.reader import Reader
+
+    reader = Reader(str(path))
+    image_field = reader.metadata["f0"]
+    sizes = set(zip(image_field["height"].tolist(), image_field["width"].tolist(), strict=True))
+    if len(sizes) != 1:
+        raise UserError(f"{path} holds images of several sizes; the cifar pipeline needs one "
+                        "size (use data.pipeline=imagenet)")
+    (height, width), = sizes
+    if height != width:
+        raise UserError(f"{path} holds {height}x{width} images; the cifar pipeline needs "
+                        "square ones")
+    return height
 
 
 def set_epoch(loader, epoch: int) -> None:

@@ -26,7 +26,6 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
-from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +36,7 @@ from tqdm import tqdm
 
 from fastibd import eval_attacks
 from fastibd.cli import ArgumentParser, bounded
+from fastibd.config import parse_number
 from fastibd.errors import UserError, exit_on_user_error
 from fastibd.models import ARCHITECTURES
 from fastibd.teachers import FORMATS, load_teacher
@@ -59,7 +59,7 @@ CHANCE_FACTOR = 1.5  # clean accuracy below 1.5x chance: wrong file or wrong nor
 def parse_budget(text: str) -> float:
     """An eps or step size in pixel space: '8/255' or '0.031'; must be in (0, 1]."""
     try:
-        value = float(Fraction(text.strip()))
+        value = parse_number(text)
     except (ValueError, ZeroDivisionError):
         raise argparse.ArgumentTypeError(f"{text!r} is not a number (write e.g. 8/255 or "
                                          "0.031)") from None

@@ -28,3 +28,16 @@ def lr_factor(schedule: str, epochs: int, milestones: Sequence[int] = (), gamma:
     if schedule == "constant":
         return lambda epoch: 1.0
     raise ValueError(f"unknown schedule {schedule!r}")
+
+
+def resolution_at(epoch: int, min_res: int, max_res: int, start_ramp: int, end_ramp: int,
+                  step: int = 32) -> int:
+    """Progressive resizing (FFCV's ImageNet recipe): min_res until epoch start_ramp, then a
+    linear ramp to max_res at end_ramp, rounded down to a multiple of `step` (so a compiled
+    model sees a few distinct shapes, not one per epoch), never below min_res."""
+    if max_res <= min_res:
+        return min_res
+    if end_ramp <= start_ramp:  # a jump
+        return max_res if epoch >= end_ramp else min_res
+    res = float(np.interp(epoch, [start_ramp, end_ramp], [min_res, max_res]))
+    return max(min_res, int(res) // step * step)

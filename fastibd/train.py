@@ -12,10 +12,10 @@ test set never picks a checkpoint). Rerunning the same command resumes the run.
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -34,23 +34,24 @@ from fastibd.data import (
     ImageNetTrainLoader,
     LoaderOptions,
     beton_labels,
+    beton_resolution,
     cifar_loader,
     imagenet_val_loader,
     set_epoch,
 )
 from fastibd.distributed import all_reduce_sum, barrier, init_world, shutdown
 from fastibd.errors import UserError, exit_on_user_error
-from fastibd.loss import FeatureDistillation, soft_labels
+from fastibd.loss import FeatureDistillation
 from fastibd.models import NORMALIZATIONS, TappedModel, build_model
 from fastibd.objective import (
     TEACHER_MODES,
     AttackSettings,
     LossSettings,
     TrainingObjective,
-    make_adversarial,
 )
 from fastibd.runlog import RunLog
-from fastibd.schedule import lr_factor
+from fastibd.schedule import lr_factor, resolution_at
+from fastibd.step import TrainingStep
 from fastibd.teachers import load_teacher
 
 LAST, BEST, CONFIG = "last.pt", "best.pt", "config.yaml"
@@ -79,9 +80,10 @@ class Trainer:
         torch.manual_seed(cfg.training.seed + self.world.rank)
 
         self._check_data()
+        options = {"blurpool": True} if cfg.model.blurpool else {}
         self.student = build_model(cfg.model.arch, self.num_classes, cfg.model.normalization,
-                                   cfg.model.width_mult).to(self.device,
-                                                            memory_format=self.memory_format)
+                                   cfg.model.width_mult, **options).to(
+                                       self.device, memory_format=self.memory_format)
         self.teacher = self._load_teacher() if cfg.loss.mode in TEACHER_MODES else None
         self.train_loader, self.holdout_loader, self.val_loader = self._loaders()
         self._check_teacher_accuracy()
@@ -123,15 +125,18 @@ class Trainer:
             step_objective = nn.parallel.DistributedDataParallel(
                 self.objective, device_ids=[self.device.index] if self.device.type == "cuda"
                 else None)
-        self.attack_model: nn.Module = self.student
-        self.teacher_model: nn.Module | None = self.teacher
+        attack_model: nn.Module = self.student
+        teacher_model: nn.Module | None = self.teacher
         if self.compiled:
             mode = cfg.training.compile_mode
             step_objective = torch.compile(step_objective, mode=mode)
-            self.attack_model = torch.compile(self.student, mode=mode)
+            attack_model = torch.compile(self.student, mode=mode)
             if self.teacher is not None:
-                self.teacher_model = torch.compile(self.teacher, mode=mode)
-        self.step_objective = step_objective
+                teacher_model = torch.compile(self.teacher, mode=mode)
+        self.step = TrainingStep(step_objective, attack_model, self.student, teacher_model,
+                                 features is not None, cfg.loss.mode, self.attack,
+                                 cfg.loss.temperature, self.optimizer, self.scaler,
+                                 self.scheduler, self.dtype, self.attack_rng)
 
         self.epoch, self.step_in_epoch, self.best = 0, 0, None
         self.stop_signal: int | None = None
@@ -141,7 +146,12 @@ class Trainer:
 
     @property
     def input_size(self) -> int:
-        return self.image_size if self.cfg.data.pipeline == "cifar" else self.cfg.data.train_res
+        return self.image_size if self.cfg.data.pipeline == "cifar" else self.cfg.data.min_res
+
+    def train_resolution(self, epoch: int) -> int:
+        data = self.cfg.data
+        return resolution_at(epoch, data.min_res, data.max_res, data.start_ramp, data.end_ramp,
+                             data.res_step)
 
     def _check_data(self) -> None:
         cfg = self.cfg
@@ -152,6 +162,9 @@ class Trainer:
             raise UserError(f"{cfg.data.val_path} has label {val_labels.max()}, but the "
                             f"training data has only {self.num_classes} classes")
         self.num_train = len(train_labels)
+        if cfg.data.max_res and cfg.data.max_res < cfg.data.min_res:
+            raise UserError(f"data.max_res={cfg.data.max_res} is below data.min_res="
+                            f"{cfg.data.min_res} (progressive resizing only grows)")
         if cfg.data.holdout >= self.num_train:
             raise UserError(f"data.holdout={cfg.data.holdout} leaves nothing to train on "
                             f"({self.num_train} training images)")
@@ -164,6 +177,8 @@ class Trainer:
         if not cfg.teacher.path:
             raise UserError(f"loss.mode={cfg.loss.mode} distils from a teacher: set "
                             "teacher.path (train one with loss.mode=pgd_at or trades)")
+        if cfg.teacher.source and not Path(cfg.teacher.path).is_file():
+            raise UserError(f"no teacher checkpoint {cfg.teacher.path}: {cfg.teacher.source}")
         teacher = load_teacher(cfg.teacher.arch, cfg.teacher.path, cfg.teacher.format,
                                normalization=cfg.teacher.normalization or None,
                                width_mult=cfg.teacher.width_mult,
@@ -192,14 +207,14 @@ class Trainer:
             holdout = cifar_loader(cfg.data.train_path, False, self._options(
                 indices=self.holdout_indices, **eval_options)) if self.holdout_indices else None
             val = cifar_loader(cfg.data.val_path, False, self._options(**eval_options))
-            self.image_size = _stored_resolution(cfg.data.train_path)
+            self.image_size = beton_resolution(cfg.data.train_path)
         else:
-            train = ImageNetTrainLoader(cfg.data.train_path, cfg.data.train_res, train_options)
+            train = ImageNetTrainLoader(cfg.data.train_path, cfg.data.min_res, train_options)
             holdout = imagenet_val_loader(cfg.data.train_path, self._options(
-                indices=self.holdout_indices, **eval_options), cfg.data.val_res
-            ) if self.holdout_indices else None
+                indices=self.holdout_indices, **eval_options), cfg.data.val_res,
+                cfg.data.val_crop_ratio) if self.holdout_indices else None
             val = imagenet_val_loader(cfg.data.val_path, self._options(**eval_options),
-                                      cfg.data.val_res)
+                                      cfg.data.val_res, cfg.data.val_crop_ratio)
             self.image_size = cfg.data.val_res
         return train, holdout, val
 
@@ -318,39 +333,17 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
 
-    def autocast(self):
-        if self.dtype == torch.float32:
-            return nullcontext()
-        return torch.autocast(self.device.type, dtype=self.dtype)
-
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        mode = self.cfg.loss.mode
         x = x.contiguous(memory_format=self.memory_format)  # a no-op on CUDA
         if self.cfg.data.pipeline == "cifar":
             x = random_crop_flip(x, CIFAR_PAD, self.augment_rng)
-        self.student.train()
-        with self.autocast():
-            teacher_probs = teacher_feats = None
-            if self.teacher_model is not None:
-                with torch.no_grad():
-                    if self.objective.features is not None:
-                        teacher_logits, teacher_feats = self.teacher_model(x, features=True)
-                    else:
-                        teacher_logits = self.teacher_model(x)
-                teacher_probs = soft_labels(teacher_logits, self.cfg.loss.temperature)
-            x_adv = make_adversarial(mode, self.attack_model, x, y, teacher_probs, self.attack,
-                                     self.attack_rng)
-            total, parts = self.step_objective(x, x_adv, y, teacher_probs, teacher_feats)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(total).backward()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.scheduler.step()
-        return total.detach(), parts
+        return self.step(x, y)
 
     def train_epoch(self) -> dict[str, float]:
         cfg = self.cfg
         set_epoch(self.train_loader, self.epoch)
+        if isinstance(self.train_loader, ImageNetTrainLoader):
+            self.train_loader.set_resolution(self.train_resolution(self.epoch))
         skip, self.step_in_epoch = self.step_in_epoch, 0
         sums: dict[str, torch.Tensor] = {}
         window: list[tuple[int, torch.Tensor]] = []
@@ -365,6 +358,7 @@ class Trainer:
             if step < skip:  # resuming mid-epoch: same order, so skip what was trained
                 continue
             total, parts = self.train_step(x, y)
+            resolution = x.shape[-1]
             self.step_in_epoch = step + 1
             seen += len(y)
             for name, value in parts.items():
@@ -395,6 +389,8 @@ class Trainer:
         metrics = {f"loss_{n}": reduced[i].item() / steps_all for i, n in enumerate(names)}
         metrics |= {"images": int(seen_all), "images_per_s": seen_all / elapsed,
                     "epoch_time_s": elapsed}
+        if seen:
+            metrics["resolution"] = resolution  # as trained (progressive resizing)
         return metrics
 
     def _check_finite(self, window: list[tuple[int, torch.Tensor]]) -> None:
@@ -414,10 +410,11 @@ class Trainer:
         correct = torch.zeros(2, device=self.device)
         total = 0
         model = self.student.eval()
+        eps = self.cfg.attack.eps
+        step_size = self.cfg.attack.eval_step_size or eps / 4
         for x, y in loader:
             correct[0] += (model(x).argmax(1) == y).sum()
-            x_adv = attacks.pgd_ce(model, x, y, self.cfg.attack.eps, self.cfg.attack.step_size,
-                                   steps, True, generator)
+            x_adv = attacks.pgd_ce(model, x, y, eps, step_size, steps, True, generator)
             correct[1] += (model(x_adv).argmax(1) == y).sum()
             total += len(y)
         return {"clean_acc": correct[0].item() / total, "pgd_acc": correct[1].item() / total,
@@ -501,22 +498,6 @@ def _summary(record: dict[str, Any]) -> str:
     return "  ".join(parts)
 
 
-def _stored_resolution(path: str) -> int:
-    from ffcv.reader import Reader
-
-    reader = Reader(str(path))
-    image_field = reader.metadata["f0"]
-    sizes = set(zip(image_field["height"].tolist(), image_field["width"].tolist(), strict=True))
-    if len(sizes) != 1:
-        raise UserError(f"{path} holds images of several sizes; the cifar pipeline needs one "
-                        "size (use data.pipeline=imagenet)")
-    (height, width), = sizes
-    if height != width:
-        raise UserError(f"{path} holds {height}x{width} images; the cifar pipeline needs "
-                        "square ones")
-    return height
-
-
 def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError("training.device=cuda, but this machine has no CUDA device "
@@ -544,10 +525,36 @@ def resolve_compile(name: str, device: torch.device) -> bool:
     return device.type == "cuda" if name == "auto" else name == "true"
 
 
+def process_count(training: dict[str, Any]) -> int:
+    """How many processes to start here: 1 under torchrun (it already did), else
+    training.nproc, where auto is one per visible GPU (and 1 on a CPU)."""
+    if "WORLD_SIZE" in os.environ:
+        return 1
+    nproc = str(training["nproc"]).strip()
+    if nproc == "auto":
+        uses_cuda = training["device"] != "cpu" and torch.cuda.is_available()
+        return torch.cuda.device_count() if uses_cuda else 1
+    if not nproc.isdigit() or int(nproc) < 1:
+        raise UserError(f"training.nproc: expected auto or a number >= 1, got {nproc!r}")
+    return int(nproc)
+
+
+def relaunch(argv: list[str], nproc: int) -> None:
+    """Become `torchrun --standalone --nproc_per_node=N -m fastibd.train ARGV`: torchrun
+    starts one process per GPU and forwards Ctrl-C/SIGTERM to them, so each saves its state."""
+    print(f"starting {nproc} processes (DDP); set training.nproc=1 for one", flush=True)
+    os.execv(sys.executable, [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                              f"--nproc_per_node={nproc}", "-m", "fastibd.train", *argv])
+
+
 @exit_on_user_error("fastibd.train")
 def run(argv: list[str]) -> int:
     config = load_config(argv)
-    trainer = Trainer(as_dict(config))
+    settings = as_dict(config)
+    nproc = process_count(settings["training"])
+    if nproc > 1:
+        relaunch(argv, nproc)
+    trainer = Trainer(settings)
     try:
         return trainer.fit()
     finally:

@@ -42,6 +42,7 @@ def test_cifar_train_epoch_sees_each_sample_once(indexed_beton: Path) -> None:
     for _epoch in range(2):
         seen = []
         for images, labels in loader:
+            assert torch.get_num_threads() == threads  # ... and again at every epoch
             assert_training_batch(images, labels, 32)
             seen.append(labels.clone())  # FFCV reuses its buffers
         order = torch.cat(seen)

@@ -100,7 +100,7 @@ class TappedModel(nn.Module):
         device: no arithmetic, no memory."""
         h, w = (input_size, input_size) if isinstance(input_size, int) else input_size
         meta = {name: t.to("meta") for name, t in [*self.named_parameters(), *self.named_buffers()]}
-        x = torch.empty(1, 3, h, w, device="meta")
+        x = torch.empty(2, 3, h, w, device="meta")  # 2: train-mode BN rejects one value
         _, taps = functional_call(self, meta, (x,), {"features": True})
         return [tuple(t.shape[1:]) for t in taps]
 
