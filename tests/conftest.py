@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -74,6 +75,22 @@ def digits_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def cli_error(main: Callable[[list[str]], int], argv: list[str],
+              capsys: pytest.CaptureFixture) -> str:
+    """Run a command's `main(argv)` on bad input: it must exit with 2 and print exactly one
+    line, no traceback. Returns that line."""
+    try:
+        code = main(argv)
+    except SystemExit as exit_:  # argparse errors exit from inside parse_args
+        code = exit_.code
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    return lines[0]
 
 
 def train_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:

@@ -11,6 +11,7 @@ import pytest
 
 from fastibd import bench_data
 from fastibd.errors import UserError
+from tests.conftest import cli_error
 
 # Batch sizes that do not divide the counts: the last, partial batch must be counted too.
 COUNTS = {"cifar": 64, "imagenet": 16}
@@ -93,19 +94,6 @@ def test_a_given_work_dir_is_kept_with_the_data(run) -> None:
     assert (work / "imagenet" / "train.beton").is_file()
 
 
-def one_line_error(argv: list[str], capsys) -> str:
-    try:
-        code = bench_data.main(argv)
-    except SystemExit as exit_:  # argparse errors exit from inside parse_args
-        code = exit_.code
-    err = capsys.readouterr().err
-    assert code == 2
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1, err
-    assert "Traceback" not in err
-    return lines[0]
-
-
 @pytest.mark.parametrize(("argv", "expected"), [
     (["--n-images", "-5"], "out of range"),
     (["--n-images", "cifar=0"], "out of range"),
@@ -117,13 +105,13 @@ def one_line_error(argv: list[str], capsys) -> str:
     (["--json", "/nonexistent-folder/r.json"], "does not exist"),
 ])
 def test_bad_input_is_one_line(argv: list[str], expected: str, capsys) -> None:
-    line = one_line_error(argv, capsys)
+    line = cli_error(bench_data.main, argv, capsys)
     assert "error: " in line and expected in line, line
 
 
 def test_an_occupied_work_dir_is_refused_before_any_work(tmp_path: Path, capsys) -> None:
     (tmp_path / "cifar").mkdir()
-    line = one_line_error(["--datasets", "cifar", "--work-dir", str(tmp_path)], capsys)
+    line = cli_error(bench_data.main, ["--datasets", "cifar", "--work-dir", str(tmp_path)], capsys)
     assert "already exists" in line
     assert list(tmp_path.iterdir()) == [tmp_path / "cifar"]
 
@@ -138,6 +126,6 @@ def test_the_temporary_work_dir_is_removed_after_a_failure(tmp_path: Path, capsy
 
     monkeypatch.setattr(bench_data.tempfile, "mkdtemp", lambda prefix: str(work.mkdir() or work))
     monkeypatch.setattr(bench_data, "prepare", fail)
-    line = one_line_error(["--datasets", "cifar"], capsys)
+    line = cli_error(bench_data.main, ["--datasets", "cifar"], capsys)
     assert line == "fastibd.bench_data: error: no space left"
     assert not work.exists()

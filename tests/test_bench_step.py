@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from fastibd import bench_step
+from tests.conftest import cli_error
 
 
 def test_step_benchmark_prints_both_variants_and_saves_json(capsys: pytest.CaptureFixture,
@@ -48,10 +49,5 @@ def test_benchmarked_step_trains_the_student() -> None:
 ])
 def test_bad_input_is_one_line(argv: list[str], expected: str,
                                capsys: pytest.CaptureFixture) -> None:
-    try:
-        code = bench_step.main(argv)
-    except SystemExit as exit_:  # argparse errors exit from inside parse_args
-        code = exit_.code
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert code == 2 and len(lines) == 1 and expected in lines[0], err
+    line = cli_error(bench_step.main, argv, capsys)
+    assert expected in line, line

@@ -20,6 +20,7 @@ from fastibd import eval_attacks, evaluate
 from fastibd.checkpoint import atomic_save, model_checkpoint
 from fastibd.data import LoaderOptions, cifar_loader
 from fastibd.models import build_model
+from tests.conftest import cli_error
 from tests.tiny import BNNet, digits_8px, trained_bnnet
 
 EPS = 16 / 255  # the 8x8 digits net is fairly robust at 8/255; a larger ball shows strength
@@ -348,16 +349,8 @@ def test_cli_bad_input_is_one_line(case: str, standard_ckpt: Path, three_class_c
                                    digits_dir: Path, tmp_path: Path, capsys) -> None:
     argv, expected = bad_cases(tmp_path, standard_ckpt, three_class_ckpt,
                                digits_dir / "val.beton")[case]
-    try:
-        code = evaluate.main(argv)
-    except SystemExit as exit_:  # argparse errors exit from inside parse_args
-        code = exit_.code
-    err = capsys.readouterr().err
-    assert code == 2
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1, err
-    assert "error: " in lines[0] and expected in lines[0], err
-    assert "Traceback" not in err
+    line = cli_error(evaluate.main, argv, capsys)
+    assert "error: " in line and expected in line, line
     assert not (tmp_path / "r.json").exists()
 
 

@@ -20,7 +20,7 @@ from fastibd.models import ARCHITECTURES, build_model
 from fastibd.objective import TEACHER_MODES
 from fastibd.runlog import read_metrics
 from fastibd.train import main, training_memory_format
-from tests.conftest import REPO, train_cli
+from tests.conftest import REPO, cli_error, train_cli
 
 # Margin of the IBD student's PGD-10 accuracy over the standard student's, on digits val
 # (measured: seed 0 78.6% vs 51.1%; see the closing note of the training issue).
@@ -150,11 +150,10 @@ def test_help_lists_every_parameter() -> None:
 
 
 def one_line_error(capsys: pytest.CaptureFixture, argv: list[str], *needles: str) -> None:
-    assert main(argv) == 2
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("fastibd.train: error:"), lines
+    line = cli_error(main, argv, capsys)
+    assert line.startswith("fastibd.train: error:"), line
     for needle in needles:
-        assert needle in lines[0], lines[0]
+        assert needle in line, line
 
 
 def test_bad_input_fails_before_training(capsys: pytest.CaptureFixture, digits_dir: Path,
