@@ -1,7 +1,9 @@
-"""Turn a dataset into FFCV files: OUT_DIR/train.beton and OUT_DIR/val.beton.
+"""Turn a dataset into FFCV files: OUT_DIR/train.beton and OUT_DIR/val.beton (or, with
+--format npz, OUT_DIR/train.npz and OUT_DIR/val.npz for machines without FFCV).
 
 Examples:
   python data_prep/write_ffcv.py --dataset digits                  # bundled, offline
+  python data_prep/write_ffcv.py --dataset cifar10 --format npz    # no FFCV needed to train
   python data_prep/write_ffcv.py --dataset cifar10 --data-dir ~/data/cifar
   python data_prep/write_ffcv.py --dataset imagenet --data-dir /data/imagenet \\
       --out-dir /data/ffcv/imagenet --max-resolution 500 --compress-probability 0.5
@@ -13,6 +15,9 @@ import os
 import sys
 from pathlib import Path
 
+import numpy as np
+from tqdm import tqdm
+
 if __package__ in (None, ""):  # run as `python data_prep/write_ffcv.py` from a checkout
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -20,6 +25,7 @@ from fastibd import datasets
 from fastibd.beton import WRITE_MODES, image_field, write_beton
 from fastibd.cli import ArgumentParser, bounded
 from fastibd.errors import UserError, exit_on_user_error
+from fastibd.tensor_data import write_npz
 
 DATASETS = ("cifar10", "cifar100", "imagenet", "folder", "digits")
 FOLDER_DATASETS = ("imagenet", "folder")
@@ -48,10 +54,14 @@ def build_parser() -> ArgumentParser:
                              "default data/downloads). Required for imagenet/folder")
     parser.add_argument("--out-dir", type=Path, default=None,
                         help="where train.beton and val.beton go (default data/DATASET)")
+    parser.add_argument("--format", choices=("beton", "npz"), default="beton",
+                        help="beton: FFCV files (any dataset); npz: uint8 arrays the trainer "
+                             "keeps on the GPU, for machines without FFCV (same-size images "
+                             "only: cifar10, cifar100, digits) (default: %(default)s)")
     parser.add_argument("--num-workers", type=bounded(int, 1), default=min(16, os.cpu_count() or 1),
                         help="writer processes (default: %(default)s)")
     parser.add_argument("--overwrite", action="store_true",
-                        help="replace existing .beton files (otherwise refuse)")
+                        help="replace existing output files (otherwise refuse)")
     parser.add_argument("--limit", type=bounded(int, 1), default=None, metavar="N",
                         help="write only the first N samples of each split, for quick trials")
     images = parser.add_argument_group(
@@ -80,11 +90,25 @@ def load_splits(dataset: str, data_dir: Path | None) -> dict[str, datasets.Image
     return {split: datasets.cifar_dataset(dataset, root, split) for split in datasets.SPLITS}
 
 
+def stack_images(data: datasets.ImageDataset, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """The first `count` samples as one uint8 [N, H, W, 3] array and their labels."""
+    images, labels = [], []
+    for index in tqdm(range(count), unit="img", leave=False, file=sys.stderr):
+        image, label = data[index]
+        if images and image.shape != images[0].shape:
+            raise UserError(f"--format npz needs images of one size; image {index} is "
+                            f"{image.shape[1]}x{image.shape[0]}, image 0 is "
+                            f"{images[0].shape[1]}x{images[0].shape[0]} (use --format beton)")
+        images.append(image)
+        labels.append(label)
+    return np.stack(images).astype(np.uint8), np.asarray(labels, dtype=np.int64)
+
+
 @exit_on_user_error("write_ffcv.py")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     out_dir = args.out_dir if args.out_dir is not None else Path("data") / args.dataset
-    outputs = {split: out_dir / f"{split}.beton" for split in datasets.SPLITS}
+    outputs = {split: out_dir / f"{split}.{args.format}" for split in datasets.SPLITS}
     existing = [str(p) for p in outputs.values() if p.exists()]
     if existing and not args.overwrite:  # checked before any slow work
         raise UserError(f"{', '.join(existing)} already exists; pass --overwrite to replace")
@@ -96,6 +120,10 @@ def main(argv: list[str] | None = None) -> int:
     for split, data in splits.items():
         count = len(data) if args.limit is None else min(args.limit, len(data))
         print(f"{args.dataset} {split}: {count} images -> {outputs[split]}", flush=True)
+        if args.format == "npz":
+            out_dir.mkdir(parents=True, exist_ok=True)
+            write_npz(outputs[split], *stack_images(data, count))
+            continue
         write_beton(data, outputs[split], image=image_field(**storage),
                     indices=None if args.limit is None else range(count),
                     num_workers=args.num_workers, overwrite=args.overwrite)

@@ -257,8 +257,8 @@ class TorchvisionBatches:
     """ImageFolder + DataLoader, finished like the FFCV pipeline: on the device, float [0, 1],
     channels_last."""
 
-    def __init__(self, root: Path, shape: str, batch_size: int,
-                 args: argparse.Namespace) -> None:
+    def __init__(self, root: Path, shape: str, batch_size: int, args: argparse.Namespace,
+                 memory_format: torch.memory_format = torch.channels_last) -> None:
         from torch.utils.data import DataLoader
         from torchvision.datasets import ImageFolder
 
@@ -267,6 +267,7 @@ class TorchvisionBatches:
         dataset = ImageFolder(str(root / "images"),
                               transform=torchvision_transform(shape, args.resolution), **extra)
         self.device = torch.device(args.device)
+        self.memory_format = memory_format
         # Persistent workers: FFCV keeps its threads across epochs too, so neither side pays
         # a start-up per epoch inside the timed part.
         self.loader = DataLoader(dataset, batch_size=batch_size, shuffle=True,
@@ -279,7 +280,7 @@ class TorchvisionBatches:
             images = images.to(self.device, non_blocking=True)
             # One kernel for layout and dtype, then scale in place: what FFCV's ToTorchImage,
             # Convert and Normalize steps do.
-            images = images.to(dtype=torch.float32, memory_format=torch.channels_last)
+            images = images.to(dtype=torch.float32, memory_format=self.memory_format)
             yield images.div_(255), labels.to(self.device, non_blocking=True)
 
     def __len__(self) -> int:

@@ -1,4 +1,5 @@
-"""FFCV loaders that yield `(images, labels)` ready for a robust-training step.
+"""FFCV loaders that yield `(images, labels)` ready for a robust-training step (and, for
+`.npz` files, fastibd.tensor_data's on-device loader with the same contract).
 
 Images come out as float in [0, 1], NCHW shape in channels_last memory, on the requested
 device; labels as int64 [B]. Normalization is *not* done here: every model owns its
@@ -43,7 +44,13 @@ class LoaderOptions:
 
 
 def cifar_loader(path: str | Path, train: bool, options: LoaderOptions):
-    """CIFAR-like 32x32 data: train = random crop (4 px zero padding) + flip; val = as stored."""
+    """CIFAR-like 32x32 data: train = random crop (4 px zero padding) + flip; val = as stored.
+    A `.npz` file is served from device memory instead (fastibd.tensor_data)."""
+    if _is_npz(path):
+        from fastibd.tensor_data import TensorLoader
+
+        return TensorLoader(path, options, augment=train)
+    keep_torch_threads()  # before the first ffcv import, which sets torch's threads to 1
     from ffcv.fields.decoders import SimpleRGBImageDecoder
     from ffcv.transforms import RandomHorizontalFlip, RandomTranslate
 
@@ -56,6 +63,8 @@ class ImageNetTrainLoader:
     between epochs (progressive resizing): call `set_resolution` before iterating."""
 
     def __init__(self, path: str | Path, resolution: int, options: LoaderOptions) -> None:
+        _needs_beton(path, "the imagenet pipeline")
+        keep_torch_threads()
         from ffcv.fields.decoders import RandomResizedCropRGBImageDecoder
         from ffcv.transforms import RandomHorizontalFlip
 
@@ -83,6 +92,8 @@ def imagenet_val_loader(
     crop_ratio: float = DEFAULT_CROP_RATIO,
 ):
     """ImageNet-like validation data: the central `crop_ratio` of the shorter side, resized."""
+    _needs_beton(path, "the imagenet pipeline")
+    keep_torch_threads()
     from ffcv.fields.decoders import CenterCropRGBImageDecoder
 
     decoder = CenterCropRGBImageDecoder((resolution, resolution), ratio=crop_ratio)
@@ -156,8 +167,22 @@ def _loader(path: str | Path, image_ops: list, options: LoaderOptions):
     return loader
 
 
-def beton_labels(path: str | Path) -> np.ndarray:
-    """Every label in a .beton, read from its metadata table (no image is decoded)."""
+def _is_npz(path: str | Path) -> bool:
+    return Path(path).suffix == ".npz"
+
+
+def _needs_beton(path: str | Path, what: str) -> None:
+    if _is_npz(path):
+        raise UserError(f"{path}: {what} needs a .beton (FFCV); .npz files serve the cifar "
+                        "pipeline only")
+
+
+def dataset_labels(path: str | Path) -> np.ndarray:
+    """Every label in a .beton (read from its metadata table, no image is decoded) or .npz."""
+    if _is_npz(path):
+        from fastibd.tensor_data import npz_labels
+
+        return npz_labels(path)
     keep_torch_threads()
     from ffcv.reader import Reader
 
@@ -174,8 +199,13 @@ def beton_labels(path: str | Path) -> np.ndarray:
     return np.asarray(reader.metadata[f"f{names.index('label')}"])
 
 
-def beton_resolution(path: str | Path) -> int:
-    """The side of the square images of a fixed-size .beton (the cifar pipeline's input)."""
+def dataset_resolution(path: str | Path) -> int:
+    """The side of the square images of a fixed-size .beton or .npz (the cifar pipeline's
+    input)."""
+    if _is_npz(path):
+        from fastibd.tensor_data import npz_resolution
+
+        return npz_resolution(path)
     keep_torch_threads()
     from ffcv.reader import Reader
 
@@ -193,7 +223,8 @@ def beton_resolution(path: str | Path) -> int:
 
 
 def set_epoch(loader, epoch: int) -> None:
-    """Make the next pass over an FFCV loader use `epoch`'s shuffle (its order is seeded by
-    seed + epoch), as DistributedSampler.set_epoch does; needed when a run resumes."""
+    """Make the next pass over an FFCV loader (or a TensorLoader) use `epoch`'s shuffle (its
+    order is seeded by seed + epoch), as DistributedSampler.set_epoch does; needed when a run
+    resumes."""
     target = loader.loader if isinstance(loader, ImageNetTrainLoader) else loader
     target.next_epoch = epoch

@@ -1,5 +1,7 @@
 """torchrun integration: one process per device, DDP, metric reduction. Without torchrun's
-environment everything here is a no-op and the run is a single process."""
+environment everything here is a no-op and the run is a single process. Under torchrun the
+run is distributed even with one process (`--nproc_per_node=1` checks DDP and NCCL on one
+GPU)."""
 
 from __future__ import annotations
 
@@ -15,10 +17,7 @@ class World:
     rank: int = 0
     local_rank: int = 0
     size: int = 1
-
-    @property
-    def distributed(self) -> bool:
-        return self.size > 1
+    distributed: bool = False  # joined a process group (started by torchrun)
 
     @property
     def is_main(self) -> bool:
@@ -27,10 +26,10 @@ class World:
 
 def init_world(device_type: str) -> World:
     """Join the process group torchrun set up (NCCL on CUDA, gloo on CPU)."""
-    size = int(os.environ.get("WORLD_SIZE", "1"))
-    if size == 1:
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         return World()
-    world = World(int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0")), size)
+    world = World(int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0")),
+                  int(os.environ["WORLD_SIZE"]), distributed=True)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
     if device_type == "cuda":

@@ -37,6 +37,7 @@ from tqdm import tqdm
 from fastibd import eval_attacks
 from fastibd.cli import ArgumentParser, bounded
 from fastibd.config import parse_number
+from fastibd.device import resolve_device
 from fastibd.errors import UserError, exit_on_user_error
 from fastibd.models import ARCHITECTURES
 from fastibd.teachers import FORMATS, load_teacher
@@ -441,14 +442,6 @@ def format_table(report: dict[str, Any]) -> str:
 # ----------------------------------------------------------------------------- data + model
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda, but this machine has no CUDA device (use auto or cpu)")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
-
-
 class Autocast(nn.Module):
     """Runs the wrapped model under autocast and returns fp32 logits (for --precision bf16)."""
 
@@ -544,11 +537,11 @@ def _cpus() -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     started = time.perf_counter()
-    from fastibd.data import beton_labels
+    from fastibd.data import dataset_labels
 
     check_writable(args.out)  # before the attacks, not after hours of them
-    device = resolve_device(args.device)
-    labels = beton_labels(args.data)  # cheap: fail on bad data before loading anything big
+    device = resolve_device(args.device, "--device")
+    labels = dataset_labels(args.data)  # cheap: fail on bad data before loading anything big
     model = load_teacher(args.arch, args.ckpt, args.format, normalization=args.normalization,
                          width_mult=args.width_mult, trust_pickle=args.trust_pickle,
                          device=device)

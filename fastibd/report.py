@@ -27,8 +27,9 @@ from torch import Tensor
 
 from fastibd import eval_attacks
 from fastibd.cli import ArgumentParser, bounded
+from fastibd.device import resolve_device
 from fastibd.errors import UserError, exit_on_user_error
-from fastibd.evaluate import parse_budget, resolve_device, val_batches
+from fastibd.evaluate import parse_budget, val_batches
 from fastibd.models import ARCHITECTURES, TappedModel
 from fastibd.runlog import read_metrics
 from fastibd.teachers import load_teacher
@@ -234,9 +235,9 @@ def _load_batches(data: Path, n: int, batch_size: int, device: torch.device, pip
 
 
 def _num_examples(data: Path) -> int:
-    from fastibd.data import beton_labels
+    from fastibd.data import dataset_labels
 
-    return len(beton_labels(data))
+    return len(dataset_labels(data))
 
 
 def build_parser() -> ArgumentParser:
@@ -290,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise UserError(f"cannot create {out}: {err.strerror}") from None
-    device = resolve_device(args.device)
+    device = resolve_device(args.device, "--device")
     last = _read_state(run_dir / LAST)
     config = (last or {}).get("config") or {}
     data, pipeline, resolution = _data_settings(config, args.data)

@@ -9,8 +9,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from fastibd.loss import soft_labels
-from fastibd.objective import AttackSettings, make_adversarial
+from fastibd.loss import FeatureDistillation, soft_labels
+from fastibd.models import TappedModel
+from fastibd.objective import AttackSettings, TrainingObjective, make_adversarial
 
 
 @dataclass
@@ -61,3 +62,37 @@ class TrainingStep:
         if self.scheduler is not None:
             self.scheduler.step()
         return total.detach(), parts
+
+
+def feature_distillation(teacher: TappedModel, student: TappedModel, resolution: int,
+                         dim: int = 128, backend: str = "auto") -> FeatureDistillation:
+    """The IBD feature head sized from the channels both models tap at `resolution`."""
+    return FeatureDistillation([c for c, _, _ in teacher.feature_shapes(resolution)],
+                               [c for c, _, _ in student.feature_shapes(resolution)],
+                               dim, backend)
+
+
+def assemble_step(objective: TrainingObjective, teacher: nn.Module | None, *, mode: str,
+                  attack: AttackSettings, temperature: float,
+                  optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                  scheduler: torch.optim.lr_scheduler.LRScheduler | None, dtype: torch.dtype,
+                  attack_rng: torch.Generator | None, compiled: bool,
+                  compile_mode: str | None = None, ddp: bool = False,
+                  device_ids: list[int] | None = None) -> TrainingStep:
+    """A TrainingStep around `objective`: wrapped in DDP when `ddp` (gradients are then
+    all-reduced by the objective's backward), then compiled when `compiled`. The attack
+    calls its own compiled copy of the student, the teacher its own too: three graphs
+    that each stay the same from step to step."""
+    step_objective: nn.Module = objective
+    if ddp:
+        step_objective = nn.parallel.DistributedDataParallel(objective, device_ids=device_ids)
+    attack_model: nn.Module = objective.student
+    teacher_model = teacher
+    if compiled:
+        step_objective = torch.compile(step_objective, mode=compile_mode)
+        attack_model = torch.compile(objective.student, mode=compile_mode)
+        if teacher is not None:
+            teacher_model = torch.compile(teacher, mode=compile_mode)
+    return TrainingStep(step_objective, attack_model, objective.student, teacher_model,
+                        objective.features is not None, mode, attack, temperature, optimizer,
+                        scaler, scheduler, dtype, attack_rng)

@@ -22,7 +22,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 from tqdm import tqdm
 
 from fastibd import attacks
@@ -33,15 +32,20 @@ from fastibd.data import (
     CIFAR_PAD,
     ImageNetTrainLoader,
     LoaderOptions,
-    beton_labels,
-    beton_resolution,
     cifar_loader,
+    dataset_labels,
+    dataset_resolution,
     imagenet_val_loader,
     set_epoch,
 )
+from fastibd.device import (
+    resolve_compile,
+    resolve_device,
+    resolve_precision,
+    training_memory_format,
+)
 from fastibd.distributed import all_reduce_sum, barrier, init_world, shutdown
 from fastibd.errors import UserError, exit_on_user_error
-from fastibd.loss import FeatureDistillation
 from fastibd.models import NORMALIZATIONS, TappedModel, build_model
 from fastibd.objective import (
     TEACHER_MODES,
@@ -51,7 +55,7 @@ from fastibd.objective import (
 )
 from fastibd.runlog import RunLog
 from fastibd.schedule import lr_factor, resolution_at
-from fastibd.step import TrainingStep
+from fastibd.step import assemble_step, feature_distillation
 from fastibd.teachers import load_teacher
 
 LAST, BEST, CONFIG = "last.pt", "best.pt", "config.yaml"
@@ -70,10 +74,14 @@ class Trainer:
     def __init__(self, settings: dict[str, dict[str, Any]]) -> None:
         self.settings = settings
         cfg = self.cfg = namespace(settings)
-        self.device = resolve_device(cfg.training.device)
+        self.device = resolve_device(cfg.training.device, "training.device")
         self.world = init_world(self.device.type)
         if self.device.type == "cuda":
             self.device = torch.device("cuda", self.world.local_rank)
+        if self.world.distributed and self.world.is_main:
+            processes = "process" if self.world.size == 1 else "processes"
+            print(f"distributed: {self.world.size} {processes}, backend "
+                  f"{torch.distributed.get_backend()}", flush=True)
         self.dtype = resolve_precision(cfg.training.precision, self.device)
         self.memory_format = training_memory_format(self.device)
         self.run_dir = Path(cfg.training.out_dir)
@@ -90,11 +98,9 @@ class Trainer:
 
         features = None
         if cfg.loss.mode == "ibd" and cfg.loss.beta != 0:
-            res = self.input_size
-            features = FeatureDistillation(
-                [c for c, _, _ in self.teacher.feature_shapes(res)],
-                [c for c, _, _ in self.student.feature_shapes(res)],
-                cfg.loss.attention_dim, cfg.loss.backend).to(self.device)
+            features = feature_distillation(self.teacher, self.student, self.input_size,
+                                            cfg.loss.attention_dim, cfg.loss.backend
+                                            ).to(self.device)
         loss = LossSettings(cfg.loss.mode, cfg.loss.alpha, cfg.loss.beta, cfg.loss.temperature,
                             cfg.loss.trades_beta)
         self.objective = TrainingObjective(self.student, loss, features)
@@ -120,23 +126,13 @@ class Trainer:
                                                                    + self.world.rank)
 
         self.compiled = resolve_compile(cfg.training.compile, self.device)
-        step_objective: nn.Module = self.objective
-        if self.world.distributed:
-            step_objective = nn.parallel.DistributedDataParallel(
-                self.objective, device_ids=[self.device.index] if self.device.type == "cuda"
-                else None)
-        attack_model: nn.Module = self.student
-        teacher_model: nn.Module | None = self.teacher
-        if self.compiled:
-            mode = cfg.training.compile_mode
-            step_objective = torch.compile(step_objective, mode=mode)
-            attack_model = torch.compile(self.student, mode=mode)
-            if self.teacher is not None:
-                teacher_model = torch.compile(self.teacher, mode=mode)
-        self.step = TrainingStep(step_objective, attack_model, self.student, teacher_model,
-                                 features is not None, cfg.loss.mode, self.attack,
-                                 cfg.loss.temperature, self.optimizer, self.scaler,
-                                 self.scheduler, self.dtype, self.attack_rng)
+        self.step = assemble_step(
+            self.objective, self.teacher, mode=cfg.loss.mode, attack=self.attack,
+            temperature=cfg.loss.temperature, optimizer=self.optimizer, scaler=self.scaler,
+            scheduler=self.scheduler, dtype=self.dtype, attack_rng=self.attack_rng,
+            compiled=self.compiled, compile_mode=cfg.training.compile_mode,
+            ddp=self.world.distributed,
+            device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
         self.epoch, self.step_in_epoch, self.best = 0, 0, None
         self.stop_signal: int | None = None
@@ -155,8 +151,8 @@ class Trainer:
 
     def _check_data(self) -> None:
         cfg = self.cfg
-        train_labels = beton_labels(cfg.data.train_path)
-        val_labels = beton_labels(cfg.data.val_path)
+        train_labels = dataset_labels(cfg.data.train_path)
+        val_labels = dataset_labels(cfg.data.val_path)
         self.num_classes = int(train_labels.max()) + 1
         if val_labels.max() >= self.num_classes:
             raise UserError(f"{cfg.data.val_path} has label {val_labels.max()}, but the "
@@ -207,7 +203,7 @@ class Trainer:
             holdout = cifar_loader(cfg.data.train_path, False, self._options(
                 indices=self.holdout_indices, **eval_options)) if self.holdout_indices else None
             val = cifar_loader(cfg.data.val_path, False, self._options(**eval_options))
-            self.image_size = beton_resolution(cfg.data.train_path)
+            self.image_size = dataset_resolution(cfg.data.train_path)
         else:
             train = ImageNetTrainLoader(cfg.data.train_path, cfg.data.min_res, train_options)
             holdout = imagenet_val_loader(cfg.data.train_path, self._options(
@@ -496,33 +492,6 @@ def _summary(record: dict[str, Any]) -> str:
                   f"PGD {record['holdout_pgd_acc']:.2%}"]
     parts += [f"lr {record['lr']:.4g}", f"{record['images_per_s']:.0f} img/s"]
     return "  ".join(parts)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("training.device=cuda, but this machine has no CUDA device "
-                        "(use training.device=auto or cpu)")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
-
-
-def resolve_precision(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        name = "bf16" if device.type == "cuda" else "fp32"
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
-
-
-def training_memory_format(device: torch.device) -> torch.memory_format:
-    """channels_last on CUDA (what tensor-core convolutions want); NCHW on CPU, where
-    channels_last gains little and oneDNN's 1x1 stride-2 weight gradient is wrong in
-    channels_last when the layer has fewer input channels than its SIMD block (narrow
-    layers, as in tiny models: oneDNN issue #6035; tests/test_train.py checks it)."""
-    return torch.channels_last if device.type == "cuda" else torch.contiguous_format
-
-
-def resolve_compile(name: str, device: torch.device) -> bool:
-    return device.type == "cuda" if name == "auto" else name == "true"
 
 
 def process_count(training: dict[str, Any]) -> int:

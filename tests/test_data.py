@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +15,7 @@ from fastibd.beton import image_field, write_beton
 from fastibd.data import ImageNetTrainLoader, LoaderOptions, cifar_loader, imagenet_val_loader
 from fastibd.datasets import ArrayDataset
 from fastibd.errors import UserError
-from tests.conftest import make_image_folder
+from tests.conftest import REPO, make_image_folder
 
 
 def assert_training_batch(images: torch.Tensor, labels: torch.Tensor, size: int) -> None:
@@ -48,6 +50,23 @@ def test_cifar_train_epoch_sees_each_sample_once(indexed_beton: Path) -> None:
         order = torch.cat(seen)
         assert sorted(order.tolist()) == list(range(101))
     assert order.tolist() != list(range(101))  # shuffled
+
+
+def test_a_loader_made_first_in_a_process_keeps_torch_threads(indexed_beton: Path) -> None:
+    """The first ffcv import sets torch's threads to 1: a loader built before anything else
+    of FFCV's has run must still leave the caller's count (in a fresh process, since this one
+    has imported ffcv already)."""
+    code = ("import sys, torch\n"
+            "torch.set_num_threads(2)\n"
+            "from fastibd.data import LoaderOptions, cifar_loader\n"
+            "loader = cifar_loader(sys.argv[1], True, LoaderOptions(batch_size=16, "
+            "num_workers=1))\n"
+            "counts = {torch.get_num_threads() for _ in loader}\n"  # a whole epoch
+            "print(*counts, torch.get_num_threads())\n")
+    result = subprocess.run([sys.executable, "-c", code, str(indexed_beton)], cwd=REPO,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == ["2", "2"]
 
 
 def test_cifar_train_augments_and_val_does_not(digits_dir: Path) -> None:
