@@ -52,6 +52,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from fastibd.cli import ArgumentParser, bounded
+from fastibd.device import resolve_device
 from fastibd.errors import UserError, exit_on_user_error
 
 PROG = "fastibd.bench_data"
@@ -405,8 +406,7 @@ def report(results: list[Result], args: argparse.Namespace) -> dict[str, Any]:
 
 def check_args(args: argparse.Namespace) -> None:
     """Problems found before any slow work."""
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA device is available")
+    resolve_device(args.device, "--device")
     if args.json is not None:
         if args.json.is_dir():
             raise UserError(f"--json {args.json} is a directory")

@@ -55,18 +55,16 @@ def test_cifar_train_epoch_sees_each_sample_once(indexed_beton: Path) -> None:
 def test_a_loader_made_first_in_a_process_keeps_torch_threads(indexed_beton: Path) -> None:
     """The first ffcv import sets torch's threads to 1: a loader built before anything else
     of FFCV's has run must still leave the caller's count (in a fresh process, since this one
-    has imported ffcv already)."""
+    has imported ffcv already; the count during epochs is checked above)."""
     code = ("import sys, torch\n"
             "torch.set_num_threads(2)\n"
             "from fastibd.data import LoaderOptions, cifar_loader\n"
-            "loader = cifar_loader(sys.argv[1], True, LoaderOptions(batch_size=16, "
-            "num_workers=1))\n"
-            "counts = {torch.get_num_threads() for _ in loader}\n"  # a whole epoch
-            "print(*counts, torch.get_num_threads())\n")
+            "cifar_loader(sys.argv[1], True, LoaderOptions(batch_size=16, num_workers=1))\n"
+            "print(torch.get_num_threads())\n")
     result = subprocess.run([sys.executable, "-c", code, str(indexed_beton)], cwd=REPO,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.split() == ["2", "2"]
+    assert result.stdout.split() == ["2"]
 
 
 def test_cifar_train_augments_and_val_does_not(digits_dir: Path) -> None:
