@@ -7,13 +7,15 @@
 # Parts, in order (GPU_CHECK_PARTS=kernels,bench,step,train,ddp picks some):
 #   kernels  the kernel tests on CUDA: compiled Triton kernels vs float64 references
 #   bench    python -m kernels.bench: the feature loss, eager vs torch.compile vs fused
+#            (configs: GPU_CHECK_BENCH_CONFIGS)
 #   step     python -m fastibd.bench_step --data device: the whole training step
+#            (workloads: GPU_CHECK_STEP_WORKLOADS)
 #   train    compiled smoke runs on CUDA, on the bundled digits written as .npz (no FFCV
 #            needed): a PGD-AT teacher (part "teacher"), then an IBD student ("student")
 #   ddp      the IBD student again under `torchrun --nproc_per_node=1`: DDP over NCCL
-# Each part has its own time limit (GPU_CHECK_TIMEOUT_<PART>=seconds overrides it); one that
-# fails or runs out of time is reported, and the others still run. The exit status is 0 only
-# when every part passed.
+# Each part has its own time limit (GPU_CHECK_TIMEOUT_<PART>=seconds overrides it), 530 s in
+# all; one that fails or runs out of time is reported, and the others still run. The exit
+# status is 0 only when every part passed.
 #
 # Results go to RESULTS_DIR (default docs/benchmarks/gpu-check-<card>-<date>): summary.md
 # (environment, every part's status and time, the tables) and each part's full log and files.
@@ -36,6 +38,7 @@ DEVICE=${GPU_CHECK_DEVICE:-cuda}
 PARTS=${GPU_CHECK_PARTS:-kernels,bench,step,train,ddp}
 WHEELS=${GPU_CHECK_WHEELS:-$ROOT/.whl}
 STEP_WORKLOADS=${GPU_CHECK_STEP_WORKLOADS:-cifar,imagenet160,imagenet224}
+BENCH_CONFIGS=${GPU_CHECK_BENCH_CONFIGS:-cifar-b128,imagenet160-b256,imagenet224-b256}
 
 fail() { echo "gpu_check: $*" >&2; exit 2; }
 
@@ -144,7 +147,7 @@ if [ "$DEVICE" = cuda ]; then
     STUDENT_EPOCHS=(--training.epochs=8)
     DDP_EPOCHS=(--training.epochs=2)
     STEP=(--device cuda --workloads "$STEP_WORKLOADS" --warmup 3 --steps 10)
-    BENCH=(--device cuda)
+    BENCH=(--device cuda --configs "$BENCH_CONFIGS")
 else  # rehearsal: tiny and eager
     TRAIN=(--training.device=cpu --training.compile=false --attack.steps=2 --attack.eval_steps=2)
     TEACHER_EPOCHS=(--training.epochs=3)
@@ -158,7 +161,7 @@ DATA=(--data.train_path="$WORK/digits/train.npz" --data.val_path="$WORK/digits/v
 
 if wants kernels; then
     # On a CPU the CUDA tests are collected and skipped: their imports still have to work.
-    run_part kernels 150 "$PYTHON" -m pytest -q -p no:cacheprovider -rs tests/test_kernels.py \
+    run_part kernels 80 "$PYTHON" -m pytest -q -p no:cacheprovider -rs tests/test_kernels.py \
         -k cuda
 fi
 if wants bench; then
@@ -167,7 +170,7 @@ if wants bench; then
       sed -n '/^ *config /,$p' "$RESULTS/bench.log"; echo '```'; } >>"$TABLES"
 fi
 if wants step; then
-    run_part step 150 "$PYTHON" -m fastibd.bench_step --data device "${STEP[@]}" \
+    run_part step 120 "$PYTHON" -m fastibd.bench_step --data device "${STEP[@]}" \
         --no-progress --json "$RESULTS/bench_step.json"
     { echo; echo "## fastibd.bench_step"; echo; echo '```';
       sed -n '/^workload/,$p' "$RESULTS/step.log"; echo '```'; } >>"$TABLES"
@@ -179,7 +182,7 @@ if wants train || wants ddp; then
     TEACHER_RUN=("$PYTHON" -m fastibd.train --cfg smoke_teacher "${DATA[@]}" "${TRAIN[@]}"
                  "${TEACHER_EPOCHS[@]}" --training.out_dir="$WORK/teacher")
     if wants train; then
-        run_part teacher 90 "${TEACHER_RUN[@]}"
+        run_part teacher 60 "${TEACHER_RUN[@]}"
         run_part student 90 "$PYTHON" -m fastibd.train --cfg smoke "${DATA[@]}" "${TRAIN[@]}" \
             "${STUDENT_EPOCHS[@]}" --teacher.path="$WORK/teacher/best.pt" \
             --training.out_dir="$WORK/student"
@@ -188,8 +191,8 @@ if wants train || wants ddp; then
             >>"$TABLES"
     fi
     if wants ddp; then
-        [ -f "$WORK/teacher/best.pt" ] || run_part teacher 90 "${TEACHER_RUN[@]}"
-        run_part ddp 120 "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node=1 \
+        [ -f "$WORK/teacher/best.pt" ] || run_part teacher 60 "${TEACHER_RUN[@]}"
+        run_part ddp 80 "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node=1 \
             -m fastibd.train --cfg smoke "${DATA[@]}" "${TRAIN[@]}" "${DDP_EPOCHS[@]}" \
             --teacher.path="$WORK/teacher/best.pt" --training.out_dir="$WORK/ddp"
         backend=$([ "$DEVICE" = cuda ] && echo nccl || echo gloo)
