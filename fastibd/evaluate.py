@@ -468,7 +468,7 @@ def check_classes(labels: np.ndarray, num_classes: int, data: Path, ckpt: Path) 
 
 def val_batches(path: Path, n: int, batch_size: int, device: torch.device, pipeline: str,
                 resolution: int, workers: int) -> Iterator[tuple[Tensor, Tensor]]:
-    """The first n images of a .beton in order, as [0, 1] channels_last batches."""
+    """The first n images of a .beton or .npz in order, as [0, 1] channels_last batches."""
     from fastibd.data import LoaderOptions, cifar_loader, imagenet_val_loader
 
     options = LoaderOptions(batch_size=batch_size, device=device, num_workers=workers,
@@ -486,7 +486,8 @@ def build_parser() -> ArgumentParser:
                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--ckpt", type=Path, required=True,
                         help="checkpoint: fastibd, RobustBench, robustness library, state_dict")
-    parser.add_argument("--data", type=Path, required=True, help="validation .beton")
+    parser.add_argument("--data", type=Path, required=True,
+                        help="validation .beton (or .npz: write_ffcv.py --format npz)")
     parser.add_argument("--arch", choices=sorted(ARCHITECTURES), default=None,
                         help="architecture (needed unless the checkpoint is fastibd's)")
     parser.add_argument("--format", choices=FORMATS, default="auto", help="checkpoint layout")

@@ -20,7 +20,8 @@ from fastibd.errors import exit_on_user_error
 
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="python -m fastibd.inspect_data", description=__doc__)
-    parser.add_argument("path", type=Path, help="a .beton written by data_prep/write_ffcv.py")
+    parser.add_argument("path", type=Path,
+                        help="a .beton or .npz written by data_prep/write_ffcv.py")
     parser.add_argument("--pipeline", choices=("cifar", "imagenet"), default="cifar",
                         help="cifar: crop+flip at stored size; imagenet: random resized crop")
     parser.add_argument("--resolution", type=bounded(int, 8), default=224,

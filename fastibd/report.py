@@ -244,7 +244,7 @@ def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog=f"python -m {PROG}", description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir", type=Path, help="a run directory of fastibd.train")
     parser.add_argument("--data", type=Path, default=None,
-                        help="validation .beton for the robustness and attention figures "
+                        help="validation .beton (or .npz) for the robustness and attention figures "
                              "(default: the run's data.val_path, if it exists)")
     parser.add_argument("--out", type=Path, default=None, help="default: RUN_DIR/figures")
     parser.add_argument("--n", type=bounded(int, 1), default=200,

@@ -171,3 +171,24 @@ def test_one_process_torchrun_environment_trains_with_ddp(
     assert any(not torch.equal(a, b) for a, b in zip(before, trainer.student.parameters(),
                                                      strict=True))
     assert (tmp_path / "last.pt").is_file()
+
+
+def test_evaluate_reads_npz(digits_npz: Path, tmp_path: Path) -> None:
+    import json
+
+    from fastibd import evaluate
+    from fastibd.checkpoint import atomic_save, model_checkpoint
+    from fastibd.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("resnet18", 10, "none", 1 / 8).eval()
+    ckpt = atomic_save(model_checkpoint(model), tmp_path / "m.pt")
+    assert evaluate.main(["--ckpt", str(ckpt), "--data", str(digits_npz / "val.npz"),
+                          "--attacks", "clean", "--n", "50", "--device", "cpu",
+                          "--no-progress", "--out", str(tmp_path / "r.json")]) == 0
+    images, labels = tensor_data.read_npz(digits_npz / "val.npz")
+    x = torch.from_numpy(images[:50]).permute(0, 3, 1, 2).float() / 255
+    with torch.no_grad():
+        expected = (model(x).argmax(1) == torch.from_numpy(labels[:50])).float().mean().item()
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["attacks"]["clean"]["accuracy"] == pytest.approx(expected)
