@@ -201,7 +201,7 @@ def write_folder(root: Path, shape: str, count: int, seed: int, progress: bool) 
 
 
 def write_beton_from(folder: Path, path: Path, shape: str, write_mode: str,
-                     workers: int) -> Path:
+                     workers: int, progress: bool = True) -> Path:
     """The same images as a .beton, read back from the folder so both loaders see the same
     pixels (for imagenet that is one more JPEG generation, as when converting real data)."""
     from fastibd.beton import image_field, write_beton
@@ -209,7 +209,8 @@ def write_beton_from(folder: Path, path: Path, shape: str, write_mode: str,
 
     mode = "raw" if shape == "cifar" else write_mode
     field = image_field(write_mode=mode, jpeg_quality=JPEG_QUALITY, compress_probability=0.5)
-    return write_beton(FolderDataset(folder), path, image=field, num_workers=workers)
+    return write_beton(FolderDataset(folder), path, image=field, num_workers=workers,
+                       progress=progress)
 
 
 def prepare(work_dir: Path, shape: str, count: int, args: argparse.Namespace) -> Path:
@@ -218,7 +219,7 @@ def prepare(work_dir: Path, shape: str, count: int, args: argparse.Namespace) ->
     print(f"{shape}: writing {count} images to {root}", file=sys.stderr, flush=True)
     write_folder(root / "images", shape, count, args.seed, not args.no_progress)
     write_beton_from(root / "images", root / "train.beton", shape, args.imagenet_write_mode,
-                     args.workers)
+                     args.workers, not args.no_progress)
     return root
 
 

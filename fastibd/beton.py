@@ -11,12 +11,14 @@ a temporary name and renamed at the end, so a .beton that exists is a complete o
 from __future__ import annotations
 
 import ctypes
+import functools
 import multiprocessing as mp
 import os
 import signal
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
+from unittest import mock
 
 import numpy as np
 
@@ -100,12 +102,15 @@ def write_beton(
     num_workers: int = -1,
     overwrite: bool = False,
     chunksize: int = 100,
+    progress: bool = True,
 ) -> Path:
     """Write `dataset` (or the given `indices` of it) as fields `image` and `label` to `path`.
 
-    `image` is an FFCV image field (default: raw RGB). Returns `path`.
+    `image` is an FFCV image field (default: raw RGB). `progress=False` silences FFCV's own
+    progress bar. Returns `path`.
     """
     keep_torch_threads()
+    from ffcv import writer as ffcv_writer
     from ffcv.fields import IntField
     from ffcv.writer import DatasetWriter
 
@@ -119,10 +124,13 @@ def write_beton(
     guard = _FailureGuard(dataset)
     fields = {"image": image if image is not None else image_field(), "label": IntField()}
     writer = DatasetWriter(str(partial), fields, num_workers=num_workers)
+    # FFCV draws its bar with the tqdm it imported and offers no switch for it.
+    bar = ffcv_writer.tqdm if progress else functools.partial(ffcv_writer.tqdm, disable=True)
     try:
-        writer.from_indexed_dataset(
-            guard, indices=None if indices is None else list(indices), chunksize=chunksize
-        )
+        with mock.patch.object(ffcv_writer, "tqdm", bar):
+            writer.from_indexed_dataset(
+                guard, indices=None if indices is None else list(indices), chunksize=chunksize
+            )
         failure = guard.failure()
         if failure is not None:
             raise UserError(failure)

@@ -182,3 +182,16 @@ def test_overwrite_replaces(tmp_path: Path) -> None:
     assert write_ffcv.main(["--dataset", "digits", "--out-dir", str(out), "--overwrite",
                             "--limit", "50", "--num-workers", "2"]) == 0
     assert (out / "val.beton").stat().st_size > 1000
+
+
+def test_write_beton_progress_bar_can_be_silenced(tmp_path: Path,
+                                                  capfd: pytest.CaptureFixture) -> None:
+    from fastibd.beton import write_beton
+    from fastibd.datasets import ArrayDataset
+
+    data = ArrayDataset(np.zeros((4, 8, 8, 3), np.uint8), np.arange(4))
+    write_beton(data, tmp_path / "loud.beton", num_workers=1)
+    assert "4/4" in capfd.readouterr().err  # FFCV's own tqdm bar
+    write_beton(data, tmp_path / "quiet.beton", num_workers=1, progress=False)
+    assert capfd.readouterr().err == ""
+    assert (tmp_path / "quiet.beton").read_bytes() == (tmp_path / "loud.beton").read_bytes()
