@@ -10,6 +10,19 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from fastibd.data import CIFAR_PAD
+
+
+def training_batch(x: torch.Tensor, pipeline: str, memory_format: torch.memory_format,
+                   generator: torch.Generator) -> torch.Tensor:
+    """A loader batch as the training step takes it: in the training memory format, and for
+    the cifar pipeline cropped (4 px zero padding) and flipped here, where it is seeded. The
+    imagenet pipeline's random resized crop happens inside FFCV."""
+    x = x.contiguous(memory_format=memory_format)
+    if pipeline == "cifar":
+        x = random_crop_flip(x, CIFAR_PAD, generator)
+    return x
+
 
 def random_crop_flip(x: torch.Tensor, padding: int, generator: torch.Generator) -> torch.Tensor:
     """Random crop of the zero-padded batch back to its size, and a random horizontal flip.

@@ -52,6 +52,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from fastibd.cli import ArgumentParser, bounded
+from fastibd.data import CIFAR_PAD
 from fastibd.device import resolve_device
 from fastibd.errors import UserError, exit_on_user_error
 
@@ -64,7 +65,6 @@ LOADERS = ("torchvision", "ffcv")
 DEFAULT_IMAGES = {"cifar": 2000, "imagenet": 400}
 DEFAULT_BATCH = {"cifar": 256, "imagenet": 64}
 CIFAR_SIDE = 32
-CIFAR_PAD = 4
 IMAGENET_SIDES = (300, 500)  # each side drawn uniformly from this range, like real photos
 JPEG_QUALITY = 90  # FFCV's ImageNet recipe; the torchvision JPEGs use the same
 MAX_CLASSES = 10

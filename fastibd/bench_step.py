@@ -152,21 +152,20 @@ def torchvision_batches(root: Path, work: Workload, settings: argparse.Namespace
 def ffcv_batches(root: Path, work: Workload, settings: argparse.Namespace,
                  fmt: torch.memory_format) -> Iterator[tuple[Tensor, Tensor]]:
     """The trainer's pipeline: FFCV decodes; CIFAR's crop and flip then run on the device
-    (fastibd.train.Trainer.train_step), ImageNet's random resized crop inside FFCV."""
-    from fastibd.augment import random_crop_flip
-    from fastibd.data import CIFAR_PAD, ImageNetTrainLoader, LoaderOptions, cifar_loader
+    (fastibd.augment.training_batch, as in Trainer.train_step), ImageNet's random resized
+    crop inside FFCV."""
+    from fastibd.augment import training_batch
+    from fastibd.data import ImageNetTrainLoader, LoaderOptions, cifar_loader
 
     device = torch.device(settings.device)
     options = LoaderOptions(batch_size=work.batch_size, device=device,
                             num_workers=settings.workers, seed=settings.seed)
     beton = root / "train.beton"
-    if work.dataset == "imagenet":
-        for x, y in ImageNetTrainLoader(beton, work.resolution, options):
-            yield x.contiguous(memory_format=fmt), y
-        return
+    loader = (ImageNetTrainLoader(beton, work.resolution, options) if work.dataset == "imagenet"
+              else cifar_loader(beton, False, options))
     gen = torch.Generator(device).manual_seed(settings.seed)
-    for x, y in cifar_loader(beton, False, options):
-        yield random_crop_flip(x.contiguous(memory_format=fmt), CIFAR_PAD, gen), y
+    for x, y in loader:
+        yield training_batch(x, work.dataset, fmt, gen), y
 
 
 # ----------------------------------------------------------------------------- timing

@@ -11,6 +11,7 @@ length on every rank (as FFCV does).
 
 from __future__ import annotations
 
+import functools
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,33 +24,43 @@ from fastibd.augment import random_crop_flip
 from fastibd.data import CIFAR_PAD, LoaderOptions
 from fastibd.errors import UserError
 
-SUFFIX = ".npz"
-
-
-def is_tensor_file(path: str | Path) -> bool:
-    return Path(path).suffix == SUFFIX
-
 
 def read_npz(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """(images [N, H, W, 3] uint8, labels [N] int64), checked."""
+    """(images [N, H, W, 3] uint8, labels [N] int64), checked. A run asks for the same file
+    several times (labels, resolution, then the train and held-out loaders): the last two
+    files read are kept, and reread only when they change on disk. Callers must not modify
+    the arrays."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"no dataset file {path}; write one with data_prep/write_ffcv.py "
                         "--format npz")
+    stat = path.stat()
+    try:
+        return _read_checked(path.resolve(), stat.st_mtime_ns, stat.st_size)
+    except _BadFile as err:
+        raise UserError(f"{path}{err}") from None
+
+
+class _BadFile(Exception):
+    """What is wrong with a file, worded to follow its path."""
+
+
+@functools.lru_cache(maxsize=2)  # a run's train and val files
+def _read_checked(path: Path, _mtime_ns: int, _size: int) -> tuple[np.ndarray, np.ndarray]:
     try:
         with np.load(path, allow_pickle=False) as arrays:
             images, labels = arrays["images"], arrays["labels"]
     except (KeyError, ValueError, OSError, zipfile.BadZipFile) as err:
-        raise UserError(f"{path} is not a dataset .npz with arrays images and labels "
-                        f"({str(err).splitlines()[0]})") from None
+        raise _BadFile(" is not a dataset .npz with arrays images and labels "
+                       f"({str(err).splitlines()[0]})") from None
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-        raise UserError(f"{path}: images must be uint8 [N, H, W, 3], not {images.dtype} "
-                        f"{list(images.shape)}")
+        raise _BadFile(f": images must be uint8 [N, H, W, 3], not {images.dtype} "
+                       f"{list(images.shape)}")
     if labels.ndim != 1 or len(labels) != len(images) or labels.dtype.kind not in "iu":
-        raise UserError(f"{path}: labels must be {len(images)} integers, not {labels.dtype} "
-                        f"{list(labels.shape)}")
+        raise _BadFile(f": labels must be {len(images)} integers, not {labels.dtype} "
+                       f"{list(labels.shape)}")
     if len(labels) and labels.min() < 0:
-        raise UserError(f"{path}: labels must be >= 0, found {labels.min()}")
+        raise _BadFile(f": labels must be >= 0, found {labels.min()}")
     return images, labels.astype(np.int64)
 
 
@@ -94,13 +105,13 @@ class TensorLoader:
                 gen.manual_seed(self.options.seed + epoch)
             order = torch.randperm(count, generator=gen)
         if self.world > 1:  # every rank the same length: pad with the order's first samples
-            per_rank = -(-count // self.world)
-            order = torch.cat([order, order[:per_rank * self.world - count]])
+            order = torch.cat([order, order[:self._share() * self.world - count]])
             order = order[self.rank::self.world]
         return order
 
     def _share(self) -> int:
-        return -(-len(self.labels) // self.world) if self.world > 1 else len(self.labels)
+        """Samples per rank: all of them on one rank, else a ceil-divided share."""
+        return -(-len(self.labels) // self.world)
 
     def __len__(self) -> int:
         share, batch = self._share(), self.options.batch_size

@@ -25,11 +25,10 @@ import torch
 from tqdm import tqdm
 
 from fastibd import attacks
-from fastibd.augment import random_crop_flip
+from fastibd.augment import training_batch
 from fastibd.checkpoint import atomic_save, model_checkpoint
 from fastibd.config import as_dict, help_text, load_config
 from fastibd.data import (
-    CIFAR_PAD,
     ImageNetTrainLoader,
     LoaderOptions,
     cifar_loader,
@@ -330,10 +329,8 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        x = x.contiguous(memory_format=self.memory_format)  # a no-op on CUDA
-        if self.cfg.data.pipeline == "cifar":
-            x = random_crop_flip(x, CIFAR_PAD, self.augment_rng)
-        return self.step(x, y)
+        return self.step(training_batch(x, self.cfg.data.pipeline, self.memory_format,
+                                        self.augment_rng), y)
 
     def train_epoch(self) -> dict[str, float]:
         cfg = self.cfg
