@@ -3,12 +3,15 @@
     L = (1 - alpha) * KL(s_nat || t) + alpha * KL(s_adv || t) + beta * feat_loss
 
 `t` is the robust teacher's soft label on clean inputs; `feat_loss` is the attention-weighted
-feature distillation of Eq. 12–14 (DESIGN.md §3), whose hot path runs on a kernel backend:
+feature distillation of Eq. 12–14 (docs/method.md), whose hot path runs on a kernel backend:
 `kernels.reference` (eager, the specification) or `kernels.fused` (Triton, when present).
 
-KL direction: every soft-label term is what the RSLAD / IBD / TRADES code computes,
+KL direction and scale: IBD's and TRADES's soft-label terms are what their code computes,
 `F.kl_div(log_softmax(student), target_probs, reduction="batchmean")`, i.e.
-mean_b sum_k p_target * (log p_target - log p_student).
+mean_b sum_k p_target * (log p_target - log p_student). RSLAD's code averages the same
+elementwise KL over all B*K entries instead (`torch.mean`), 1/K of that: `rslad_loss` keeps
+RSLAD's scale, which its alpha of 5/6 and learning rate were tuned with.
+tests/test_against_original.py checks these against ports of the original code.
 """
 
 from __future__ import annotations
@@ -67,7 +70,7 @@ def kernel_backend(name: str, device: torch.device | str | None = None) -> Kerne
     (RuntimeError when this build has none); "auto" = fused when the target device is CUDA,
     CUDA is available and the fused kernels import, else eager. The target device is
     `device`, or CUDA-if-available when None (the fused ops route CPU tensors to the
-    reference themselves, DESIGN.md §3)."""
+    reference themselves)."""
     if name not in BACKENDS:
         raise ValueError(f"unknown feature-loss backend {name!r}; choose one of {BACKENDS}")
     if name == "fused":
@@ -96,7 +99,7 @@ class AttentionModule(nn.Module):
         q_i = BN(Linear(gap_t[i]))                      [B, d]   (no ReLU)
         k_j = ReLU(BN(Linear(gap_s[j])))                [B, d]
         W k_j = BN(Linear_{d -> d*n}(k_j)), viewed as [B, n, d]: one vector per teacher slot i
-        logits[b,i,j] = <(W k_j)[i], q_i> / sqrt(d) + p_t[i] . p_s[j]
+        logits[b,i,j] = (<(W k_j)[i], q_i> + p_t[i] . p_s[j]) / sqrt(d)
         A = softmax_j(logits)
 
     p_t [n, d] and p_s [m, d] are learned layer embeddings (xavier_normal init). The BNs run
@@ -139,8 +142,9 @@ class AttentionModule(nn.Module):
             k = torch.stack([f(g.to(dtype)) for f, g in zip(self.key, s_gaps, strict=True)], 1)
             batch = k.shape[0]
             wk = self.bilinear(k.reshape(batch * m, self.dim)).view(batch, m, n, self.dim)
-            logits = torch.einsum("bjid,bid->bij", wk, q) / math.sqrt(self.dim)
-            logits = logits + self.p_t @ self.p_s.t()
+            # As AFD.py: the layer-embedding term is inside the 1/sqrt(d) with the bilinear one.
+            logits = (torch.einsum("bjid,bid->bij", wk, q) + self.p_t @ self.p_s.t()) \
+                / math.sqrt(self.dim)
             return logits.softmax(dim=2)
 
 
@@ -196,6 +200,11 @@ class FeatureDistillation(nn.Module):
 
 
 # ------------------------------------------------------------------------ soft-label terms
+
+
+def _upcast(t: Tensor) -> Tensor:
+    """fp32 for the low-precision dtypes autocast produces; float64 stays float64."""
+    return t if t.dtype == torch.float64 else t.float()
 
 
 def soft_labels(teacher_logits: Tensor, temperature: float = 1.0) -> Tensor:
@@ -266,11 +275,21 @@ def ibd_loss(
 
 
 def rslad_loss(
-    s_nat: Tensor, s_adv: Tensor, teacher_probs: Tensor, *, alpha: float = 5.0 / 6.0
+    s_nat: Tensor, s_adv: Tensor, teacher_probs: Tensor, *, alpha: float = 5.0 / 6.0,
+    scale: float = 1.0,
 ) -> LossOutput:
-    """RSLAD (Zi et al. 2021) = IBD without the feature term. alpha defaults to RSLAD's 5/6;
-    pass alpha=0.9 for the IBD-minus-features ablation."""
-    return ibd_loss(s_nat, s_adv, teacher_probs, None, alpha=alpha, beta=0.0)
+    """RSLAD (Zi et al. 2021), as its code computes it:
+    scale * [(1 - alpha) mean(KL_elem(s_nat, t)) + alpha mean(KL_elem(s_adv, t))], where
+    KL_elem is the [B, K] elementwise KL and the mean runs over all B*K entries (1/K of IBD's
+    batch-mean). alpha defaults to RSLAD's 5/6. RSLAD's CIFAR-100 scripts multiply by 10
+    "to keep consistent with CIFAR-10" (scale=10). RSLAD writes log(p_t + 1e-5) inside its
+    KL: that shifts the value by at most ~1e-5 and leaves every gradient unchanged."""
+    def mean_kl(logits: Tensor) -> Tensor:
+        log_p = F.log_softmax(_upcast(logits), dim=1)
+        return F.kl_div(log_p, _upcast(teacher_probs), reduction="sum") / log_p.numel()
+
+    kl_nat, kl_adv = scale * mean_kl(s_nat), scale * mean_kl(s_adv)
+    return _output((1.0 - alpha) * kl_nat + alpha * kl_adv, kl_nat=kl_nat, kl_adv=kl_adv)
 
 
 def kd_loss(

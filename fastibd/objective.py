@@ -21,6 +21,7 @@ from fastibd.loss import (
     ibd_loss,
     kd_loss,
     pgd_at_loss,
+    rslad_loss,
     trades_loss,
 )
 
@@ -44,6 +45,7 @@ class LossSettings:
     beta: float = 0.8
     temperature: float = 1.0
     trades_beta: float = 6.0
+    rslad_scale: float = 1.0  # RSLAD's CIFAR-100 scripts use 10 (fastibd.loss.rslad_loss)
 
 
 def make_adversarial(mode: str, student: nn.Module, x: Tensor, y: Tensor,
@@ -99,8 +101,8 @@ class TrainingObjective(nn.Module):
             return ibd_loss(s_nat, s_adv, teacher_probs, feat, alpha=s.alpha, beta=s.beta,
                             temperature=s.temperature)
         if s.mode == "rslad":
-            return ibd_loss(self.student(x), self.student(x_adv), teacher_probs, None,
-                            alpha=s.alpha, beta=0.0, temperature=s.temperature)
+            return rslad_loss(self.student(x), self.student(x_adv), teacher_probs,
+                              alpha=s.alpha, scale=s.rslad_scale)
         if s.mode == "kd":
             return kd_loss(self.student(x), teacher_probs, temperature=s.temperature)
         if s.mode == "trades":

@@ -9,34 +9,11 @@ import types
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from fastibd import attacks, loss
 from fastibd.loss import AttentionModule, FeatureDistillation
 from kernels import reference
-
-
-class TapNet(nn.Module):
-    """Tiny conv net with the project's model API: model(x) -> logits,
-    model(x, features=True) -> (logits, taps); one tap per stage, stride 2 after the first."""
-
-    def __init__(self, channels: tuple[int, ...], num_classes: int = 10) -> None:
-        super().__init__()
-        stages, c_in = [], 3
-        for k, c in enumerate(channels):
-            stride = 1 if k == 0 else 2
-            stages.append(nn.Sequential(nn.Conv2d(c_in, c, 3, stride, 1), nn.ReLU()))
-            c_in = c
-        self.stages = nn.ModuleList(stages)
-        self.head = nn.Linear(c_in, num_classes)
-
-    def forward(self, x: torch.Tensor, features: bool = False):
-        taps = []
-        for stage in self.stages:
-            x = stage(x)
-            taps.append(x)
-        logits = self.head(x.mean((2, 3)))
-        return (logits, taps) if features else logits
+from tests.tiny import TapNet
 
 
 def random_taps(batch: int, shapes: list[tuple[int, int, int]], seed: int) -> list[torch.Tensor]:
@@ -82,7 +59,7 @@ def test_attention_logits_follow_the_formula() -> None:
         wk = (scale * bilinear(k[j])).view(batch, n, dim)
         for i in range(n):
             embedding = attention.p_t[i] @ attention.p_s[j]
-            want[:, i, j] = (wk[:, i] * q[i]).sum(-1) / dim**0.5 + embedding
+            want[:, i, j] = ((wk[:, i] * q[i]).sum(-1) + embedding) / dim**0.5
     torch.testing.assert_close(attention(t_gaps, s_gaps), want.softmax(dim=2))
 
 
@@ -310,9 +287,10 @@ def test_ibd_loss_with_beta_zero_is_rslad() -> None:
     out = loss.ibd_loss(s_nat, s_adv, p, torch.tensor(123.0), beta=0.0)
     assert_matches(out.total, want)
     torch.testing.assert_close(loss.ibd_loss(s_nat, s_adv, p, None, beta=0.0).total, out.total)
-    rslad = loss.rslad_loss(s_nat, s_adv, p)  # RSLAD's own weights: 1/6 clean, 5/6 adversarial
-    want_rslad = kl_by_hand(s_nat, p) / 6 + 5 * kl_by_hand(s_adv, p) / 6
+    rslad = loss.rslad_loss(s_nat, s_adv, p)  # RSLAD's weights and its mean over B*K entries
+    want_rslad = (kl_by_hand(s_nat, p) / 6 + 5 * kl_by_hand(s_adv, p) / 6) / 10
     assert_matches(rslad.total, want_rslad)
+    assert_matches(loss.rslad_loss(s_nat, s_adv, p, scale=10.0).total, 10 * want_rslad)
 
 
 def test_ibd_loss_combines_parts() -> None:

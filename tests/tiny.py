@@ -25,6 +25,34 @@ class BNNet(nn.Module):
         return (logits, [z1, z2]) if features else logits
 
 
+class TapNet(nn.Module):
+    """Tiny conv net with the project's model API: model(x) -> logits,
+    model(x, features=True) -> (logits, taps); one tap per stage (conv, optional BatchNorm,
+    ReLU), stride 2 after the first. `seed` fixes the initial weights."""
+
+    def __init__(self, widths: tuple[int, ...], batchnorm: bool = False,
+                 seed: int | None = None, num_classes: int = 10) -> None:
+        super().__init__()
+        if seed is not None:
+            torch.manual_seed(seed)
+        stages, c_in = [], 3
+        for k, width in enumerate(widths):
+            norm = [nn.BatchNorm2d(width)] if batchnorm else []
+            stages.append(nn.Sequential(nn.Conv2d(c_in, width, 3, 1 if k == 0 else 2, 1),
+                                        *norm, nn.ReLU()))
+            c_in = width
+        self.stages = nn.ModuleList(stages)
+        self.head = nn.Linear(c_in, num_classes)
+
+    def forward(self, x: torch.Tensor, features: bool = False):
+        taps = []
+        for stage in self.stages:
+            x = stage(x)
+            taps.append(x)
+        logits = self.head(x.mean((2, 3)))
+        return (logits, taps) if features else logits
+
+
 def digits_8px(split: str) -> tuple[torch.Tensor, torch.Tensor]:
     """The bundled digits at 8x8 (their native size), full contrast: the brightest pixel of
     each image is exactly 1, the background exactly 0."""
