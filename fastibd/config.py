@@ -2,9 +2,10 @@
 
     python -m fastibd.train --cfg cifar10_rn18 --optim.lr=0.05 --training.epochs 10
 
-Resolution order: defaults < configs/NAME.yaml (or a path) < command line. Every key is
-checked before any work starts: an unknown key, an unknown config, or a value of the
-wrong type is one clear line (UserError), not a traceback or a silently ignored typo.
+Resolution order: defaults < the recipe named by the config's `base:` key, if any <
+configs/NAME.yaml (or a path) < command line. Every key is checked before any work starts:
+an unknown key, an unknown config, or a value of the wrong type is one clear line
+(UserError), not a traceback or a silently ignored typo.
 """
 
 from __future__ import annotations
@@ -175,12 +176,20 @@ def declare(config: Config) -> None:
     section("loss", "Objective",
             mode=Param(Choice(*MODES), "ibd (the paper), rslad, kd, trades, pgd_at, fast_at, "
                        "standard", default="ibd"),
-            alpha=Param(Number(0, 1), "weight of the adversarial soft-label term", default=0.9),
+            alpha=Param(Number(0, 1), "weight of the adversarial soft-label term (the paper: "
+                        "0.9; the IBD code: 0.8; RSLAD: 5/6)", default=0.9),
             beta=Param(Number(0, 1e6), "weight of the feature-distillation term", default=0.8),
             temperature=Param(Number(0.01, 100), "soft-label temperature", default=1.0),
             attention_dim=Param(Integer(1), "query/key dimension of the attention module",
                                 default=128),
             trades_beta=Param(Number(0, 1e6), "TRADES robustness weight", default=6.0),
+            rslad_scale=Param(Number(0, 1e6), "rslad: factor on RSLAD's KL, which its code "
+                              "averages over batch x classes (its CIFAR-100 scripts use 10)",
+                              default=1.0),
+            teacher_input=Param(Choice("natural", "adv"), "ibd: the input the teacher's taps "
+                                "come from: natural (the IBD code) or adv (the paper's text); "
+                                "soft labels always come from the natural input",
+                                default="natural"),
             backend=Param(Choice("auto", "eager", "fused"), "feature-loss kernels: fused "
                           "Triton kernels on CUDA, eager reference elsewhere", default="auto"))
     section("optim", "SGD and the learning-rate schedule (per iteration)",
@@ -189,7 +198,9 @@ def declare(config: Config) -> None:
             momentum=Param(Number(0, 1), "SGD momentum", default=0.9),
             nesterov=Param(Flag(), "Nesterov momentum", default=False),
             weight_decay=Param(Number(0, 1), "weight decay", default=5e-4),
-            decay_bn_bias=Param(Flag(), "also decay BN weights and biases", default=False),
+            decay_norm_and_bias=Param(Flag(), "decay every parameter, as the IBD code and "
+                                      "paper (false: not the 1-D ones, norm weights and "
+                                      "biases, as FFCV's ImageNet recipe)", default=True),
             schedule=Param(Choice("piecewise", "onecycle", "linear", "constant"),
                            "piecewise: x gamma at milestones; onecycle: linear up to "
                            "peak_epoch then down to 0; linear: down to 0", default="piecewise"),
@@ -291,8 +302,7 @@ def load_config(argv: list[str]) -> Config:
     cfg, overrides = parse_args(argv)
     values: dict[str, Any] = {}
     if cfg is not None:
-        path = config_path(cfg)
-        values.update(_flatten(_read_yaml(path), source=str(path)))
+        values.update(_recipe_values(config_path(cfg)))
     values.update(overrides)
     known = {".".join(path) for path in config.entries}
     for key in values:
@@ -311,6 +321,23 @@ def load_config(argv: list[str]) -> Config:
                             f"--{key}=...")
         raise UserError(f"{key}: expected {param.checker.help()}, got {config.content[path]!r}")
     return config
+
+
+def _recipe_values(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A recipe's flat values. A recipe that differs from another in a few lines names it
+    with `base: NAME` and overrides what differs: the base's values come first."""
+    if path.resolve() in seen:
+        chain = " -> ".join(str(p) for p in (*seen, path.resolve()))
+        raise UserError(f"configs name each other as base in a loop: {chain}")
+    tree = _read_yaml(path)
+    base = tree.pop("base", None)
+    values: dict[str, Any] = {}
+    if base is not None:
+        if not isinstance(base, str):
+            raise UserError(f"{path}: base should name one config, got {base!r}")
+        values.update(_recipe_values(config_path(base), (*seen, path.resolve())))
+    values.update(_flatten(tree, source=str(path)))
+    return values
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:

@@ -3,7 +3,7 @@
 
 Images come out as float in [0, 1], NCHW shape in channels_last memory, on the requested
 device; labels as int64 [B]. Normalization is *not* done here: every model owns its
-mean/std, so attack budgets are always in pixel space (DESIGN.md §3).
+mean/std, so attack budgets are always in pixel space (docs/method.md).
 
 FFCV reuses its output buffers: a batch is valid until the next one is drawn, so
 `.clone()` anything kept across iterations.

@@ -2,7 +2,7 @@
 restarts, and AutoAttack / APGD / Square through pyautoattack.
 
 fastibd.attacks makes training examples; the attacks here answer, for every example, "is it
-still classified correctly under this attack?". Conventions (DESIGN.md §3-4):
+still classified correctly under this attack?". Conventions (docs/method.md):
 - eps is in pixel space, images in [0, 1] (models normalize inside);
 - the model runs in eval mode (restored afterwards), gradients only to the input;
 - attack losses in fp32 from the logits.

@@ -20,7 +20,9 @@ class TrainingStep:
 
     `objective` (a TrainingObjective, maybe compiled or DDP-wrapped) owns the student;
     `attack_model` is the student as the attack calls it (maybe compiled); `teacher` is
-    None for modes without one; `distil_features` asks the teacher for its taps."""
+    None for modes without one; `distil_features` asks the teacher for its taps, on the
+    natural batch (as the IBD code) or, with teacher_input="adv", on the adversarial one
+    (the paper's text); the soft labels always come from the natural batch."""
 
     objective: nn.Module
     attack_model: nn.Module
@@ -35,6 +37,7 @@ class TrainingStep:
     scheduler: torch.optim.lr_scheduler.LRScheduler | None
     dtype: torch.dtype
     attack_rng: torch.Generator | None
+    teacher_input: str = "natural"
 
     def autocast(self, device_type: str):
         if self.dtype == torch.float32:
@@ -45,15 +48,19 @@ class TrainingStep:
         self.student.train()
         with self.autocast(x.device.type):
             teacher_probs = teacher_feats = None
+            taps_from_adv = self.distil_features and self.teacher_input == "adv"
             if self.teacher is not None:
                 with torch.no_grad():
-                    if self.distil_features:
+                    if self.distil_features and not taps_from_adv:
                         teacher_logits, teacher_feats = self.teacher(x, features=True)
                     else:
                         teacher_logits = self.teacher(x)
                 teacher_probs = soft_labels(teacher_logits, self.temperature)
             x_adv = make_adversarial(self.mode, self.attack_model, x, y, teacher_probs,
                                      self.attack, self.attack_rng)
+            if taps_from_adv:
+                with torch.no_grad():
+                    _, teacher_feats = self.teacher(x_adv, features=True)
             total, parts = self.objective(x, x_adv, y, teacher_probs, teacher_feats)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(total).backward()
@@ -78,7 +85,8 @@ def assemble_step(objective: TrainingObjective, teacher: nn.Module | None, *, mo
                   scheduler: torch.optim.lr_scheduler.LRScheduler | None, dtype: torch.dtype,
                   attack_rng: torch.Generator | None, compiled: bool,
                   compile_mode: str | None = None, ddp: bool = False,
-                  device_ids: list[int] | None = None) -> TrainingStep:
+                  device_ids: list[int] | None = None,
+                  teacher_input: str = "natural") -> TrainingStep:
     """A TrainingStep around `objective`: wrapped in DDP when `ddp` (gradients are then
     all-reduced by the objective's backward), then compiled when `compiled`. The attack
     calls its own compiled copy of the student, the teacher its own too: three graphs
@@ -95,4 +103,4 @@ def assemble_step(objective: TrainingObjective, teacher: nn.Module | None, *, mo
             teacher_model = torch.compile(teacher, mode=compile_mode)
     return TrainingStep(step_objective, attack_model, objective.student, teacher_model,
                         objective.features is not None, mode, attack, temperature, optimizer,
-                        scaler, scheduler, dtype, attack_rng)
+                        scaler, scheduler, dtype, attack_rng, teacher_input)

@@ -101,7 +101,7 @@ class Trainer:
                                             cfg.loss.attention_dim, cfg.loss.backend
                                             ).to(self.device)
         loss = LossSettings(cfg.loss.mode, cfg.loss.alpha, cfg.loss.beta, cfg.loss.temperature,
-                            cfg.loss.trades_beta)
+                            cfg.loss.trades_beta, cfg.loss.rslad_scale)
         self.objective = TrainingObjective(self.student, loss, features)
         self.attack = AttackSettings(cfg.attack.eps, cfg.attack.step_size, cfg.attack.steps,
                                      cfg.attack.start, cfg.attack.fgsm_alpha)
@@ -131,7 +131,8 @@ class Trainer:
             scheduler=self.scheduler, dtype=self.dtype, attack_rng=self.attack_rng,
             compiled=self.compiled, compile_mode=cfg.training.compile_mode,
             ddp=self.world.distributed,
-            device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            device_ids=[self.device.index] if self.device.type == "cuda" else None,
+            teacher_input=cfg.loss.teacher_input)
 
         self.epoch, self.step_in_epoch, self.best = 0, 0, None
         self.stop_signal: int | None = None
@@ -247,8 +248,9 @@ class Trainer:
         cfg = self.cfg
         decay, no_decay = [], []
         for param in self.objective.parameters():
-            # BN weights and all biases are 1-D: decaying them only shrinks the network.
-            (no_decay if param.ndim <= 1 and not cfg.optim.decay_bn_bias else decay).append(param)
+            # Norm weights and biases are the 1-D parameters.
+            exempt = param.ndim <= 1 and not cfg.optim.decay_norm_and_bias
+            (no_decay if exempt else decay).append(param)
         lr = cfg.optim.lr * (self.world.size if cfg.optim.lr_scaling else 1)
         return torch.optim.SGD([{"params": decay, "weight_decay": cfg.optim.weight_decay},
                                 {"params": no_decay, "weight_decay": 0.0}],

@@ -1,1 +1,1 @@
-"""Triton kernels for the feature-distillation hot path (see DESIGN.md §3)."""
+"""Triton kernels for the feature-distillation hot path (see docs/method.md)."""

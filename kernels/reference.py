@@ -1,4 +1,4 @@
-"""Eager reference of the feature-distillation hot path (DESIGN.md §3, Eq. 12–14).
+"""Eager reference of the feature-distillation hot path (docs/method.md, Eq. 12–14).
 
 This module is the *specification*: the fused kernels must reproduce these functions,
 forward and backward (autograd of this code is the reference backward). It is written

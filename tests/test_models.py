@@ -1,4 +1,4 @@
-"""fastibd.models: tap shapes as DESIGN.md lists them, layout, and logits."""
+"""fastibd.models: tap shapes as docs/method.md lists them, layout, and logits."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ def stages(*groups: tuple[int, int, int]) -> list[tuple[int, int, int]]:
     return [(c, s, s) for count, c, s in groups for _ in range(count)]
 
 
-# Full-size tap shapes from DESIGN.md §3 (CIFAR at 32 px, ImageNet at 224 px).
+# Full-size tap shapes (docs/method.md) (CIFAR at 32 px, ImageNet at 224 px).
 FULL_SHAPES = {
     "resnet18": stages((2, 64, 32), (2, 128, 16), (2, 256, 8), (2, 512, 4)),
     "preact_resnet18": stages((2, 64, 32), (2, 128, 16), (2, 256, 8), (2, 512, 4)),

@@ -1,7 +1,7 @@
 """What every fastibd model shares: normalization inside, logits or (logits, taps), shapes.
 
 Inputs are always [0, 1] images: each model subtracts its own mean and divides by its own
-std, so attack budgets are in pixel space whatever the model (DESIGN.md §3). The buffers
+std, so attack budgets are in pixel space whatever the model (docs/method.md). The buffers
 are not saved in state_dicts, so foreign checkpoints load unchanged; the normalization is
 part of the model's `ModelSpec` instead.
 """
