@@ -21,11 +21,11 @@ from tqdm import tqdm
 if __package__ in (None, ""):  # run as `python data_prep/write_ffcv.py` from a checkout
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from fastibd import datasets
-from fastibd.beton import WRITE_MODES, image_field, write_beton
 from fastibd.cli import ArgumentParser, bounded
+from fastibd.data import sources as datasets
+from fastibd.data.beton import WRITE_MODES, image_field, write_beton
+from fastibd.data.tensor_loader import write_npz
 from fastibd.errors import UserError, exit_on_user_error
-from fastibd.tensor_data import write_npz
 
 DATASETS = ("cifar10", "cifar100", "imagenet", "folder", "digits")
 FOLDER_DATASETS = ("imagenet", "folder")

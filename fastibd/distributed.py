@@ -6,10 +6,14 @@ GPU)."""
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from fastibd.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -53,3 +57,25 @@ def barrier(world: World) -> None:
 def shutdown(world: World) -> None:
     if world.distributed and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def process_count(training: dict[str, Any]) -> int:
+    """How many processes to start here: 1 under torchrun (it already did), else
+    training.nproc, where auto is one per visible GPU (and 1 on a CPU)."""
+    if "WORLD_SIZE" in os.environ:
+        return 1
+    nproc = str(training["nproc"]).strip()
+    if nproc == "auto":
+        uses_cuda = training["device"] != "cpu" and torch.cuda.is_available()
+        return torch.cuda.device_count() if uses_cuda else 1
+    if not nproc.isdigit() or int(nproc) < 1:
+        raise UserError(f"training.nproc: expected auto or a number >= 1, got {nproc!r}")
+    return int(nproc)
+
+
+def relaunch(argv: list[str], nproc: int) -> None:
+    """Become `torchrun --standalone --nproc_per_node=N -m fastibd.train ARGV`: torchrun
+    starts one process per GPU and forwards Ctrl-C/SIGTERM to them, so each saves its state."""
+    print(f"starting {nproc} processes (DDP); set training.nproc=1 for one", flush=True)
+    os.execv(sys.executable, [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                              f"--nproc_per_node={nproc}", "-m", "fastibd.train", *argv])

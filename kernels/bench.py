@@ -13,7 +13,7 @@ synthetic bf16 channels_last taps already on the device:
 
 with a fixed random attention tensor attn [B, n, m] (rows sum to 1) and fixed random vectors
 v_k standing in for the attention MLPs (so no provider can drop the GAP half of `pool`).
-`--loss module` times the real fastibd.loss.FeatureDistillation instead (backend eager or
+`--loss module` times the real fastibd.method.loss.FeatureDistillation instead (backend eager or
 fused; its attention MLPs included). Modes: "fwd" (the loss, autograd recording as in
 training) and "fwd+bwd" (plus loss.backward() into the student taps).
 
@@ -164,7 +164,7 @@ def ops_loss(ops) -> Callable[[Inputs], Tensor]:
 
 def module_loss(config: Config, backend: str, device: torch.device) -> Callable[[Inputs], Tensor]:
     """The real FeatureDistillation (attention MLPs included) on the chosen backend."""
-    from fastibd.loss import FeatureDistillation
+    from fastibd.method.loss import FeatureDistillation
 
     torch.manual_seed(0)  # the same attention weights for every provider
     module = FeatureDistillation([c for c, _ in config.teacher], [c for c, _ in config.student],

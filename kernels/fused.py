@@ -1,6 +1,6 @@
 """Fused kernels of the feature-distillation hot path: the public facade.
 
-`fastibd.loss.kernel_backend("fused")` imports this module and uses its three callables,
+`fastibd.method.loss.kernel_backend("fused")` imports this module and uses its three callables,
 which have exactly the signatures of kernels/reference.py:
 
     pool(z)                    -> (map [B, H, W], gap [B, C])        fastibd::pool

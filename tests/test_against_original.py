@@ -22,10 +22,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastibd import attacks
-from fastibd.loss import FeatureDistillation, rslad_loss
+from fastibd.method import attacks
+from fastibd.method.loss import FeatureDistillation, rslad_loss
+from fastibd.method.objective import (
+    AttackSettings,
+    LossSettings,
+    TrainingObjective,
+    make_adversarial,
+)
 from fastibd.models import build_model
-from fastibd.objective import AttackSettings, LossSettings, TrainingObjective, make_adversarial
 from tests.tiny import TapNet
 
 # ----------------------------------------------------------------- the port of distill/AFD.py

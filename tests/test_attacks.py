@@ -1,4 +1,4 @@
-"""fastibd.attacks on a tiny BN conv net trained here on real digits, and on linear models
+"""fastibd.method.attacks on a tiny BN conv net trained here on real digits, and on linear models
 whose input gradient sign is known."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastibd import attacks
+from fastibd.method import attacks
 from tests.tiny import BNNet, digits_8px, trained_bnnet
 
 EPS = 16 / 255  # the 8x8 digits net is fairly robust at 8/255; a larger ball shows strength

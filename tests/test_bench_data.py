@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from fastibd import bench_data
+from fastibd.bench import data as bench_data
 from fastibd.errors import UserError
 from tests.conftest import cli_error
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastibd import bench_step
+from fastibd.bench import step as bench_step
 from tests.conftest import cli_error
 
 

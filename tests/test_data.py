@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from data_prep import write_ffcv
-from fastibd.beton import image_field, write_beton
 from fastibd.data import ImageNetTrainLoader, LoaderOptions, cifar_loader, imagenet_val_loader
-from fastibd.datasets import ArrayDataset
+from fastibd.data.beton import image_field, write_beton
+from fastibd.data.sources import ArrayDataset
 from fastibd.errors import UserError
 from tests.conftest import REPO, make_image_folder
 
@@ -29,7 +29,7 @@ def assert_training_batch(images: torch.Tensor, labels: torch.Tensor, size: int)
 @pytest.fixture(scope="module")
 def indexed_beton(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """101 real 32x32 digit images whose label is their index: lets a test see every sample."""
-    from fastibd.datasets import digits_dataset
+    from fastibd.data.sources import digits_dataset
 
     images = digits_dataset("val").images[:101]
     path = tmp_path_factory.mktemp("indexed") / "indexed.beton"

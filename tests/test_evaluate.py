@@ -1,4 +1,4 @@
-"""fastibd.eval_attacks and fastibd.evaluate: attacks on tiny nets trained here on real digits,
+"""fastibd.eval.attacks and .evaluate: attacks on tiny nets trained here on real digits,
 on a model that always predicts one class (whose numbers are known exactly), and the CLI on a
 standard-trained tiny ResNet-18 written as a fastibd checkpoint."""
 
@@ -16,10 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastibd import eval_attacks, evaluate
-from fastibd.checkpoint import atomic_save, model_checkpoint
 from fastibd.data import LoaderOptions, cifar_loader
+from fastibd.eval import attacks as eval_attacks
+from fastibd.eval import evaluate
 from fastibd.models import build_model
+from fastibd.models.checkpoint import atomic_save, model_checkpoint
 from tests.conftest import cli_error
 from tests.tiny import BNNet, digits_8px, trained_bnnet
 

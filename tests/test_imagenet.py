@@ -10,13 +10,13 @@ import pytest
 import torch
 
 from data_prep import write_ffcv
-from fastibd.checkpoint import atomic_save, model_checkpoint
 from fastibd.config import as_dict, load_config
+from fastibd.distributed import process_count
 from fastibd.models import build_model
+from fastibd.models.checkpoint import atomic_save, model_checkpoint
 from fastibd.models.imagenet_resnet import BlurConv2d
-from fastibd.runlog import read_metrics
-from fastibd.schedule import resolution_at
-from fastibd.train import process_count
+from fastibd.run_dir import read_metrics
+from fastibd.train.schedule import resolution_at
 from tests.conftest import make_image_folder, train_cli
 
 TINY = "1/16"

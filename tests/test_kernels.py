@@ -18,7 +18,7 @@ import pytest
 import torch
 from torch.autograd import gradcheck
 
-from fastibd.loss import FeatureDistillation, kernel_backend
+from fastibd.method.loss import FeatureDistillation, kernel_backend
 from kernels import bench, fused, ops, reference
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -275,7 +275,7 @@ def test_feature_distillation_fused_equals_eager_on_model_taps() -> None:
     """The real loss on the real taps of two tiny ResNet-18s (channels_last, 16 px): value
     and gradients (student parameters through the taps, attention parameters) with every
     fused op on its Triton kernel, against backend='eager'."""
-    from fastibd.loss import FeatureDistillation
+    from fastibd.method.loss import FeatureDistillation
     from fastibd.models import build_model
 
     torch.manual_seed(0)
@@ -285,7 +285,7 @@ def test_feature_distillation_fused_equals_eager_on_model_taps() -> None:
     with torch.no_grad():
         _, t_taps = teacher(x.to(memory_format=torch.channels_last), features=True)
     # The student runs NCHW (its CPU training layout: oneDNN's channels_last weight gradient
-    # is unreliable for narrow layers, see fastibd.train.training_memory_format); its taps
+    # is unreliable for narrow layers, see fastibd.device.training_memory_format); its taps
     # reach the kernels in channels_last, as on CUDA.
     _, s_taps = student(x, features=True)
     s_taps = [t.contiguous(memory_format=torch.channels_last) for t in s_taps]

@@ -1,4 +1,4 @@
-"""fastibd.loss: attention, feature loss and its backend switch, soft-label objectives."""
+"""fastibd.method.loss: attention, feature loss and its backend switch, soft-label objectives."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastibd import attacks, loss
-from fastibd.loss import AttentionModule, FeatureDistillation
+from fastibd.method import attacks, loss
+from fastibd.method.loss import AttentionModule, FeatureDistillation
 from kernels import reference
 from tests.tiny import TapNet
 

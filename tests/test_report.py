@@ -12,10 +12,10 @@ import pytest
 import torch
 from PIL import Image
 
-from fastibd import report
-from fastibd.checkpoint import atomic_save, model_checkpoint
-from fastibd.loss import FeatureDistillation
+from fastibd.eval import report
+from fastibd.method.loss import FeatureDistillation
 from fastibd.models import build_model
+from fastibd.models.checkpoint import atomic_save, model_checkpoint
 
 ATTENTION_DIM = 16
 TEACHER = ("wrn34_10", 1 / 16)  # 15 taps, the paper's teacher shape, tiny

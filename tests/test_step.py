@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 from fastibd.config import as_dict, load_config
-from fastibd.loss import FeatureDistillation
-from fastibd.objective import AttackSettings, LossSettings, TrainingObjective
-from fastibd.step import assemble_step
+from fastibd.method.loss import FeatureDistillation
+from fastibd.method.objective import AttackSettings, LossSettings, TrainingObjective
+from fastibd.method.step import assemble_step
 from fastibd.train import Trainer
 from tests.tiny import TapNet
 

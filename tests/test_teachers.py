@@ -1,4 +1,4 @@
-"""fastibd.teachers: every checkpoint layout people have, and the errors they hit."""
+"""fastibd.models.teachers: every checkpoint layout people have, and the errors they hit."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import pytest
 import torch
 import torchvision
 
-from fastibd.checkpoint import atomic_save, model_checkpoint
 from fastibd.errors import UserError
 from fastibd.models import TappedModel, build_model
-from fastibd.teachers import load_teacher
+from fastibd.models.checkpoint import atomic_save, model_checkpoint
+from fastibd.models.teachers import load_teacher
 
 PYAUTOATTACK = Path(importlib.util.find_spec("pyautoattack").origin).parent / "examples"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

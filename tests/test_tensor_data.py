@@ -1,4 +1,4 @@
-""".npz datasets (fastibd.tensor_data): written by data_prep/write_ffcv.py --format npz,
+""".npz datasets (fastibd.data.tensor_loader): written by data_prep/write_ffcv.py --format npz,
 served from device memory with the FFCV loaders' contract, and trained on without FFCV,
 also as a one-process DDP run."""
 
@@ -13,12 +13,13 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from data_prep import write_ffcv
-from fastibd import datasets, tensor_data
 from fastibd.config import as_dict, load_config
 from fastibd.data import LoaderOptions, cifar_loader, dataset_labels, dataset_resolution, set_epoch
+from fastibd.data import sources as datasets
+from fastibd.data import tensor_loader as tensor_data
+from fastibd.data.tensor_loader import TensorLoader
 from fastibd.distributed import shutdown
 from fastibd.errors import UserError
-from fastibd.tensor_data import TensorLoader
 from tests.conftest import make_image_folder
 
 
@@ -176,9 +177,9 @@ def test_one_process_torchrun_environment_trains_with_ddp(
 def test_evaluate_reads_npz(digits_npz: Path, tmp_path: Path) -> None:
     import json
 
-    from fastibd import evaluate
-    from fastibd.checkpoint import atomic_save, model_checkpoint
+    from fastibd.eval import evaluate
     from fastibd.models import build_model
+    from fastibd.models.checkpoint import atomic_save, model_checkpoint
 
     torch.manual_seed(0)
     model = build_model("resnet18", 10, "none", 1 / 8).eval()

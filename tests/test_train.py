@@ -14,12 +14,13 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from fastibd.checkpoint import atomic_save, model_checkpoint
 from fastibd.config import as_dict, available_configs, load_config
+from fastibd.device import training_memory_format
+from fastibd.method.objective import TEACHER_MODES
 from fastibd.models import ARCHITECTURES, build_model
-from fastibd.objective import TEACHER_MODES
-from fastibd.runlog import read_metrics
-from fastibd.train import main, training_memory_format
+from fastibd.models.checkpoint import atomic_save, model_checkpoint
+from fastibd.run_dir import read_metrics
+from fastibd.train import main
 from tests.conftest import REPO, cli_error, train_cli
 
 # Margin of the IBD student's PGD-10 accuracy over the standard student's, on digits val
@@ -111,7 +112,7 @@ def test_kill_during_save_keeps_the_previous_checkpoint(tmp_path: Path) -> None:
     # Python cleanup runs, exactly as when the machine kills a run in the middle of a save.
     script = """
 import os, signal, sys, torch
-from fastibd.checkpoint import atomic_save
+from fastibd.models.checkpoint import atomic_save
 
 def half_then_killed(obj, file):
     file.write(b"PK" + bytes(1_000_000))
@@ -245,8 +246,8 @@ def training_layout_gradients_match() -> None:
 
 
 def test_compiled_objective_matches_eager() -> None:
-    from fastibd.loss import FeatureDistillation, soft_labels
-    from fastibd.objective import LossSettings, TrainingObjective
+    from fastibd.method.loss import FeatureDistillation, soft_labels
+    from fastibd.method.objective import LossSettings, TrainingObjective
 
     torch.manual_seed(0)
     student = build_model("resnet18", 10, "none", 1 / 16)

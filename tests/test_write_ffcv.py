@@ -14,7 +14,7 @@ from PIL import Image
 
 from data_prep import write_ffcv
 from fastibd.data import LoaderOptions, cifar_loader
-from fastibd.datasets import DIGITS_VAL_EVERY, digits_dataset
+from fastibd.data.sources import DIGITS_VAL_EVERY, digits_dataset
 from tests.conftest import make_image_folder
 
 REPO = Path(__file__).resolve().parent.parent
@@ -186,8 +186,8 @@ def test_overwrite_replaces(tmp_path: Path) -> None:
 
 def test_write_beton_progress_bar_can_be_silenced(tmp_path: Path,
                                                   capfd: pytest.CaptureFixture) -> None:
-    from fastibd.beton import write_beton
-    from fastibd.datasets import ArrayDataset
+    from fastibd.data.beton import write_beton
+    from fastibd.data.sources import ArrayDataset
 
     data = ArrayDataset(np.zeros((4, 8, 8, 3), np.uint8), np.arange(4))
     write_beton(data, tmp_path / "loud.beton", num_workers=1)

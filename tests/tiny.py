@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastibd.datasets import digits_dataset
+from fastibd.data.sources import digits_dataset
 
 
 class BNNet(nn.Module):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fastibd.data import CIFAR_PAD
+from fastibd.data.options import CIFAR_PAD
 
 
 def training_batch(x: torch.Tensor, pipeline: str, memory_format: torch.memory_format,

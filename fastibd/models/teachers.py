@@ -27,10 +27,10 @@ from typing import Any
 
 import torch
 
-from fastibd.checkpoint import FORMAT as FASTIBD_FORMAT
 from fastibd.errors import UserError
 from fastibd.models import ARCHITECTURES, NORMALIZATIONS, TappedModel, build_model
 from fastibd.models.base import Stats
+from fastibd.models.checkpoint import FORMAT as FASTIBD_FORMAT
 
 FORMATS = ("auto", "fastibd", "state_dict", "robustbench", "robustness")
 IMAGENET_INPUT = 224

@@ -12,7 +12,6 @@ test set never picks a checkpoint). Rerunning the same command resumes the run.
 
 from __future__ import annotations
 
-import os
 import signal
 import sys
 import time
@@ -24,10 +23,6 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from fastibd import attacks
-from fastibd.augment import training_batch
-from fastibd.checkpoint import atomic_save, model_checkpoint
-from fastibd.config import as_dict, help_text, load_config
 from fastibd.data import (
     ImageNetTrainLoader,
     LoaderOptions,
@@ -37,25 +32,28 @@ from fastibd.data import (
     imagenet_val_loader,
     set_epoch,
 )
+from fastibd.data.augment import training_batch
 from fastibd.device import (
     resolve_compile,
     resolve_device,
     resolve_precision,
     training_memory_format,
 )
-from fastibd.distributed import all_reduce_sum, barrier, init_world, shutdown
-from fastibd.errors import UserError, exit_on_user_error
-from fastibd.models import NORMALIZATIONS, TappedModel, build_model
-from fastibd.objective import (
+from fastibd.distributed import all_reduce_sum, barrier, init_world
+from fastibd.errors import UserError
+from fastibd.method import attacks
+from fastibd.method.objective import (
     TEACHER_MODES,
     AttackSettings,
     LossSettings,
     TrainingObjective,
 )
-from fastibd.runlog import RunLog
-from fastibd.schedule import lr_factor, resolution_at
-from fastibd.step import assemble_step, feature_distillation
-from fastibd.teachers import load_teacher
+from fastibd.method.step import assemble_step, feature_distillation
+from fastibd.models import NORMALIZATIONS, TappedModel, build_model
+from fastibd.models.checkpoint import atomic_save, model_checkpoint
+from fastibd.models.teachers import load_teacher
+from fastibd.run_dir import RunLog
+from fastibd.train.schedule import lr_factor, resolution_at
 
 LAST, BEST, CONFIG = "last.pt", "best.pt", "config.yaml"
 TEACHER_NORMALIZATION_GAP = 0.15  # accuracy another normalization must add to be "the right one"
@@ -491,51 +489,3 @@ def _summary(record: dict[str, Any]) -> str:
                   f"PGD {record['holdout_pgd_acc']:.2%}"]
     parts += [f"lr {record['lr']:.4g}", f"{record['images_per_s']:.0f} img/s"]
     return "  ".join(parts)
-
-
-def process_count(training: dict[str, Any]) -> int:
-    """How many processes to start here: 1 under torchrun (it already did), else
-    training.nproc, where auto is one per visible GPU (and 1 on a CPU)."""
-    if "WORLD_SIZE" in os.environ:
-        return 1
-    nproc = str(training["nproc"]).strip()
-    if nproc == "auto":
-        uses_cuda = training["device"] != "cpu" and torch.cuda.is_available()
-        return torch.cuda.device_count() if uses_cuda else 1
-    if not nproc.isdigit() or int(nproc) < 1:
-        raise UserError(f"training.nproc: expected auto or a number >= 1, got {nproc!r}")
-    return int(nproc)
-
-
-def relaunch(argv: list[str], nproc: int) -> None:
-    """Become `torchrun --standalone --nproc_per_node=N -m fastibd.train ARGV`: torchrun
-    starts one process per GPU and forwards Ctrl-C/SIGTERM to them, so each saves its state."""
-    print(f"starting {nproc} processes (DDP); set training.nproc=1 for one", flush=True)
-    os.execv(sys.executable, [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                              f"--nproc_per_node={nproc}", "-m", "fastibd.train", *argv])
-
-
-@exit_on_user_error("fastibd.train")
-def run(argv: list[str]) -> int:
-    config = load_config(argv)
-    settings = as_dict(config)
-    nproc = process_count(settings["training"])
-    if nproc > 1:
-        relaunch(argv, nproc)
-    trainer = Trainer(settings)
-    try:
-        return trainer.fit()
-    finally:
-        shutdown(trainer.world)
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if any(arg in ("-h", "--help") for arg in argv):
-        print(help_text())
-        return 0
-    return run(argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,9 +1,9 @@
-"""FFCV loaders that yield `(images, labels)` ready for a robust-training step (and, for
-`.npz` files, fastibd.tensor_data's on-device loader with the same contract).
+"""FFCV loaders (.beton files) that yield `(images, labels)` ready for a training step.
 
 Images come out as float in [0, 1], NCHW shape in channels_last memory, on the requested
 device; labels as int64 [B]. Normalization is *not* done here: every model owns its
-mean/std, so attack budgets are always in pixel space (docs/method.md).
+mean/std, so attack budgets are always in pixel space (docs/method.md). ffcv is imported
+only inside these functions: the package works without it for .npz data.
 
 FFCV reuses its output buffers: a batch is valid until the next one is drawn, so
 `.clone()` anything kept across iterations.
@@ -13,43 +13,18 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
 
+from fastibd.data.options import CIFAR_PAD, DEFAULT_CROP_RATIO, LoaderOptions
 from fastibd.errors import UserError
 
-Order = Literal["random", "quasi_random", "sequential"]
-CIFAR_PAD = 4
-DEFAULT_CROP_RATIO = 224 / 256
 
-
-@dataclass(frozen=True)
-class LoaderOptions:
-    """What every loader takes besides its augmentation."""
-
-    batch_size: int
-    device: torch.device | str = "cpu"
-    num_workers: int = min(8, os.cpu_count() or 1)
-    distributed: bool = False  # FFCV's flag: each rank reads its own share (pads with repeats)
-    drop_last: bool = False
-    order: Order = "random"
-    os_cache: bool = True  # True when the dataset fits in RAM; False streams with QUASI_RANDOM
-    seed: int | None = None  # ordering seed; set it for reproducible (and distributed) runs
-    dtype: torch.dtype = torch.float32
-    indices: tuple[int, ...] | None = None  # read only these samples (e.g. a held-out slice)
-
-
-def cifar_loader(path: str | Path, train: bool, options: LoaderOptions):
-    """CIFAR-like 32x32 data: train = random crop (4 px zero padding) + flip; val = as stored.
-    A `.npz` file is served from device memory instead (fastibd.tensor_data)."""
-    if _is_npz(path):
-        from fastibd.tensor_data import TensorLoader
-
-        return TensorLoader(path, options, augment=train)
+def cifar_beton_loader(path: str | Path, train: bool, options: LoaderOptions):
+    """CIFAR-like data from a .beton: train = random crop (4 px zero padding) + flip;
+    val = as stored."""
     keep_torch_threads()  # before the first ffcv import, which sets torch's threads to 1
     from ffcv.fields.decoders import SimpleRGBImageDecoder
     from ffcv.transforms import RandomHorizontalFlip, RandomTranslate
@@ -63,7 +38,7 @@ class ImageNetTrainLoader:
     between epochs (progressive resizing): call `set_resolution` before iterating."""
 
     def __init__(self, path: str | Path, resolution: int, options: LoaderOptions) -> None:
-        _needs_beton(path, "the imagenet pipeline")
+        needs_beton(path, "the imagenet pipeline")
         keep_torch_threads()
         from ffcv.fields.decoders import RandomResizedCropRGBImageDecoder
         from ffcv.transforms import RandomHorizontalFlip
@@ -92,7 +67,7 @@ def imagenet_val_loader(
     crop_ratio: float = DEFAULT_CROP_RATIO,
 ):
     """ImageNet-like validation data: the central `crop_ratio` of the shorter side, resized."""
-    _needs_beton(path, "the imagenet pipeline")
+    needs_beton(path, "the imagenet pipeline")
     keep_torch_threads()
     from ffcv.fields.decoders import CenterCropRGBImageDecoder
 
@@ -167,22 +142,18 @@ def _loader(path: str | Path, image_ops: list, options: LoaderOptions):
     return loader
 
 
-def _is_npz(path: str | Path) -> bool:
+def is_npz(path: str | Path) -> bool:
     return Path(path).suffix == ".npz"
 
 
-def _needs_beton(path: str | Path, what: str) -> None:
-    if _is_npz(path):
+def needs_beton(path: str | Path, what: str) -> None:
+    if is_npz(path):
         raise UserError(f"{path}: {what} needs a .beton (FFCV); .npz files serve the cifar "
                         "pipeline only")
 
 
-def dataset_labels(path: str | Path) -> np.ndarray:
-    """Every label in a .beton (read from its metadata table, no image is decoded) or .npz."""
-    if _is_npz(path):
-        from fastibd.tensor_data import npz_labels
-
-        return npz_labels(path)
+def beton_labels(path: str | Path) -> np.ndarray:
+    """Every label in a .beton, read from its metadata table (no image is decoded)."""
     keep_torch_threads()
     from ffcv.reader import Reader
 
@@ -199,13 +170,8 @@ def dataset_labels(path: str | Path) -> np.ndarray:
     return np.asarray(reader.metadata[f"f{names.index('label')}"])
 
 
-def dataset_resolution(path: str | Path) -> int:
-    """The side of the square images of a fixed-size .beton or .npz (the cifar pipeline's
-    input)."""
-    if _is_npz(path):
-        from fastibd.tensor_data import npz_resolution
-
-        return npz_resolution(path)
+def beton_resolution(path: str | Path) -> int:
+    """The side of the square images of a fixed-size .beton (the cifar pipeline's input)."""
     keep_torch_threads()
     from ffcv.reader import Reader
 
@@ -220,11 +186,3 @@ def dataset_resolution(path: str | Path) -> int:
         raise UserError(f"{path} holds {height}x{width} images; the cifar pipeline needs "
                         "square ones")
     return height
-
-
-def set_epoch(loader, epoch: int) -> None:
-    """Make the next pass over an FFCV loader (or a TensorLoader) use `epoch`'s shuffle (its
-    order is seeded by seed + epoch), as DistributedSampler.set_epoch does; needed when a run
-    resumes."""
-    target = loader.loader if isinstance(loader, ImageNetTrainLoader) else loader
-    target.next_epoch = epoch

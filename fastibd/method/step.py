@@ -9,9 +9,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from fastibd.loss import FeatureDistillation, soft_labels
+from fastibd.method.loss import FeatureDistillation, soft_labels
+from fastibd.method.objective import AttackSettings, TrainingObjective, make_adversarial
 from fastibd.models import TappedModel
-from fastibd.objective import AttackSettings, TrainingObjective, make_adversarial
 
 
 @dataclass

@@ -3,10 +3,10 @@ everywhere): a `.npz` with `images` [N, H, W, 3] uint8 and `labels` [N] integers
 `python data_prep/write_ffcv.py --format npz`. CIFAR-sized data fit in GPU memory many
 times over, and batching them there costs nothing next to a robust-training step.
 
-`TensorLoader` keeps the contract of fastibd.data's FFCV loaders: float images in [0, 1],
-NCHW shape in channels_last memory, int64 labels, on the requested device; order seeded by
-seed + epoch; `distributed` gives each rank its own share, padded with repeats to the same
-length on every rank (as FFCV does).
+`TensorLoader` keeps the contract of the FFCV loaders (fastibd.data.ffcv_loaders): float
+images in [0, 1], NCHW shape in channels_last memory, int64 labels, on the requested device;
+order seeded by seed + epoch; `distributed` gives each rank its own share, padded with
+repeats to the same length on every rank (as FFCV does).
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from fastibd.augment import random_crop_flip
-from fastibd.data import CIFAR_PAD, LoaderOptions
+from fastibd.data.augment import random_crop_flip
+from fastibd.data.options import CIFAR_PAD, LoaderOptions
 from fastibd.errors import UserError
 
 

@@ -22,8 +22,8 @@ from unittest import mock
 
 import numpy as np
 
-from fastibd.data import keep_torch_threads
-from fastibd.datasets import ImageDataset
+from fastibd.data.ffcv_loaders import keep_torch_threads
+from fastibd.data.sources import ImageDataset
 from fastibd.errors import UserError
 
 WriteMode = Literal["raw", "jpg", "proportion", "smart"]

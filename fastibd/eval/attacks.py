@@ -1,7 +1,7 @@
 """Evaluation-time Linf attacks: FGSM, PGD-k (cross-entropy) and CW-inf-k (margin loss) with
 restarts, and AutoAttack / APGD / Square through pyautoattack.
 
-fastibd.attacks makes training examples; the attacks here answer, for every example, "is it
+fastibd.method.attacks makes training examples; the attacks here answer, for every example, "is it
 still classified correctly under this attack?". Conventions (docs/method.md):
 - eps is in pixel space, images in [0, 1] (models normalize inside);
 - the model runs in eval mode (restored afterwards), gradients only to the input;
@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fastibd.attacks import attack_start, eval_mode, project
+from fastibd.method.attacks import attack_start, eval_mode, project
 
 LOSSES = ("ce", "cw")
 AUTOATTACK_NAMES = ("aa", "aa-apgd", "square")

@@ -3,7 +3,7 @@
 `TrainingObjective` is the module the optimizer, DDP and torch.compile see: it owns the
 student and, for IBD, the feature-distillation attention module, so both train together
 and DDP synchronizes both. The attack runs outside it on the raw student (input
-gradients only, eval mode; see fastibd.attacks).
+gradients only, eval mode; see fastibd.method.attacks).
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from fastibd import attacks
-from fastibd.loss import (
+from fastibd.method import attacks
+from fastibd.method.loss import (
     FeatureDistillation,
     LossOutput,
     ibd_loss,
@@ -45,7 +45,7 @@ class LossSettings:
     beta: float = 0.8
     temperature: float = 1.0
     trades_beta: float = 6.0
-    rslad_scale: float = 1.0  # RSLAD's CIFAR-100 scripts use 10 (fastibd.loss.rslad_loss)
+    rslad_scale: float = 1.0  # RSLAD's CIFAR-100 scripts use 10 (fastibd.method.loss.rslad_loss)
 
 
 def make_adversarial(mode: str, student: nn.Module, x: Tensor, y: Tensor,

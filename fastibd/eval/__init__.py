@@ -1,0 +1,2 @@
+"""Evaluation: robustness reports (`python -m fastibd.evaluate`) and figures of a run
+(`python -m fastibd.report`)."""

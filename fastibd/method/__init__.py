@@ -1,0 +1,1 @@
+"""The method: training attacks, the IBD objective and its baselines, one training step."""

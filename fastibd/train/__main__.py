@@ -1,0 +1,5 @@
+import sys
+
+from fastibd.train.cli import main
+
+sys.exit(main())
