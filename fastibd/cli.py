@@ -1,10 +1,11 @@
-"""Argument parsing shared by the command-line tools: one-line errors, checked numbers."""
+"""Argument parsing shared by the command-line tools: one-line errors, checked numbers,
+budgets written as fractions, comma-separated lists."""
 
 from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import NoReturn
 
 from fastibd.errors import EXIT_USER_ERROR
@@ -33,3 +34,41 @@ def bounded(kind: type, low: float | None = None, high: float | None = None) -> 
 
     parse.__name__ = kind.__name__  # argparse names the type in its messages
     return parse
+
+
+def parse_number(text: str) -> float:
+    """'8/255', '2.5/255', '0.031' or '1e-4' as a float (ValueError otherwise)."""
+    numerator, slash, denominator = text.replace(" ", "").partition("/")
+    return float(numerator) / float(denominator) if slash else float(numerator)
+
+
+def parse_budget(text: str) -> float:
+    """An eps or step size in pixel space for argparse: '8/255' or '0.031', in (0, 1]."""
+    try:
+        value = parse_number(text)
+    except (ValueError, ZeroDivisionError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number (write e.g. 8/255 or "
+                                         "0.031)") from None
+    if not 0.0 < value <= 1.0:
+        hint = f"; {text} looks like {text}/255" if 1.0 < value <= 255.0 else ""
+        raise argparse.ArgumentTypeError(
+            f"{text} is outside (0, 1]: budgets are in pixel space on [0, 1] images{hint}")
+    return value
+
+
+def comma_list(text: str) -> list[str]:
+    """'a, b,,a' -> ['a', 'b']: the items of a comma-separated option, stripped, empty ones
+    and repeats dropped, in the order given."""
+    return list(dict.fromkeys(item.strip() for item in text.split(",") if item.strip()))
+
+
+def choice_list(text: str, choices: Sequence[str], what: str) -> list[str]:
+    """A comma-separated list of names out of `choices`, for argparse (at least one)."""
+    items = comma_list(text)
+    unknown = [item for item in items if item not in choices]
+    if unknown or not items:
+        raise argparse.ArgumentTypeError(f"unknown {what} {', '.join(unknown) or '(none given)'}"
+                                         f": expected a comma-separated list of "
+                                         f"{', '.join(choices)}")
+    return items
+

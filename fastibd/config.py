@@ -1,28 +1,37 @@
-"""Training configuration: fastargs sections, `--cfg NAME`, `--section.key=value` overrides.
+"""Settings declared once, as typed sections; recipes (YAML) and `--section.key=value`.
 
-    python -m fastibd.train --cfg cifar10_rn18 --optim.lr=0.05 --training.epochs 10
+A section is a frozen dataclass whose fields say their type check, help and default:
 
-Resolution order: defaults < the recipe named by the config's `base:` key, if any <
-configs/NAME.yaml (or a path) < command line. Every key is checked before any work starts:
-an unknown key, an unknown config, or a value of the wrong type is one clear line
-(UserError), not a traceback or a silently ignored typo.
+    @section("attack", "Training-time attack")
+    class AttackSettings:
+        eps: float = option(Number(0, 1), "Linf budget", 8 / 255)
+
+Each lives beside the code that reads it (the attack settings in fastibd.method.attacks,
+the optimizer's in fastibd.train.schedule, ...), so a builder takes exactly its section.
+A command lists its sections; `load` fills them from defaults < the recipe named by a
+config's `base:` key < configs/NAME.yaml (or a path) < the command line. fastargs is the
+registry and parser; on top of it every key is checked before any work starts: an unknown
+key, an unknown config, a value of the wrong type or a missing required value is one clear
+line (UserError), not a traceback or a silently ignored typo.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import fastargs
 from fastargs import Config, Param, Section
 from fastargs.validation import Checker
 
+from fastibd.cli import comma_list, parse_number
 from fastibd.errors import UserError
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-MODES = ("ibd", "rslad", "kd", "trades", "pgd_at", "fast_at", "standard")
-
+T = TypeVar("T")
+REQUIRED: Any = object()  # the default of an option that has none
 
 class Number(Checker):
     """A float that may be written as a fraction: eps 8/255, not 0.031 that means 7.9/255."""
@@ -38,12 +47,6 @@ class Number(Checker):
 
     def help(self) -> str:
         return f"a number in [{self.low}, {self.high}] (8/255 works)"
-
-
-def parse_number(text: str) -> float:
-    """'8/255', '2.5/255', '0.031' or '1e-4' as a float (ValueError otherwise)."""
-    numerator, slash, denominator = text.replace(" ", "").partition("/")
-    return float(numerator) / float(denominator) if slash else float(numerator)
 
 
 class Integer(Checker):
@@ -103,176 +106,127 @@ class IntList(Checker):
     """Comma-separated integers (YAML lists work too): milestones 100,150."""
 
     def check(self, value: Any) -> tuple[int, ...]:
-        items = value if isinstance(value, list | tuple) else str(value).split(",")
-        return tuple(int(item) for item in items if str(item).strip() != "")
+        items = value if isinstance(value, list | tuple) else comma_list(str(value))
+        return tuple(int(item) for item in items)
 
     def help(self) -> str:
         return "comma-separated integers"
 
 
-def declare(config: Config) -> None:
-    """All sections and parameters, with the paper's defaults (Kuang et al. 2023, CIFAR)."""
-
-    def section(name: str, desc: str, **params: Param) -> None:
-        Section(name, desc, config_descriptor=config).params(**params)
-
-    section("data", "Datasets (.beton files from data_prep/write_ffcv.py)",
-            train_path=Param(Text(), "training .beton", required=True),
-            val_path=Param(Text(), "validation .beton (final report only, never model selection)",
-                           required=True),
-            pipeline=Param(Choice("cifar", "imagenet"), "augmentation: cifar = crop+flip, "
-                           "imagenet = random resized crop+flip", default="cifar"),
-            holdout=Param(Integer(0), "training images held out (never trained on) to pick the "
-                          "best checkpoint by PGD accuracy", default=1000),
-            batch_size=Param(Integer(1), "batch size per process", default=128),
-            num_workers=Param(Integer(1), "FFCV decoding threads", default=8),
-            os_cache=Param(Flag(), "let the OS cache the .beton (dataset fits in RAM)",
-                           default=True),
-            min_res=Param(Integer(8), "imagenet pipeline: training resolution (the start of "
-                          "progressive resizing)", default=160),
-            max_res=Param(Integer(0), "imagenet pipeline: final training resolution of "
-                          "progressive resizing (0: no resizing)", default=0),
-            start_ramp=Param(Integer(0), "progressive resizing: epoch the ramp from min_res "
-                             "starts", default=0),
-            end_ramp=Param(Integer(0), "progressive resizing: epoch max_res is reached",
-                           default=0),
-            res_step=Param(Integer(1), "progressive resizing: resolutions are multiples of this",
-                           default=32),
-            val_res=Param(Integer(8), "imagenet pipeline: validation resolution", default=224),
-            val_crop_ratio=Param(Number(0.01, 1), "imagenet pipeline: validation center crop, "
-                                 "as a fraction of the shorter side", default=224 / 256))
-    section("model", "The student",
-            arch=Param(Text(), "architecture (fastibd.models)", default="resnet18"),
-            width_mult=Param(Number(0.001, 64), "channel multiplier", default=1.0),
-            normalization=Param(Text(), "input normalization inside the model: cifar10, "
-                                "cifar100, imagenet or none", default="cifar10"),
-            blurpool=Param(Flag(), "ImageNet ResNets: blur before each strided convolution "
-                           "(anti-aliasing, as FFCV's recipe)", default=False))
-    section("teacher", "The robust teacher (distillation modes)",
-            arch=Param(Text(), "architecture of the teacher checkpoint", default="wrn34_10"),
-            path=Param(Text(), "teacher checkpoint file", default=""),
-            source=Param(Text(), "how to get the teacher file (said when it is missing)",
-                         default=""),
-            format=Param(Choice("auto", "fastibd", "state_dict", "robustbench", "robustness"),
-                         "checkpoint layout", default="auto"),
-            width_mult=Param(Number(0.001, 64), "channel multiplier", default=1.0),
-            normalization=Param(Text(), "override the teacher's input normalization "
-                                "(empty: from the file, else the architecture's convention)",
-                                default=""),
-            trust_pickle=Param(Flag(), "allow a full pickle (robustness-library files): it can "
-                               "run code, so only for files you trust", default=False))
-    section("attack", "Training-time attack (pixel space, images in [0, 1])",
-            eps=Param(Number(0, 1), "Linf budget", default=8 / 255),
-            step_size=Param(Number(0, 1), "PGD step", default=2 / 255),
-            steps=Param(Integer(1), "PGD steps", default=10),
-            start=Param(Choice("normal", "uniform"), "start: x + 0.001 N(0,1) (authors' code) or "
-                        "uniform in the ball", default="normal"),
-            fgsm_alpha=Param(Number(0, 10), "fast_at / single-step: step = alpha * eps",
-                             default=1.25),
-            eval_steps=Param(Integer(1), "PGD steps for model selection on the held-out slice",
-                             default=10),
-            eval_step_size=Param(Number(0, 1), "PGD step for model selection (0: eps/4)",
-                                 default=0))
-    section("loss", "Objective",
-            mode=Param(Choice(*MODES), "ibd (the paper), rslad, kd, trades, pgd_at, fast_at, "
-                       "standard", default="ibd"),
-            alpha=Param(Number(0, 1), "weight of the adversarial soft-label term (the paper: "
-                        "0.9; the IBD code: 0.8; RSLAD: 5/6)", default=0.9),
-            beta=Param(Number(0, 1e6), "weight of the feature-distillation term", default=0.8),
-            temperature=Param(Number(0.01, 100), "soft-label temperature", default=1.0),
-            attention_dim=Param(Integer(1), "query/key dimension of the attention module",
-                                default=128),
-            trades_beta=Param(Number(0, 1e6), "TRADES robustness weight", default=6.0),
-            rslad_scale=Param(Number(0, 1e6), "rslad: factor on RSLAD's KL, which its code "
-                              "averages over batch x classes (its CIFAR-100 scripts use 10)",
-                              default=1.0),
-            teacher_input=Param(Choice("natural", "adv"), "ibd: the input the teacher's taps "
-                                "come from: natural (the IBD code) or adv (the paper's text); "
-                                "soft labels always come from the natural input",
-                                default="natural"),
-            backend=Param(Choice("auto", "eager", "fused"), "feature-loss kernels: fused "
-                          "Triton kernels on CUDA, eager reference elsewhere", default="auto"))
-    section("optim", "SGD and the learning-rate schedule (per iteration)",
-            lr=Param(Number(0, 100), "peak learning rate (for batch_size; scaled linearly "
-                     "with the global batch if lr_scaling)", default=0.1),
-            momentum=Param(Number(0, 1), "SGD momentum", default=0.9),
-            nesterov=Param(Flag(), "Nesterov momentum", default=False),
-            weight_decay=Param(Number(0, 1), "weight decay", default=5e-4),
-            decay_norm_and_bias=Param(Flag(), "decay every parameter, as the IBD code and "
-                                      "paper (false: not the 1-D ones, norm weights and "
-                                      "biases, as FFCV's ImageNet recipe)", default=True),
-            schedule=Param(Choice("piecewise", "onecycle", "linear", "constant"),
-                           "piecewise: x gamma at milestones; onecycle: linear up to "
-                           "peak_epoch then down to 0; linear: down to 0", default="piecewise"),
-            milestones=Param(IntList(), "piecewise: epochs where lr *= gamma", default="100,150"),
-            gamma=Param(Number(0, 1), "piecewise: factor at each milestone", default=0.1),
-            peak_epoch=Param(Number(0, 1e6), "onecycle: epoch of the peak", default=2),
-            lr_scaling=Param(Flag(), "scale lr by global batch / batch_size (several GPUs)",
-                             default=False))
-    section("training", "The run",
-            epochs=Param(Integer(1), "epochs", default=200),
-            seed=Param(Integer(0), "random seed (each rank adds its rank)", default=0),
-            device=Param(Choice("auto", "cpu", "cuda"), "auto: cuda when available",
-                         default="auto"),
-            precision=Param(Choice("auto", "fp32", "bf16", "fp16"), "autocast dtype; auto: "
-                            "bf16 on CUDA, fp32 on CPU", default="auto"),
-            compile=Param(Choice("auto", "true", "false"), "torch.compile the models; auto: "
-                          "on CUDA only", default="auto"),
-            compile_mode=Param(Choice("default", "reduce-overhead", "max-autotune",
-                                      "max-autotune-no-cudagraphs"), "torch.compile mode",
-                               default="default"),
-            out_dir=Param(Text(), "run directory: checkpoints, metrics, resolved config",
-                          default="runs/default"),
-            resume=Param(Flag(), "continue the run in out_dir if it has a checkpoint",
-                         default=True),
-            eval_every=Param(Integer(1), "evaluate on the held-out slice every N epochs",
-                             default=1),
-            nproc=Param(Text(), "processes (one per GPU) when not started by torchrun: auto "
-                        "= every visible GPU (DDP), or a number", default="auto"),
-            max_steps=Param(Integer(0), "stop each epoch after N steps (0: full epochs); for "
-                            "quick trials", default=0))
-    section("logging", "Output",
-            progress=Param(Flag(), "tqdm progress bars", default=True),
-            tensorboard=Param(Flag(), "also write TensorBoard event files (needs tensorboard)",
-                              default=False))
+def option(checker: Checker, help: str, default: Any = REQUIRED) -> Any:
+    """A field of a settings section: how it is checked, what it means, its default (none:
+    the option is required)."""
+    required = default is REQUIRED
+    return dataclasses.field(default=None if required else default,
+                             metadata={"checker": checker, "help": help, "required": required})
 
 
-def help_text() -> str:
+def section(name: str, description: str) -> Callable[[type[T]], type[T]]:
+    """Make a class a frozen settings dataclass named `name` in configs and on the command
+    line (`--name.key=value`)."""
+
+    def make(cls: type[T]) -> type[T]:
+        cls = dataclasses.dataclass(frozen=True)(cls)
+        cls.SECTION = name  # type: ignore[attr-defined]
+        cls.DESCRIPTION = description  # type: ignore[attr-defined]
+        return cls
+
+    return make
+
+
+def _declare(sections: Sequence[type]) -> Config:
     config = Config()
-    declare(config)
-    lines = ["usage: python -m fastibd.train --cfg NAME [--section.key=value ...]",
-             "",
-             "Train with Information Bottleneck Distillation (or a baseline mode).",
-             "",
-             "  --cfg NAME     configs/NAME.yaml (or a path to a YAML file)",
-             "  --help         this text",
-             "",
-             f"configs: {', '.join(available_configs()) or '(none)'}"]
+    for cls in sections:
+        params = {}
+        for field in dataclasses.fields(cls):
+            meta = field.metadata
+            params[field.name] = Param(meta["checker"], meta["help"], required=meta["required"],
+                                       default=None if meta["required"] else field.default)
+        Section(cls.SECTION, cls.DESCRIPTION, config_descriptor=config).params(**params)
+    return config
+
+
+class Recipes:
+    """The YAML recipes of a command: CONFIG_DIR/NAME.yaml, or a path to a YAML file."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    def names(self) -> list[str]:
+        return sorted(p.stem for p in self.directory.glob("*.yaml"))
+
+    def path(self, name: str) -> Path:
+        path = Path(name)
+        if path.suffix in (".yaml", ".yml") and path.is_file():
+            return path
+        path = self.directory / f"{name}.yaml"
+        if not path.is_file():
+            close = difflib.get_close_matches(name, self.names(), n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else \
+                f"; available: {', '.join(self.names())}"
+            raise UserError(f"unknown config {name!r} (no {path}){hint}")
+        return path
+
+    def values(self, name: str) -> dict[str, Any]:
+        return _recipe_values(self.path(name), self)
+
+
+def load(argv: list[str], sections: Sequence[type], recipes: Recipes) -> dict[str, Any]:
+    """{section name: filled section} from the command line `argv` (`--cfg NAME` and
+    `--section.key=value` pairs), every value checked."""
+    cfg, overrides = parse_args(argv)
+    values: dict[str, Any] = recipes.values(cfg) if cfg is not None else {}
+    values.update(overrides)
+    return fill(values, sections)
+
+
+def fill(values: dict[str, Any], sections: Sequence[type]) -> dict[str, Any]:
+    """{section name: filled section} from flat {"section.key": value} pairs, every value
+    checked (the same checks as the command line's)."""
+    config = _declare(sections)
+    known = {".".join(path) for path in config.entries}
+    for key in values:
+        if key not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=1)
+            hint = f"; did you mean {close[0]}?" if close else " (see --help)"
+            raise UserError(f"unknown parameter {key!r}{hint}")
+    config.collect(values)
+    errors = config.validate(mode="errordict")
+    if errors:
+        path, error = next(iter(errors.items()))
+        key = ".".join(path)
+        param = config.entries[path]
+        if isinstance(error, fastargs.exceptions.MissingValueError):
+            raise UserError(f"{key} is required ({param.desc}); set it in the config or with "
+                            f"--{key}=...")
+        raise UserError(f"{key}: expected {param.checker.help()}, got {config.content[path]!r}")
+    return {cls.SECTION: cls(**{field.name: config[(cls.SECTION, field.name)]
+                                for field in dataclasses.fields(cls)}) for cls in sections}
+
+
+def help_lines(sections: Sequence[type]) -> list[str]:
+    """Every option of `sections`: `--section.key  help (check; default)`."""
+    config = _declare(sections)
+    lines = []
     for ns, paths in config.sections_to_entries.items():
         lines += ["", f"{'.'.join(ns)}: {config.sections[ns].desc}"]
         for path in paths:
             param = config.entries[path]
-            default = "required" if param.required else f"default {param.default!r}"
+            default = "required" if param.required else f"default {_shown(param.default)}"
             lines.append(f"  --{'.'.join(path):<26} {param.desc} ({param.checker.help()}; "
                          f"{default})")
-    return "\n".join(lines)
+    return lines
 
 
-def available_configs() -> list[str]:
-    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+def as_tree(sections: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """{section: {key: value}} with plain YAML types (tuples as lists), for config.yaml."""
+    return {name: {key: list(value) if isinstance(value, tuple) else value
+                   for key, value in dataclasses.asdict(values).items()}
+            for name, values in sections.items()}
 
 
-def config_path(name: str) -> Path:
-    path = Path(name)
-    if path.suffix in (".yaml", ".yml") and path.is_file():
-        return path
-    path = CONFIG_DIR / f"{name}.yaml"
-    if not path.is_file():
-        close = difflib.get_close_matches(name, available_configs(), n=3)
-        hint = f"; did you mean {', '.join(close)}?" if close else \
-            f"; available: {', '.join(available_configs())}"
-        raise UserError(f"unknown config {name!r} (no {path}){hint}")
-    return path
+def _shown(value: Any) -> str:
+    return repr(",".join(map(str, value)) if isinstance(value, tuple) else value)
 
 
 def parse_args(argv: list[str]) -> tuple[str | None, dict[str, str]]:
@@ -295,35 +249,7 @@ def parse_args(argv: list[str]) -> tuple[str | None, dict[str, str]]:
     return cfg, overrides
 
 
-def load_config(argv: list[str]) -> Config:
-    """Build, fill and validate a fresh config from the command line `argv`."""
-    config = Config()
-    declare(config)
-    cfg, overrides = parse_args(argv)
-    values: dict[str, Any] = {}
-    if cfg is not None:
-        values.update(_recipe_values(config_path(cfg)))
-    values.update(overrides)
-    known = {".".join(path) for path in config.entries}
-    for key in values:
-        if key not in known:
-            close = difflib.get_close_matches(key, sorted(known), n=1)
-            hint = f"; did you mean {close[0]}?" if close else " (see --help)"
-            raise UserError(f"unknown parameter {key!r}{hint}")
-    config.collect(values)
-    errors = config.validate(mode="errordict")
-    if errors:
-        path, error = next(iter(errors.items()))
-        key = ".".join(path)
-        param = config.entries[path]
-        if isinstance(error, fastargs.exceptions.MissingValueError):
-            raise UserError(f"{key} is required ({param.desc}); set it in the config or with "
-                            f"--{key}=...")
-        raise UserError(f"{key}: expected {param.checker.help()}, got {config.content[path]!r}")
-    return config
-
-
-def _recipe_values(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+def _recipe_values(path: Path, recipes: Recipes, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     """A recipe's flat values. A recipe that differs from another in a few lines names it
     with `base: NAME` and overrides what differs: the base's values come first."""
     if path.resolve() in seen:
@@ -335,7 +261,7 @@ def _recipe_values(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     if base is not None:
         if not isinstance(base, str):
             raise UserError(f"{path}: base should name one config, got {base!r}")
-        values.update(_recipe_values(config_path(base), (*seen, path.resolve())))
+        values.update(_recipe_values(recipes.path(base), recipes, (*seen, path.resolve())))
     values.update(_flatten(tree, source=str(path)))
     return values
 
@@ -363,13 +289,3 @@ def _flatten(tree: dict[str, Any], source: str, prefix: str = "") -> dict[str, A
         else:
             flat[name] = value
     return flat
-
-
-def as_dict(config: Config) -> dict[str, dict[str, Any]]:
-    """The resolved values as {section: {key: value}}, for saving beside a run."""
-    tree: dict[str, dict[str, Any]] = {}
-    for path in config.entries:
-        value = config[path]
-        tree.setdefault(path[0], {})[".".join(path[1:])] = (
-            list(value) if isinstance(value, tuple) else value)
-    return tree

@@ -3,6 +3,8 @@ from a setting that may say `auto`. Training, evaluation and the benchmarks shar
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from fastibd.errors import UserError
@@ -35,3 +37,34 @@ def training_memory_format(device: torch.device) -> torch.memory_format:
 
 def resolve_compile(name: str, device: torch.device) -> bool:
     return device.type == "cuda" if name == "auto" else name == "true"
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where and how a training step computes (the trainer's and the benchmark's)."""
+
+    device: torch.device
+    dtype: torch.dtype  # autocast dtype; float32 = no autocast
+    memory_format: torch.memory_format
+    compiled: bool
+    compile_mode: str | None = None
+
+    @property
+    def precision(self) -> str:
+        return str(self.dtype).removeprefix("torch.")
+
+
+def resolve_runtime(device: str, precision: str, compile: str, compile_mode: str | None,
+                    device_option: str = "training.device") -> Runtime:
+    """A Runtime from settings that may say `auto`; `device_option` names the device setting
+    in errors."""
+    resolved = resolve_device(device, device_option)
+    return Runtime(resolved, resolve_precision(precision, resolved),
+                   training_memory_format(resolved), resolve_compile(compile, resolved),
+                   compile_mode)
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA is asynchronous) before reading a clock."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

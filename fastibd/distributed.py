@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import sys
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -59,14 +58,15 @@ def shutdown(world: World) -> None:
         dist.destroy_process_group()
 
 
-def process_count(training: dict[str, Any]) -> int:
-    """How many processes to start here: 1 under torchrun (it already did), else
-    training.nproc, where auto is one per visible GPU (and 1 on a CPU)."""
+def process_count(nproc: str, device: str) -> int:
+    """How many processes to start here: 1 under torchrun (it already did), else `nproc`
+    (training.nproc), where auto is one per visible GPU (and 1 on a CPU or with device
+    cpu)."""
     if "WORLD_SIZE" in os.environ:
         return 1
-    nproc = str(training["nproc"]).strip()
+    nproc = str(nproc).strip()
     if nproc == "auto":
-        uses_cuda = training["device"] != "cpu" and torch.cuda.is_available()
+        uses_cuda = device != "cpu" and torch.cuda.is_available()
         return torch.cuda.device_count() if uses_cuda else 1
     if not nproc.isdigit() or int(nproc) < 1:
         raise UserError(f"training.nproc: expected auto or a number >= 1, got {nproc!r}")

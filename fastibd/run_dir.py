@@ -1,4 +1,10 @@
-"""Per-epoch metrics of a run: JSON lines in RUN_DIR/metrics.jsonl (and TensorBoard)."""
+"""A run directory, as fastibd.train writes it and fastibd.report reads it:
+
+    config.yaml     the resolved settings
+    metrics.jsonl   one JSON line per epoch (and a final one); TensorBoard events optional
+    last.pt         the whole training state, written atomically every epoch and on Ctrl-C
+    best.pt         the student with the best PGD accuracy on the held-out training images
+"""
 
 from __future__ import annotations
 
@@ -10,6 +16,8 @@ from typing import Any
 from fastibd.errors import UserError
 
 METRICS_FILE = "metrics.jsonl"
+CONFIG_FILE = "config.yaml"
+LAST, BEST = "last.pt", "best.pt"
 
 
 class RunLog:

@@ -41,6 +41,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from fastibd.cli import choice_list
 from kernels import fused, reference
 
 # ----------------------------------------------------------------------------- configs
@@ -385,15 +386,6 @@ def write_plot(rows: Sequence[Row], path: Path, title: str) -> bool:
 # -------------------------------------------------------------------------------- main
 
 
-def _csv_list(value: str, allowed: Sequence[str], what: str) -> list[str]:
-    items = [v.strip() for v in value.split(",") if v.strip()]
-    bad = [v for v in items if v not in allowed]
-    if bad or not items:
-        raise argparse.ArgumentTypeError(
-            f"unknown {what} {', '.join(bad) or '(none given)'}; choose from {', '.join(allowed)}")
-    return items
-
-
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     all_configs = [*GPU_CONFIGS, *CPU_CONFIGS]
     p = argparse.ArgumentParser(
@@ -403,14 +395,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--out", type=Path, default=Path("bench-out"),
                    help="directory for results.csv and results.png (default: bench-out)")
-    p.add_argument("--configs", type=lambda v: _csv_list(v, all_configs, "config"),
+    p.add_argument("--configs", type=lambda v: choice_list(v, all_configs, "config"),
                    default=None, help="comma-separated; GPU: " + ", ".join(GPU_CONFIGS)
                    + " (default all); CPU: " + ", ".join(CPU_CONFIGS) + " (default all)")
-    p.add_argument("--providers", type=lambda v: _csv_list(v, PROVIDERS, "provider"),
+    p.add_argument("--providers", type=lambda v: choice_list(v, PROVIDERS, "provider"),
                    default=None, help=f"comma-separated from {', '.join(PROVIDERS)} (default: "
                    f"{','.join(DEFAULT_GPU_PROVIDERS)} on CUDA, "
                    f"{','.join(DEFAULT_CPU_PROVIDERS)} on CPU)")
-    p.add_argument("--modes", type=lambda v: _csv_list(v, MODES, "mode"), default=list(MODES),
+    p.add_argument("--modes", type=lambda v: choice_list(v, MODES, "mode"), default=list(MODES),
                    help="comma-separated from fwd, fwd+bwd (default both)")
     p.add_argument("--loss", choices=("ops", "module"), default="ops",
                    help="ops: the three ops with a fixed attention tensor (default); module: "

@@ -1,5 +1,5 @@
-"""Helpers shared by the Triton host functions (no Triton import here: kernels.fused must
-import on machines without Triton, and this module is imported by it).
+"""What the fused ops share: Triton (or a stand-in where it is not installed, so every op
+module imports and falls back to the reference), the dispatch rule, buffers, packing.
 
 Output poisoning: with FASTIBD_POISON_OUTPUTS=1 every buffer a host function allocates for a
 kernel to fill (outputs and intermediates) starts as NaN instead of uninitialized memory, so
@@ -10,9 +10,34 @@ luck. The kernel tests turn it on; it costs one fill per buffer, so it is off by
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
+
+
+class _NoTriton:
+    """Stands in for `triton` and `triton.language` where Triton is not installed: `@jit`
+    leaves a kernel a plain function and any attribute (an annotation such as
+    `tl.constexpr`) is this object, so the op modules import and `use_triton` says no."""
+
+    def jit(self, fn):
+        return fn
+
+    def __getattr__(self, name: str) -> _NoTriton:
+        return self
+
+
+try:
+    import triton
+    import triton.language as tl
+
+    TRITON_AVAILABLE = True
+except ImportError:  # CUDA wheels of torch bring Triton; some platforms have none
+    triton = tl = _NoTriton()
+    TRITON_AVAILABLE = False
+
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 POISON_ENV = "FASTIBD_POISON_OUTPUTS"
 INTERPRET_ENV = "TRITON_INTERPRET"
@@ -44,3 +69,38 @@ def new_buffer(
 def next_pow2(x: int) -> int:
     """Smallest power of two >= x (>= 1): Triton block shapes must be powers of two."""
     return 1 if x <= 1 else 1 << (int(x) - 1).bit_length()
+
+
+def unpack(packed: Tensor, like: Sequence[Tensor],
+           needed: Sequence[bool] | None = None) -> list[Tensor | None]:
+    """Per-map views [B, H_i, W_i] of a packed [B, sum H_i*W_i] gradient (no copy), cast to
+    each map's dtype; None where `needed` says the map needs none."""
+    out, offset = [], 0
+    for i, x in enumerate(like):
+        size = x.shape[-2] * x.shape[-1]
+        keep = needed is None or needed[i]
+        out.append(packed[:, offset:offset + size].view(x.shape).to(x.dtype) if keep else None)
+        offset += size
+    return out
+
+
+def triton_available() -> bool:
+    """Whether Triton is installed here."""
+    return TRITON_AVAILABLE
+
+
+def use_triton(tensors: Sequence[Tensor]) -> bool:
+    """The dispatch rule of every op: Triton for fp32/fp16/bf16 tensors on CUDA, or on the
+    CPU under TRITON_INTERPRET=1 (tests); the eager reference for anything else."""
+    if not tensors or any(t.dtype not in TRITON_DTYPES for t in tensors):
+        return False
+    device = tensors[0].device.type
+    if device != "cuda" and not (device == "cpu" and interpreting()):
+        return False
+    return triton_available()
+
+
+def packed_len(maps: Sequence[Tensor]) -> int:
+    """Length of a packed row of `maps`: the sum of their H*W."""
+    return sum(x.shape[-2] * x.shape[-1] for x in maps)
+

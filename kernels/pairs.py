@@ -32,7 +32,13 @@ maps; backward: two launches).
     No atomics: deterministic.
 
 Everything here is O(map size), ~1/C of the feature bytes that `pool` moves.
-This module imports Triton: import it only when a kernel is about to run (see kernels.ops).
+
+The op is two torch.library custom ops, `fastibd::pair_distances` -> (d, stats) and
+`fastibd::pair_distances_backward` (its autograd formula) -> packed gradients [B, sum H*W]
+per side (custom-op outputs may not alias each other, so the per-map views are cut in the
+traceable autograd formula). They dispatch as kernels/pool.py's do; `stats` (the three sums
+per pair, saved for the backward) is empty on the reference path. Use `pair_distances`,
+which returns d only, with the reference's signature. Double backward is not supported.
 """
 
 import functools
@@ -40,11 +46,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import triton
-import triton.language as tl
 from torch import Tensor
 
-from kernels.common import new_buffer, next_pow2
+from kernels import reference
+from kernels.common import new_buffer, next_pow2, packed_len, tl, triton, unpack, use_triton
 from kernels.reference import NORMALIZE_EPS
 
 # ------------------------------------------------------------------------ device helpers
@@ -101,6 +106,20 @@ def _group_members(groups_ptr, members_ptr, toff_ptr, g, MAX_GROUP: tl.constexpr
 
 
 @triton.jit
+def _this_group(t_ptr, s_ptr, groups_ptr, members_ptr, toff_ptr, LT, LS,
+                MAX_GROUP: tl.constexpr):
+    """The (sample b, size group g) this program owns: b, the group's size, its members and
+    offsets (_group_members), and the sample's packed teacher and student rows."""
+    b = tl.program_id(0)
+    ht, wt, gr_off, kmask, tidx, toff = _group_members(
+        groups_ptr, members_ptr, toff_ptr, tl.program_id(1), MAX_GROUP
+    )
+    t_row = t_ptr + b.to(tl.int64) * LT
+    s_row = s_ptr + b.to(tl.int64) * LS
+    return b, ht, wt, gr_off, kmask, tidx, toff, t_row, s_row
+
+
+@triton.jit
 def _pairs_fwd_kernel(
     t_ptr,  # [B, LT] fp32: teacher maps packed per sample
     s_ptr,  # [B, LS] fp32: student maps packed per sample
@@ -111,23 +130,12 @@ def _pairs_fwd_kernel(
     toff_ptr,  # [n] int32: offset of teacher map i in a packed row
     stab_ptr,  # [m, 3] int32: offset, hs, ws of student map j
     bnm,  # B * n * m: stride between the three stats planes
-    n,
-    m,
-    LT,
-    LS,
-    eps,
-    MAX_GROUP: tl.constexpr,
-    MAX_M: tl.constexpr,
-    BLOCK: tl.constexpr,
+    n, m, LT, LS, eps,  # pair counts, packed row lengths, F.normalize's eps
+    MAX_GROUP: tl.constexpr, MAX_M: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    b = tl.program_id(0)
-    g = tl.program_id(1)
-    ht, wt, _gr_off, kmask, tidx, toff = _group_members(
-        groups_ptr, members_ptr, toff_ptr, g, MAX_GROUP
-    )
+    b, ht, wt, _gr_off, kmask, tidx, toff, t_row, s_row = _this_group(
+        t_ptr, s_ptr, groups_ptr, members_ptr, toff_ptr, LT, LS, MAX_GROUP)
     hw = ht * wt
-    t_row = t_ptr + b.to(tl.int64) * LT
-    s_row = s_ptr + b.to(tl.int64) * LS
     jj = tl.arange(0, MAX_M)
     tt = tl.zeros([MAX_GROUP], dtype=tl.float32)
     rr = tl.zeros([MAX_M], dtype=tl.float32)
@@ -208,29 +216,16 @@ def _pairs_bwd_resized_kernel(
     toff_ptr,
     stab_ptr,
     bnm,  # B * n * m: stride between the three stats planes
-    n,
-    m,
-    LT,
-    LS,
-    LG,
-    eps,
-    NEED_T: tl.constexpr,
-    NEED_S: tl.constexpr,
-    MAX_GROUP: tl.constexpr,
-    MAX_M: tl.constexpr,
-    BLOCK: tl.constexpr,
+    n, m, LT, LS, LG, eps,  # as the forward's; LG: row length of gr
+    NEED_T: tl.constexpr, NEED_S: tl.constexpr,
+    MAX_GROUP: tl.constexpr, MAX_M: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    b = tl.program_id(0)
-    g = tl.program_id(1)
-    ht, wt, gr_off, kmask, tidx, toff = _group_members(
-        groups_ptr, members_ptr, toff_ptr, g, MAX_GROUP
-    )
+    b, ht, wt, gr_off, kmask, tidx, toff, t_row, s_row = _this_group(
+        t_ptr, s_ptr, groups_ptr, members_ptr, toff_ptr, LT, LS, MAX_GROUP)
     hw = ht * wt
     coef_a, coef_r, coef_t = _coefficients(
         stats_ptr, gd_ptr, b, bnm, n, m, tidx, kmask, hw, eps, MAX_GROUP, MAX_M
     )
-    t_row = t_ptr + b.to(tl.int64) * LT
-    s_row = s_ptr + b.to(tl.int64) * LS
     jj = tl.arange(0, MAX_M)
     for p0 in range(0, hw, BLOCK):
         p = p0 + tl.arange(0, BLOCK)
@@ -438,12 +433,159 @@ def pairs_bwd(grad_d: Tensor, t_maps: Sequence[Tensor], s_maps: Sequence[Tensor]
     return gt, gs
 
 
-def unpack(packed: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
-    """Inverse of `pack` for gradients: views [B, H_i, W_i] of packed [B, L] (no copy), cast to
-    each map's dtype."""
-    out, offset = [], 0
-    for x in like:
-        h, w = x.shape[-2], x.shape[-1]
-        out.append(packed[:, offset:offset + h * w].view(x.shape).to(x.dtype))
-        offset += h * w
-    return out
+# ------------------------------------------------------------- the op: dispatch, autograd
+
+
+@torch.library.custom_op(
+    "fastibd::pair_distances",
+    mutates_args=(),
+    schema="(Tensor[] t_maps, Tensor[] s_maps) -> (Tensor, Tensor)",
+)
+def pair_distances_op(t_maps: list[Tensor], s_maps: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """(d [B, n, m], stats); d as kernels.reference.pair_distances. stats is [3, B, n, m] on
+    the Triton path (saved for its backward) and an empty tensor on the reference path."""
+    if use_triton([*t_maps, *s_maps]):
+        return pairs_fwd(t_maps, s_maps)
+    d = reference.pair_distances(t_maps, s_maps)
+    return d, d.new_empty((0,))
+
+
+@pair_distances_op.register_fake
+def _pair_distances_fake(t_maps: list[Tensor], s_maps: list[Tensor]) -> tuple[Tensor, Tensor]:
+    dtype = reference.accumulation_dtype(*t_maps, *s_maps)
+    batch, n, m = t_maps[0].shape[0], len(t_maps), len(s_maps)
+    d = t_maps[0].new_empty((batch, n, m), dtype=dtype)
+    if use_triton([*t_maps, *s_maps]):
+        return d, t_maps[0].new_empty((3, batch, n, m), dtype=torch.float32)
+    return d, t_maps[0].new_empty((0,), dtype=dtype)
+
+
+def pairs_backward_torch(
+    grad_d: Tensor, t_maps: Sequence[Tensor], s_maps: Sequence[Tensor], need_t: bool,
+    need_s: bool,
+) -> tuple[Tensor, Tensor]:
+    """The backward of kernels.reference.pair_distances in plain torch (the reference path of
+    fastibd::pair_distances_backward; a custom op runs below autograd, so it cannot call
+    autograd on the reference). Same formula as the Triton kernels (kernels/pairs.py), per
+    teacher size group, with the adjoint of adaptive pooling done by ATen's own backward op.
+    Returns packed gradients like pairs_bwd, in the accumulation dtype."""
+    dtype = reference.accumulation_dtype(*t_maps, *s_maps)
+    eps = reference.NORMALIZE_EPS
+    batch = t_maps[0].shape[0]
+    t_list = [x.to(dtype) for x in t_maps]
+    s_list = [x.to(dtype) for x in s_maps]
+    g_t = [torch.zeros_like(x) for x in t_list]
+    g_s = [torch.zeros_like(x) for x in s_list]
+    grad_d = grad_d.to(dtype)
+    sizes = list(dict.fromkeys((x.shape[-2], x.shape[-1]) for x in t_list))
+    for size in sizes:
+        idx = [i for i, x in enumerate(t_list) if (x.shape[-2], x.shape[-1]) == size]
+        hw = size[0] * size[1]
+        t = torch.stack([t_list[i] for i in idx], dim=1).flatten(2)  # [B, k, HW]
+        r = torch.stack(
+            [torch.nn.functional.adaptive_avg_pool2d(x.unsqueeze(1), size).squeeze(1)
+             for x in s_list], dim=1).flatten(2)  # [B, m, HW], not normalized
+        nt, nr = t.square().sum(-1).sqrt(), r.square().sum(-1).sqrt()  # [B, k], [B, m]
+        a, c = 1.0 / nt.clamp_min(eps), 1.0 / nr.clamp_min(eps)
+        ac = a[:, :, None] * c[:, None, :]  # [B, k, m]
+        cos = (t @ r.transpose(1, 2)) * ac
+        w = grad_d[:, idx, :] / hw
+        coef_a = -2.0 * w * ac
+        # differentiate a = 1/|t| (c = 1/|r|) only where the norm was not clamped at eps
+        coef_r = (w * torch.where(nr[:, None, :] > eps, 2.0 * cos, 2.0) * c[:, None, :] ** 2)
+        coef_t = (w * torch.where(nt[:, :, None] > eps, 2.0 * cos, 2.0) * a[:, :, None] ** 2)
+        if need_s:
+            g_r = coef_a.transpose(1, 2) @ t + coef_r.sum(1)[:, :, None] * r  # [B, m, HW]
+            for j, x in enumerate(s_list):
+                g_rj = g_r[:, j].reshape(batch, 1, *size)
+                g_s[j] += torch.ops.aten._adaptive_avg_pool2d_backward(
+                    g_rj, x.unsqueeze(1)).squeeze(1)
+        if need_t:
+            g_tk = coef_a @ r + coef_t.sum(2)[:, :, None] * t  # [B, k, HW]
+            for k, i in enumerate(idx):
+                g_t[i] = g_tk[:, k].reshape(t_list[i].shape)
+    empty = grad_d.new_empty((0,), dtype=dtype)
+    gt = torch.cat([g.reshape(batch, -1) for g in g_t], 1) if need_t else empty
+    gs = torch.cat([g.reshape(batch, -1) for g in g_s], 1) if need_s else empty
+    return gt, gs
+
+
+@torch.library.custom_op(
+    "fastibd::pair_distances_backward",
+    mutates_args=(),
+    schema="(Tensor grad_d, Tensor[] t_maps, Tensor[] s_maps, Tensor stats, bool need_t, "
+    "bool need_s) -> (Tensor, Tensor)",
+)
+def pair_distances_backward_op(
+    grad_d: Tensor,
+    t_maps: list[Tensor],
+    s_maps: list[Tensor],
+    stats: Tensor,
+    need_t: bool,
+    need_s: bool,
+) -> tuple[Tensor, Tensor]:
+    """Packed gradients (gt [B, sum Ht*Wt], gs [B, sum Hs*Ws]) in the accumulation dtype;
+    a side not asked for is an empty [0] tensor."""
+    if use_triton([*t_maps, *s_maps]):
+        return pairs_bwd(grad_d, t_maps, s_maps, stats, need_t, need_s)
+    return pairs_backward_torch(grad_d, t_maps, s_maps, need_t, need_s)
+
+
+@pair_distances_backward_op.register_fake
+def _pair_distances_backward_fake(grad_d: Tensor, t_maps: list[Tensor], s_maps: list[Tensor],
+                                  stats: Tensor, need_t: bool, need_s: bool
+                                  ) -> tuple[Tensor, Tensor]:
+    dtype = reference.accumulation_dtype(*t_maps, *s_maps)
+    if use_triton([*t_maps, *s_maps]):
+        dtype = torch.float32
+    batch = t_maps[0].shape[0]
+    empty = grad_d.new_empty((0,), dtype=dtype)
+    gt = grad_d.new_empty((batch, packed_len(t_maps)), dtype=dtype) if need_t else empty
+    gs = grad_d.new_empty((batch, packed_len(s_maps)), dtype=dtype) if need_s else empty
+    return gt, gs
+
+
+def _pairs_setup_context(ctx, inputs, output) -> None:
+    t_maps, s_maps = inputs
+    _, stats = output
+    ctx.n = len(t_maps)
+    ctx.save_for_backward(*t_maps, *s_maps, stats)
+    ctx.set_materialize_grads(False)
+
+
+def _pairs_backward(ctx, grad_d: Tensor | None, _grad_stats: Tensor | None):
+    saved = ctx.saved_tensors
+    t_maps, s_maps, stats = saved[: ctx.n], saved[ctx.n : -1], saved[-1]
+    t_needed, s_needed = ctx.needs_input_grad  # one list of bools per list input
+    need_t, need_s = any(t_needed), any(s_needed)
+    if grad_d is None or not (need_t or need_s):
+        return [None] * len(t_maps), [None] * len(s_maps)
+    gt, gs = pair_distances_backward_op(grad_d, list(t_maps), list(s_maps), stats, need_t,
+                                        need_s)
+    t_grads = unpack(gt, t_maps, t_needed) if need_t else [None] * len(t_maps)
+    s_grads = unpack(gs, s_maps, s_needed) if need_s else [None] * len(s_maps)
+    return t_grads, s_grads
+
+
+pair_distances_op.register_autograd(_pairs_backward, setup_context=_pairs_setup_context)
+
+
+# ------------------------------------------------------------------------ the public op
+
+
+def pair_distances(t_maps: Sequence[Tensor], s_maps: Sequence[Tensor]) -> Tensor:
+    """Distances between every teacher map and every student map (one launch on CUDA).
+
+    t_maps: n maps [B, Ht_i, Wt_i]; s_maps: m maps [B, Hs_j, Ws_j] (any sizes). Returns
+    d [B, n, m] fp32 (float64 for float64 maps); see kernels.reference.pair_distances.
+    Differentiable w.r.t. both sides (the teacher gradient is only computed when asked)."""
+    if len(t_maps) == 0 or len(s_maps) == 0:
+        raise ValueError("pair_distances needs at least one teacher map and one student map")
+    maps = [*t_maps, *s_maps]
+    if any(x.dim() != 3 for x in maps) or len({x.shape[0] for x in maps}) != 1:
+        raise ValueError(
+            "pair_distances expects [B, H, W] maps with one batch size, got shapes "
+            f"{[tuple(x.shape) for x in maps]}"
+        )
+    d, _stats = pair_distances_op(list(t_maps), list(s_maps))
+    return d

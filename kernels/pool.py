@@ -20,17 +20,34 @@ time and loads along it coalesce (C for channels_last, H*W for NCHW). Any other 
 copied once to the nearest dense format. dz is written in z's format.
 
 All arithmetic is fp32 after the load (bf16/fp16 inputs), as the reference does.
-This module imports Triton: import it only when a kernel is about to run (see kernels.ops).
+
+The op is two torch.library custom ops, `fastibd::pool` and `fastibd::pool_backward` (its
+autograd formula), with fake functions, so torch.compile(fullgraph=True) traces through
+them. Each dispatches inside (kernels.common.use_triton): these kernels for fp32/fp16/bf16
+tensors on CUDA (or on the CPU under TRITON_INTERPRET=1), the eager reference otherwise.
+Autocast passes inputs through unchanged; outputs are fp32 (float64 stays float64).
 """
 
 import torch
-import triton
-import triton.language as tl
 from torch import Tensor
 
-from kernels.common import new_buffer, next_pow2
+from kernels import reference
+from kernels.common import new_buffer, next_pow2, tl, triton, use_triton
 
 # --------------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _tile(hw, hw_mask, c0, C, HW, CHANNELS_LAST: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Channels c0 .. c0+BLOCK_C of the positions hw: (c, c_mask, element offsets within the
+    sample, tile mask), for either memory format."""
+    c = c0 + tl.arange(0, BLOCK_C)
+    c_mask = c < C
+    if CHANNELS_LAST:
+        offs = hw[:, None] * C + c[None, :]
+    else:
+        offs = c[None, :] * HW + hw[:, None]
+    return c, c_mask, offs, hw_mask[:, None] & c_mask[None, :]
 
 
 @triton.jit
@@ -56,13 +73,7 @@ def _pool_fwd_kernel(
     part_row = part_ptr + (pid_b.to(tl.int64) * n_hw_blocks + pid_hw) * C
     energy = tl.zeros([BLOCK_HW], dtype=tl.float32)
     for c0 in range(0, C, BLOCK_C):
-        c = c0 + tl.arange(0, BLOCK_C)
-        c_mask = c < C
-        if CHANNELS_LAST:
-            offs = hw[:, None] * C + c[None, :]
-        else:
-            offs = c[None, :] * HW + hw[:, None]
-        mask = hw_mask[:, None] & c_mask[None, :]
+        c, c_mask, offs, mask = _tile(hw, hw_mask, c0, C, HW, CHANNELS_LAST, BLOCK_C)
         x = tl.load(z_row + offs, mask=mask, other=0.0).to(tl.float32)
         energy += tl.sum(x * x, axis=1)
         tl.store(part_row + c, tl.sum(x, axis=0) * inv_hw, mask=c_mask)
@@ -99,13 +110,7 @@ def _pool_bwd_kernel(
         gm = tl.load(gmap_ptr + pid_b * stride_gmb + hw, mask=hw_mask, other=0.0)
         gm = gm.to(tl.float32) * map_scale
     for c0 in range(0, C, BLOCK_C):
-        c = c0 + tl.arange(0, BLOCK_C)
-        c_mask = c < C
-        if CHANNELS_LAST:
-            offs = hw[:, None] * C + c[None, :]
-        else:
-            offs = c[None, :] * HW + hw[:, None]
-        mask = hw_mask[:, None] & c_mask[None, :]
+        c, c_mask, offs, mask = _tile(hw, hw_mask, c0, C, HW, CHANNELS_LAST, BLOCK_C)
         grad = tl.zeros([BLOCK_HW, BLOCK_C], dtype=tl.float32)
         if HAS_GMAP:
             x = tl.load(z_row + offs, mask=mask, other=0.0).to(tl.float32)
@@ -222,3 +227,80 @@ def pool_bwd(z: Tensor, g_map: Tensor | None, g_gap: Tensor | None,
         BLOCK_HW=block_hw, BLOCK_C=block_c, num_warps=num_warps,
     )
     return dz
+
+
+# ------------------------------------------------------------- the op: dispatch, autograd
+
+
+@torch.library.custom_op("fastibd::pool", mutates_args=(), schema="(Tensor z) -> (Tensor, Tensor)")
+def pool_op(z: Tensor) -> tuple[Tensor, Tensor]:
+    """(map [B, H, W], gap [B, C]) of z [B, C, H, W]; see kernels.reference.pool."""
+    if use_triton([z]):
+        return pool_fwd(z)
+    return reference.pool(z)
+
+
+@pool_op.register_fake
+def _pool_fake(z: Tensor) -> tuple[Tensor, Tensor]:
+    dtype = reference.accumulation_dtype(z)
+    batch, channels, h, w = z.shape
+    return z.new_empty((batch, h, w), dtype=dtype), z.new_empty((batch, channels), dtype=dtype)
+
+
+@torch.library.custom_op(
+    "fastibd::pool_backward",
+    mutates_args=(),
+    schema="(Tensor z, Tensor? g_map, Tensor? g_gap) -> Tensor",
+)
+def pool_backward_op(z: Tensor, g_map: Tensor | None, g_gap: Tensor | None) -> Tensor:
+    """dz = 2 z / C * g_map + g_gap / (H W), in z's dtype and memory format (None = 0)."""
+    if use_triton([z]):
+        return pool_bwd(z, g_map, g_gap)
+    # The reference's autograd formula, written out (the op must not call autograd itself).
+    dtype = reference.accumulation_dtype(z)
+    _, channels, h, w = z.shape
+    grad = torch.zeros((), dtype=dtype, device=z.device)
+    if g_map is not None:
+        grad = z.to(dtype) * (2.0 / channels) * g_map.to(dtype).unsqueeze(1)
+    if g_gap is not None:
+        grad = grad + (g_gap.to(dtype) / (h * w))[:, :, None, None]
+    dz = torch.empty_like(z)  # same memory format as z, like the Triton path
+    dz.copy_(grad.expand(z.shape))
+    return dz
+
+
+@pool_backward_op.register_fake
+def _pool_backward_fake(z: Tensor, g_map: Tensor | None, g_gap: Tensor | None) -> Tensor:
+    return torch.empty_like(z)
+
+
+def _pool_setup_context(ctx, inputs, output) -> None:
+    (z,) = inputs
+    ctx.save_for_backward(z)
+    # An output that does not reach the loss (e.g. gap when the caller ignores it) then
+    # arrives as None and the kernel skips that term instead of reading a zero tensor.
+    ctx.set_materialize_grads(False)
+
+
+def _pool_backward(ctx, g_map: Tensor | None, g_gap: Tensor | None):
+    (z,) = ctx.saved_tensors
+    if not ctx.needs_input_grad[0] or (g_map is None and g_gap is None):
+        return None
+    return pool_backward_op(z, g_map, g_gap)
+
+
+pool_op.register_autograd(_pool_backward, setup_context=_pool_setup_context)
+
+
+# ------------------------------------------------------------------------ the public op
+
+
+def pool(z: Tensor) -> tuple[Tensor, Tensor]:
+    """Channel-pooled energy map and GAP of a feature map, in one pass over z.
+
+    z: [B, C, H, W], NCHW or channels_last, fp32/fp16/bf16 (float64 runs the reference).
+    Returns (map [B, H, W] = mean_c z^2, gap [B, C] = mean_hw z), fp32, differentiable."""
+    if z.dim() != 4:
+        raise ValueError(f"pool expects a [B, C, H, W] feature map, got shape {tuple(z.shape)}")
+    channel_map, gap = pool_op(z)
+    return channel_map, gap

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
+from filelock import FileLock
 from PIL import Image
 
 from data_prep import write_ffcv
@@ -93,27 +98,118 @@ def cli_error(main: Callable[[list[str]], int], argv: list[str],
     return lines[0]
 
 
-def train_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
-    """`python -m fastibd.train ARGS` from the repository root, output captured."""
+# Test processes compute with one thread, as this one does (the `one_thread` fixture): runs
+# in a subprocess and in process then give the same bits, and parallel test workers do not
+# fight over the cores.
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def train_cli(*args: str, timeout: float = 600,
+              one_thread: bool = True) -> subprocess.CompletedProcess[str]:
+    """`python -m fastibd.train ARGS` from the repository root, output captured; with one
+    compute thread unless `one_thread` is false (then as many as a user's run has)."""
     return subprocess.run([sys.executable, "-m", "fastibd.train", *args], cwd=REPO,
-                          capture_output=True, text=True, timeout=timeout)
+                          capture_output=True, text=True, timeout=timeout,
+                          env=ONE_THREAD if one_thread else None)
+
+
+SMOKE_COMMANDS = {  # the README demo: a PGD-AT teacher, the IBD student, a standard student
+    "teacher": ["--cfg", "smoke_teacher"],
+    "ibd": ["--cfg", "smoke", "--teacher.path={teacher}/best.pt"],
+    "standard": ["--cfg", "smoke", "--loss.mode=standard"],
+}
+
+
+class SmokeRuns:
+    """The README demo's three runs, made once per test session and shared by every test
+    worker (pytest-xdist) through a folder beside the workers' own temporary folders: the
+    first to ask makes them under a file lock, the others wait for it and reuse them.
+    `start()` begins making them in a background thread at session start, so the minutes
+    they take overlap with the other tests instead of adding to them."""
+
+    def __init__(self, shared: Path) -> None:
+        self.root = shared / "smoke"
+        self.lock = FileLock(str(shared / "smoke.lock"))
+        self.thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+
+    @property
+    def runs(self) -> dict[str, Path]:
+        return {name: self.root / name for name in SMOKE_COMMANDS}
+
+    def start(self) -> None:
+        self.thread = threading.Thread(target=self._make_guarded, daemon=True)
+        self.thread.start()
+
+    def get(self) -> dict[str, Path]:
+        if self.thread is not None:
+            self.thread.join()
+        self._make()  # a no-op when made (here or by another worker)
+        return self.runs
+
+    def _make_guarded(self) -> None:
+        try:
+            self._make()
+        except BaseException as err:  # noqa: BLE001 - reported by get(), which makes again
+            self.error = err
+
+    def _make(self) -> None:
+        with self.lock:
+            done = self.root / "done"
+            if done.exists():
+                return
+            shutil.rmtree(self.root, ignore_errors=True)  # a half-made attempt: start over
+            data = self.root / "digits"
+            result = subprocess.run([sys.executable, "data_prep/write_ffcv.py", "--dataset",
+                                     "digits", "--out-dir", str(data), "--overwrite",
+                                     "--num-workers", "2"], cwd=REPO, capture_output=True,
+                                    text=True, timeout=600)
+            assert result.returncode == 0, result.stderr[-3000:]
+            paths = [f"--data.train_path={data / 'train.beton'}",
+                     f"--data.val_path={data / 'val.beton'}", "--logging.progress=false"]
+            # The standard student needs no teacher: it trains beside the teacher. With the
+            # threads a user's run has: the README's numbers are these runs' numbers.
+            with ThreadPoolExecutor(2) as pool:
+                standard = pool.submit(self._train, "standard", paths)
+                self._train("teacher", paths)
+                self._train("ibd", paths)
+                standard.result()
+            done.touch()
+
+    def _train(self, name: str, paths: list[str]) -> None:
+        run = self.runs[name]
+        args = [arg.format(teacher=self.runs["teacher"]) for arg in SMOKE_COMMANDS[name]]
+        result = train_cli(*args, *paths, f"--training.out_dir={run}", one_thread=False)
+        assert result.returncode == 0, result.stderr[-3000:]
+        (run / "stdout.txt").write_text(result.stdout)
+
+
+def shared_temp(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder every worker of this session sees (the parent of the workers' folders)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests that read the smoke runs go last (in each file too), so the runs, started in the
+    background at session start, are ready by the time they are needed."""
+    items.sort(key=lambda item: "smoke_runs" in item.fixturenames)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def smoke(request: pytest.FixtureRequest,
+          tmp_path_factory: pytest.TempPathFactory) -> Iterator[SmokeRuns]:
+    """Starts the smoke runs early when any collected test needs them (in one worker)."""
+    runs = SmokeRuns(shared_temp(tmp_path_factory))
+    wanted = any("smoke_runs" in item.fixturenames for item in request.session.items)
+    if wanted and os.environ.get("PYTEST_XDIST_WORKER", "gw0") == "gw0":
+        runs.start()
+    yield runs
+    if runs.thread is not None:  # other workers may be waiting for them
+        runs.thread.join()
 
 
 @pytest.fixture(scope="session")
-def smoke_runs(digits_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """The README demo's runs, through the real CLI: a PGD-AT teacher, the IBD student
-    distilled from it, and a `standard` student (same data, no attack) for comparison."""
-    root = tmp_path_factory.mktemp("smoke")
-    data = [f"--data.train_path={digits_dir / 'train.beton'}",
-            f"--data.val_path={digits_dir / 'val.beton'}", "--logging.progress=false"]
-    runs = {name: root / name for name in ("teacher", "ibd", "standard")}
-    commands = {
-        "teacher": ["--cfg", "smoke_teacher"],
-        "ibd": ["--cfg", "smoke", f"--teacher.path={runs['teacher'] / 'best.pt'}"],
-        "standard": ["--cfg", "smoke", "--loss.mode=standard"],
-    }
-    for name, command in commands.items():
-        result = train_cli(*command, *data, f"--training.out_dir={runs[name]}")
-        assert result.returncode == 0, result.stderr[-3000:]
-        (runs[name] / "stdout.txt").write_text(result.stdout)
-    return runs
+def smoke_runs(smoke: SmokeRuns) -> dict[str, Path]:
+    """The README demo's runs through the real CLI (see SmokeRuns)."""
+    return smoke.get()

@@ -23,13 +23,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastibd.method import attacks
+from fastibd.method.attacks import AttackSettings
 from fastibd.method.loss import FeatureDistillation, rslad_loss
-from fastibd.method.objective import (
-    AttackSettings,
-    LossSettings,
-    TrainingObjective,
-    make_adversarial,
-)
+from fastibd.method.modes import MODES, LossSettings, TrainingObjective
 from fastibd.models import build_model
 from tests.tiny import TapNet
 
@@ -362,8 +358,8 @@ def test_ibd_training_step_equals_the_original() -> None:
         teacher_logits, teacher_feats = teacher(x, features=True)
     probs = F.softmax(teacher_logits, dim=1)
     settings = AttackSettings(eps=8 / 255, step_size=2 / 255, steps=10, start="normal")
-    x_adv = make_adversarial("ibd", ours_student, x, None, probs, settings,
-                             torch.Generator().manual_seed(4))
+    x_adv = MODES["ibd"].adversarial(ours_student, x, None, probs, settings,
+                                     torch.Generator().manual_seed(4))
     torch.testing.assert_close(x_adv, x_adv_port, rtol=0, atol=0)
     objective = TrainingObjective(ours_student, LossSettings("ibd", alpha=0.8, beta=0.8),
                                   ours_head).train()

@@ -51,7 +51,7 @@ def test_both_loaders_give_the_step_what_it_trains_on(name: str, tmp_path: Path)
     in the variant's layout, with labels of its classes; one epoch holds exactly the
     batches the benchmark draws."""
     work = bench_step.CPU_WORKLOADS[name]
-    settings = bench_step.loader_settings(work, torch.device("cpu"), workers=1, progress=False)
+    settings = bench_step.loader_setup(work, torch.device("cpu"), workers=1, progress=False)
     root = bench_step.write_data(tmp_path, work, 2 * work.batch_size, settings)
     for make, fmt in ((bench_step.torchvision_batches, torch.contiguous_format),
                       (bench_step.ffcv_batches, torch.channels_last)):
@@ -66,7 +66,7 @@ def test_both_loaders_give_the_step_what_it_trains_on(name: str, tmp_path: Path)
 
 def test_benchmarked_step_trains_the_student() -> None:
     work = bench_step.CPU_WORKLOADS["cifar-tiny"]
-    step, _ = bench_step.build_step(work, "fastibd", torch.device("cpu"))
+    step, _ = bench_step.workload_step(work, "fastibd", torch.device("cpu"))
     before = [p.detach().clone() for p in step.student.parameters()]
     x = torch.rand(work.batch_size, 3, work.resolution, work.resolution)
     y = torch.randint(0, work.num_classes, (work.batch_size,))

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from data_prep import write_ffcv
-from fastibd.data import ImageNetTrainLoader, LoaderOptions, cifar_loader, imagenet_val_loader
+from fastibd.data import ImageNetTrainLoader, LoaderOptions, imagenet_val_loader, make_loader
 from fastibd.data.beton import image_field, write_beton
 from fastibd.data.sources import ArrayDataset
 from fastibd.errors import UserError
@@ -39,7 +39,7 @@ def indexed_beton(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_cifar_train_epoch_sees_each_sample_once(indexed_beton: Path) -> None:
     options = LoaderOptions(batch_size=16, num_workers=2, seed=0)  # 101 = 6 * 16 + 5
     threads = torch.get_num_threads()
-    loader = cifar_loader(indexed_beton, train=True, options=options)
+    loader = make_loader(indexed_beton, "cifar", "train", options)
     assert torch.get_num_threads() == threads  # FFCV would set it to num_workers
     for _epoch in range(2):
         seen = []
@@ -58,8 +58,9 @@ def test_a_loader_made_first_in_a_process_keeps_torch_threads(indexed_beton: Pat
     has imported ffcv already; the count during epochs is checked above)."""
     code = ("import sys, torch\n"
             "torch.set_num_threads(2)\n"
-            "from fastibd.data import LoaderOptions, cifar_loader\n"
-            "cifar_loader(sys.argv[1], True, LoaderOptions(batch_size=16, num_workers=1))\n"
+            "from fastibd.data import LoaderOptions, make_loader\n"
+            "make_loader(sys.argv[1], 'cifar', 'train',\n"
+            "            LoaderOptions(batch_size=16, num_workers=1))\n"
             "print(torch.get_num_threads())\n")
     result = subprocess.run([sys.executable, "-c", code, str(indexed_beton)], cwd=REPO,
                             capture_output=True, text=True, timeout=300)
@@ -71,9 +72,10 @@ def test_cifar_train_augments_and_val_does_not(digits_dir: Path) -> None:
     options = LoaderOptions(batch_size=360, num_workers=2, order="sequential")
     path = digits_dir / "val.beton"
     ((val_images, val_labels),) = [(x.clone(), y.clone())
-                                   for x, y in cifar_loader(path, False, options)]
+                                   for x, y in make_loader(path, "cifar", "eval", options)]
     ((train_images, train_labels),) = [(x.clone(), y.clone())
-                                       for x, y in cifar_loader(path, True, options)]
+                                       for x, y in make_loader(path, "cifar", "train",
+                                                               options)]
     assert torch.equal(val_labels, train_labels)
     assert_training_batch(train_images, train_labels, 32)
     changed = (train_images != val_images).flatten(1).any(1)
@@ -116,11 +118,13 @@ def test_imagenet_loaders_resize_between_epochs(tmp_path: Path) -> None:
 
 def test_loader_rejects_bad_input(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="no dataset file"):
-        cifar_loader(tmp_path / "missing.beton", True, LoaderOptions(batch_size=2))
+        make_loader(tmp_path / "missing.beton", "cifar", "train",
+                    LoaderOptions(batch_size=2))
     path = write_beton(ArrayDataset(np.zeros((3, 8, 8, 3), np.uint8), np.arange(3)),
                        tmp_path / "tiny.beton", image=image_field("raw"), num_workers=1)
     with pytest.raises(UserError, match="distributed"):
         options = LoaderOptions(batch_size=2, order="quasi_random", distributed=True)
-        cifar_loader(path, True, options)
+        make_loader(path, "cifar", "train", options)
     with pytest.raises(UserError, match="order must be"):
-        cifar_loader(path, True, LoaderOptions(batch_size=2, order="shuffled"))  # type: ignore
+        make_loader(path, "cifar", "train",
+                    LoaderOptions(batch_size=2, order="shuffled"))  # type: ignore

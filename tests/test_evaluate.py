@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastibd.data import LoaderOptions, cifar_loader
+from fastibd.data import LoaderOptions, make_loader
 from fastibd.eval import attacks as eval_attacks
-from fastibd.eval import evaluate
+from fastibd.eval import evaluate, robustness
 from fastibd.models import build_model
 from fastibd.models.checkpoint import atomic_save, model_checkpoint
 from tests.conftest import cli_error
@@ -90,9 +90,9 @@ def test_every_attack_stays_in_the_ball_and_reports_what_it_found(trained) -> No
 
 def test_stronger_attacks_never_score_higher(trained) -> None:
     model, x, y = trained
-    settings = evaluate.Settings(eps=EPS, step_size=4 / 255, num_classes=10)
+    settings = robustness.Settings(eps=EPS, step_size=4 / 255, num_classes=10)
     attacks = ["fgsm", "pgd5", "pgd10", "pgd20", "cw20"]
-    results, kept = evaluate.run_attacks(model, as_batches(x, y, 32), attacks, settings,
+    results, kept = robustness.run_attacks(model, as_batches(x, y, 32), attacks, settings,
                                          progress=False, keep=16)
     count = {name: int(c.sum()) for name, c in results.correct.items()}
     assert results.attacks == ["clean", *attacks] and results.n == 64
@@ -105,7 +105,7 @@ def test_stronger_attacks_never_score_higher(trained) -> None:
     assert int(robust.sum()) <= min(count.values())
     assert torch.equal(robust, torch.stack(list(results.correct.values())).all(0))
     assert kept is not None and len(kept[1]) == 16 and torch.equal(kept[1], y[:16])
-    assert not [f for f in evaluate.sanity_flags(results, None, 10, "fp32", settings)
+    assert not [f for f in robustness.sanity_flags(results, None, 10, "fp32", settings)
                 if f["check"] == "monotonic"]
 
     # one long run gives every shorter one: row k of correct_by_step is PGD-k
@@ -123,16 +123,16 @@ def test_a_model_that_predicts_one_class_gives_exact_numbers(trained) -> None:
     share = (y == label).float().mean().item()
     model = OneClass(label)
     attacks = ["fgsm", "pgd10", "cw10", "aa-apgd", "square", "aa"]
-    settings = evaluate.Settings(eps=EPS, num_classes=10, square_queries=200)
-    results, kept = evaluate.run_attacks(model, as_batches(x, y, 20), attacks, settings,
+    settings = robustness.Settings(eps=EPS, num_classes=10, square_queries=200)
+    results, kept = robustness.run_attacks(model, as_batches(x, y, 20), attacks, settings,
                                          progress=False, keep=20)
     for name in results.attacks:
         assert torch.equal(results.correct[name], y == label), name
     assert results.robust().float().mean().item() == share
-    huge = evaluate.huge_eps_check(model, *kept, seed=0, device=torch.device("cpu"),
+    huge = robustness.huge_eps_check(model, *kept, seed=0, device=torch.device("cpu"),
                                    batch_size=20)
     assert huge.accuracy == (kept[1] == label).float().mean().item() > 0
-    checks = {f["check"] for f in evaluate.sanity_flags(results, huge, 10, "fp32")}
+    checks = {f["check"] for f in robustness.sanity_flags(results, huge, 10, "fp32")}
     assert "huge_eps" in checks  # unbreakable even at eps 0.5: suspicious, rightly
     assert not checks & {"monotonic", "black_box"}
 
@@ -155,40 +155,40 @@ def test_autoattack_end_to_end_on_a_tiny_model(trained) -> None:
 def test_bf16_runs_and_is_flagged(trained) -> None:
     model, x, y = trained
     wrapped = evaluate.Autocast(model, torch.bfloat16)
-    settings = evaluate.Settings(eps=EPS, num_classes=10)
-    results, _ = evaluate.run_attacks(wrapped, as_batches(x[:16], y[:16], 16), ["pgd3"],
+    settings = robustness.Settings(eps=EPS, num_classes=10)
+    results, _ = robustness.run_attacks(wrapped, as_batches(x[:16], y[:16], 16), ["pgd3"],
                                       settings, progress=False)
     assert results.n == 16
-    assert "precision" in {f["check"] for f in evaluate.sanity_flags(results, None, 10, "bf16")}
+    assert "precision" in {f["check"] for f in robustness.sanity_flags(results, None, 10, "bf16")}
 
 
 def test_masking_signs_are_flagged() -> None:
     def pattern(ones: int, n: int = 10) -> torch.Tensor:
         return torch.arange(n) < ones
 
-    results = evaluate.Results(["clean", "fgsm", "pgd20", "pgd100", "square"])
+    results = robustness.Results(["clean", "fgsm", "pgd20", "pgd100", "square"])
     results.correct = {"clean": pattern(9), "fgsm": pattern(6), "pgd20": pattern(3),
                        "pgd100": pattern(4), "square": pattern(1)}
-    huge = evaluate.HugeEpsCheck(0.5, 20, 0.05, n=10, correct=3, seconds=0.1)
-    flags = evaluate.sanity_flags(results, huge, 10, "fp32")
+    huge = robustness.HugeEpsCheck(0.5, 20, 0.05, n=10, correct=3, seconds=0.1)
+    flags = robustness.sanity_flags(results, huge, 10, "fp32")
     assert [f["check"] for f in flags] == ["monotonic", "huge_eps", "black_box"]
     assert "pgd100 (40.00%)" in flags[0]["message"] and "pgd20 (30.00%)" in flags[0]["message"]
 
     results.correct = {"clean": pattern(9), "fgsm": pattern(6), "pgd20": pattern(3),
                        "pgd100": pattern(2), "square": pattern(5)}
-    huge = evaluate.HugeEpsCheck(0.5, 20, 0.05, n=10, correct=0, seconds=0.1)
-    assert evaluate.sanity_flags(results, huge, 10, "fp32") == []
+    huge = robustness.HugeEpsCheck(0.5, 20, 0.05, n=10, correct=0, seconds=0.1)
+    assert robustness.sanity_flags(results, huge, 10, "fp32") == []
 
 
 def test_strength_order() -> None:
-    pairs = set(evaluate.stronger_pairs(["clean", "fgsm", "pgd20", "pgd100", "cw100", "aa",
+    pairs = set(robustness.stronger_pairs(["clean", "fgsm", "pgd20", "pgd100", "cw100", "aa",
                                          "square"]))
     assert {("clean", "fgsm"), ("fgsm", "pgd20"), ("pgd20", "pgd100"), ("pgd100", "aa"),
             ("cw100", "aa"), ("fgsm", "cw100"), ("clean", "aa")} <= pairs
     assert ("pgd20", "cw100") not in pairs and ("cw100", "pgd100") not in pairs
     assert not any("square" in pair for pair in pairs)  # compared with white-box separately
     # 8 steps of 1/255 cannot cross a 8/255 ball: no claim that they beat FGSM's corner
-    short = evaluate.stronger_pairs(["fgsm", "pgd8", "pgd16"], 8 / 255, 1 / 255)
+    short = robustness.stronger_pairs(["fgsm", "pgd8", "pgd16"], 8 / 255, 1 / 255)
     assert ("fgsm", "pgd8") not in short and {("fgsm", "pgd16"), ("pgd8", "pgd16")} <= set(short)
 
 
@@ -202,11 +202,11 @@ def test_budget_and_attack_parsing() -> None:
         with pytest.raises(Exception) as info:
             evaluate.parse_budget(bad)
         assert all(w in str(info.value) for w in words), (bad, str(info.value))
-    assert evaluate.parse_attacks("clean, PGD20,cw100,aa,pgd20") == ["clean", "pgd20", "cw100",
+    assert robustness.parse_attacks("clean, PGD20,cw100,aa,pgd20") == ["clean", "pgd20", "cw100",
                                                                      "aa"]
     for bad in ("pgd", "pgd0", "cw-5", "apgd", "fgsm,bogus", ","):
         with pytest.raises(Exception, match="attack"):
-            evaluate.parse_attacks(bad)
+            robustness.parse_attacks(bad)
 
 
 # ------------------------------------------------------------------------------ the CLI
@@ -218,7 +218,8 @@ def standard_ckpt(digits_dir: Path, tmp_path_factory: pytest.TempPathFactory) ->
     for 4 epochs (~97% val accuracy), saved as a fastibd checkpoint."""
     options = LoaderOptions(batch_size=512, order="sequential", num_workers=2)
     xs, ys = zip(*[(x.clone(), y.clone()) for x, y in
-                   cifar_loader(digits_dir / "train.beton", False, options)], strict=True)
+                   make_loader(digits_dir / "train.beton", "cifar", "eval", options)],
+                  strict=True)
     x, y = torch.cat(xs), torch.cat(ys)
     torch.manual_seed(0)
     model = build_model("resnet18", 10, "none", 1 / 8)

@@ -18,8 +18,9 @@ import pytest
 import torch
 from torch.autograd import gradcheck
 
-from fastibd.method.loss import FeatureDistillation, kernel_backend
-from kernels import bench, fused, ops, reference
+from fastibd.method.loss import kernel_backend
+from kernels import bench, common, fused, pairs, pool, reference
+from tests.feature_loss_check import assert_fused_matches_eager
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,13 +51,13 @@ def test_triton_kernels_under_interpreter() -> None:
 
 
 def test_fused_imports_and_runs_without_triton() -> None:
-    """kernels.fused must import on any machine ("auto" probes it): Triton is imported only
-    when a kernel launches, and CPU tensors never launch one."""
+    """kernels.fused must import on any machine ("auto" probes it): without Triton the op
+    modules import with a stand-in (kernels.common) and every op runs the reference."""
     code = (
         "import sys; sys.modules['triton'] = None\n"  # makes `import triton` fail
         "import torch\n"
-        "from kernels import fused, ops\n"
-        "assert not ops.triton_available()\n"
+        "from kernels import common, fused\n"
+        "assert not common.triton_available()\n"
         "z = torch.randn(2, 3, 4, 4, requires_grad=True)\n"
         "m, g = fused.pool(z)\n"
         "d = fused.pair_distances([m.detach()], [m])\n"
@@ -76,8 +77,8 @@ def test_backend_resolves_to_the_fused_ops_and_survives_deepcopy() -> None:
     assert copy.deepcopy(ops_fused) == ops_fused
     assert kernel_backend("auto", "cpu").pool is reference.pool
     # the dispatch rule: no Triton for CPU tensors (outside the interpreter) or float64
-    assert not ops.use_triton([torch.zeros(1)])
-    assert not ops.use_triton([torch.zeros(1, dtype=torch.float64)])
+    assert not common.use_triton([torch.zeros(1)])
+    assert not common.use_triton([torch.zeros(1, dtype=torch.float64)])
 
 
 def test_errors_match_the_reference() -> None:
@@ -118,7 +119,7 @@ def test_pool_on_cpu_matches_reference(dtype: torch.dtype, channels_last: bool) 
 @pytest.mark.parametrize("teacher_grad", [False, True])
 def test_pair_distances_on_cpu_match_reference(teacher_grad: bool) -> None:
     """Values and gradients of the fused op's reference path (its backward is written out in
-    torch, kernels.ops.pairs_backward_torch) against autograd of the specification, including
+    torch, kernels.pairs.pairs_backward_torch) against autograd of the specification, including
     an all-zero student map (normalize's eps branch)."""
     gen = torch.Generator().manual_seed(1)
     t_maps = positive_maps(3, [(5, 7), (3, 3), (5, 7)], gen)
@@ -171,18 +172,18 @@ def test_autocast_keeps_fp32_outputs() -> None:
 def test_opcheck_all_ops() -> None:
     gen = torch.Generator().manual_seed(3)
     z = torch.randn(2, 5, 3, 4, generator=gen)
-    torch.library.opcheck(ops.pool_op, (z.requires_grad_(),))
+    torch.library.opcheck(pool.pool_op, (z.requires_grad_(),))
     z_cl = torch.randn(2, 5, 3, 4, generator=gen).bfloat16()
-    torch.library.opcheck(ops.pool_op, (z_cl.to(memory_format=torch.channels_last),))
-    torch.library.opcheck(ops.pool_backward_op, (z.detach(), torch.randn(2, 3, 4), None))
-    torch.library.opcheck(ops.pool_backward_op, (z_cl, None, torch.randn(2, 5)))
+    torch.library.opcheck(pool.pool_op, (z_cl.to(memory_format=torch.channels_last),))
+    torch.library.opcheck(pool.pool_backward_op, (z.detach(), torch.randn(2, 3, 4), None))
+    torch.library.opcheck(pool.pool_backward_op, (z_cl, None, torch.randn(2, 5)))
     t_maps = positive_maps(2, [(4, 4), (3, 5)], gen)
     s_maps = [m.requires_grad_() for m in positive_maps(2, [(3, 3), (8, 8), (1, 1)], gen)]
-    torch.library.opcheck(ops.pair_distances_op, (t_maps, s_maps))
+    torch.library.opcheck(pairs.pair_distances_op, (t_maps, s_maps))
     plain = [m.detach() for m in s_maps]
     for need_t, need_s in ((True, True), (False, True), (True, False)):
         args = (torch.rand(2, 2, 3), t_maps, plain, torch.empty(0), need_t, need_s)
-        torch.library.opcheck(ops.pair_distances_backward_op, args)
+        torch.library.opcheck(pairs.pair_distances_backward_op, args)
 
 
 def _hot_path(t_feats, s_feats, attn):
@@ -232,22 +233,7 @@ def test_feature_distillation_fused_equals_eager_on_model_taps() -> None:
     with torch.no_grad():
         _, t_taps = teacher(x, features=True)
     _, s_taps = student(x, features=True)
-    t_ch, s_ch = [t.shape[1] for t in t_taps], [s.shape[1] for s in s_taps]
-    eager = FeatureDistillation(t_ch, s_ch, dim=16, backend="eager")
-    fused_fd = FeatureDistillation(t_ch, s_ch, dim=16, backend="fused")
-    fused_fd.load_state_dict(eager.state_dict())
-    params = list(student.parameters())
-    want = eager(t_taps, s_taps)
-    want_grads = torch.autograd.grad(want, params + list(eager.parameters()),
-                                     retain_graph=True, allow_unused=True)
-    got = fused_fd(t_taps, s_taps)
-    got_grads = torch.autograd.grad(got, params + list(fused_fd.parameters()),
-                                    allow_unused=True)
-    torch.testing.assert_close(got, want)
-    for g, w in zip(got_grads, want_grads, strict=True):
-        assert (g is None) == (w is None)
-        if w is not None:
-            torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-7)
+    assert_fused_matches_eager(t_taps, s_taps, student, {}, dict(rtol=1e-4, atol=1e-7))
 
 
 # ----------------------------------------------------------------------------- the bench

@@ -20,19 +20,20 @@ import pytest
 import torch
 
 from kernels import reference
+from tests.feature_loss_check import assert_fused_matches_eager
 
 if os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("runs in a TRITON_INTERPRET=1 subprocess started by tests/test_kernels.py",
                 allow_module_level=True)
 
-from kernels import fused, ops, pairs, pool  # noqa: E402  (after the skip: imports Triton)
+from kernels import common, fused, pairs, pool  # noqa: E402  (after the skip: imports Triton)
 
 # Relative tolerance of a gradient stored in each dtype (its rounding), and of fp32 maths.
 GRAD_RTOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 
 def test_environment_is_interpreted_and_poisoned() -> None:
-    assert ops.use_triton([torch.zeros(1)])  # CPU tensors are routed to the kernels
+    assert common.use_triton([torch.zeros(1)])  # CPU tensors are routed to the kernels
     assert os.environ.get("FASTIBD_POISON_OUTPUTS") == "1"
 
 
@@ -171,11 +172,11 @@ def check_pairs(t_maps, s_maps, need_t: bool = True, need_s: bool = True) -> Non
     assert_distances_close(d, want_d, t_maps)
     gt, gs = pairs.pairs_bwd(grad_d, t_maps, s_maps, stats, need_t, need_s)
     if need_t:
-        assert_grads_close(pairs.unpack(gt, t_maps), want_gt, 1e-4)
+        assert_grads_close(common.unpack(gt, t_maps), want_gt, 1e-4)
     else:
         assert gt.numel() == 0
     if need_s:
-        assert_grads_close(pairs.unpack(gs, s_maps), want_gs, 1e-4)
+        assert_grads_close(common.unpack(gs, s_maps), want_gs, 1e-4)
     else:
         assert gs.numel() == 0
 
@@ -231,13 +232,13 @@ def test_ops_run_triton_and_pass_opcheck() -> None:
     """Under the interpreter the custom ops dispatch to the kernels (stats is non-empty only
     there); opcheck compares the fake functions with the real Triton outputs."""
     z = torch.randn(2, 5, 2, 3).to(memory_format=torch.channels_last).requires_grad_()
-    torch.library.opcheck(ops.pool_op, (z,))
+    torch.library.opcheck(pool.pool_op, (z,))
     gen = torch.Generator().manual_seed(8)
     t_maps = positive_maps(2, [(2, 2), (1, 1)], gen)
     s_maps = [m.requires_grad_() for m in positive_maps(2, [(3, 3), (2, 2)], gen)]
-    d, stats = ops.pair_distances_op(t_maps, s_maps)
+    d, stats = pairs.pair_distances_op(t_maps, s_maps)
     assert stats.shape == (3, 2, 2, 2)
-    torch.library.opcheck(ops.pair_distances_op, (t_maps, s_maps))
+    torch.library.opcheck(pairs.pair_distances_op, (t_maps, s_maps))
 
 
 def test_composed_triton_path_matches_reference_with_compile() -> None:
@@ -275,7 +276,6 @@ def test_feature_distillation_fused_equals_eager_on_model_taps() -> None:
     """The real loss on the real taps of two tiny ResNet-18s (channels_last, 16 px): value
     and gradients (student parameters through the taps, attention parameters) with every
     fused op on its Triton kernel, against backend='eager'."""
-    from fastibd.method.loss import FeatureDistillation
     from fastibd.models import build_model
 
     torch.manual_seed(0)
@@ -289,22 +289,8 @@ def test_feature_distillation_fused_equals_eager_on_model_taps() -> None:
     # reach the kernels in channels_last, as on CUDA.
     _, s_taps = student(x, features=True)
     s_taps = [t.contiguous(memory_format=torch.channels_last) for t in s_taps]
-    t_ch, s_ch = [t.shape[1] for t in t_taps], [s.shape[1] for s in s_taps]
-    eager = FeatureDistillation(t_ch, s_ch, dim=16, backend="eager")
-    fused_fd = FeatureDistillation(t_ch, s_ch, dim=16, backend="fused")
-    fused_fd.load_state_dict(eager.state_dict())
+    # absolute floor of the gradients: biases in front of BatchNorm have zero gradient up to
+    # round-off
+    fused_fd = assert_fused_matches_eager(t_taps, s_taps, student, dict(rtol=1e-5, atol=1e-7),
+                                          dict(rtol=1e-3, atol=1e-6))
     assert fused_fd.kernels.pool is fused.pool
-
-    params = list(student.parameters())
-    want = eager(t_taps, s_taps)
-    want_grads = torch.autograd.grad(want, params + list(eager.parameters()),
-                                     retain_graph=True, allow_unused=True)
-    got = fused_fd(t_taps, s_taps)
-    got_grads = torch.autograd.grad(got, params + list(fused_fd.parameters()),
-                                    allow_unused=True)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
-    for g, w in zip(got_grads, want_grads, strict=True):
-        assert (g is None) == (w is None)
-        if w is not None:
-            # absolute floor: biases in front of BatchNorm have zero gradient up to round-off
-            torch.testing.assert_close(g, w, rtol=1e-3, atol=1e-6)

@@ -9,12 +9,13 @@ import pytest
 import torch
 from torch import nn
 
-from fastibd.config import as_dict, load_config
-from fastibd.method.loss import FeatureDistillation
-from fastibd.method.objective import AttackSettings, LossSettings, TrainingObjective
-from fastibd.method.step import assemble_step
+from fastibd.device import Runtime
+from fastibd.method.attacks import AttackSettings
+from fastibd.method.modes import MODES, LossSettings
+from fastibd.method.step import build_step
+from fastibd.models import build_model
 from fastibd.train import Trainer
-from tests.tiny import TapNet
+from fastibd.train.settings import load_settings
 
 
 class Recording(nn.Module):
@@ -29,20 +30,22 @@ class Recording(nn.Module):
         self.calls.append((args, kwargs))
         return self.inner(*args, **kwargs)
 
+    def feature_shapes(self, resolution: int):
+        return self.inner.feature_shapes(resolution)
+
 
 @pytest.mark.parametrize("teacher_input", ["natural", "adv"])
 def test_teacher_taps_come_from_the_chosen_input(teacher_input: str) -> None:
-    teacher = Recording(TapNet((4, 6), batchnorm=True, seed=0).eval())
-    student = TapNet((3, 5), batchnorm=True, seed=1)
-    features = FeatureDistillation([4, 6], [3, 5], 8, backend="eager")
-    objective = Recording(TrainingObjective(student, LossSettings("ibd"), features))
-    optimizer = torch.optim.SGD(objective.parameters(), lr=0.1)
-    step = assemble_step(objective.inner, teacher, mode="ibd", attack=AttackSettings(steps=2),
-                         temperature=1.0, optimizer=optimizer,
-                         scaler=torch.amp.GradScaler("cpu", enabled=False), scheduler=None,
-                         dtype=torch.float32, attack_rng=torch.Generator().manual_seed(0),
-                         compiled=False, teacher_input=teacher_input)
-    step.objective = objective  # record what the loss is given
+    torch.manual_seed(0)
+    teacher = Recording(build_model("resnet18", 10, "none", 1 / 16).eval())
+    student = build_model("resnet18", 10, "none", 1 / 16)
+    runtime = Runtime(torch.device("cpu"), torch.float32, torch.contiguous_format, False)
+    step = build_step(student, teacher, LossSettings("ibd", teacher_input=teacher_input,
+                                                     attention_dim=8),
+                      AttackSettings(steps=2), runtime, resolution=8,
+                      make_optimizer=lambda m: torch.optim.SGD(m.parameters(), lr=0.1),
+                      attack_rng=torch.Generator().manual_seed(0))
+    step.forward = objective = Recording(step.forward)  # record what the loss is given
     x = torch.rand(4, 3, 8, 8)
     step(x, torch.randint(0, 10, (4,)))
 
@@ -64,12 +67,53 @@ def test_weight_decay_reaches_the_parameters_it_says(digits_dir: Path, tmp_path:
                                                       decay_all: bool) -> None:
     """Default (the paper and the IBD code): every parameter, norm weights and biases too.
     optim.decay_norm_and_bias=false exempts the 1-D ones."""
-    settings = as_dict(load_config([
+    settings = load_settings([
         "--cfg", "smoke_teacher", f"--data.train_path={digits_dir / 'train.beton'}",
         f"--data.val_path={digits_dir / 'val.beton'}", "--data.holdout=64",
-        f"--training.out_dir={tmp_path}", f"--optim.decay_norm_and_bias={decay_all}"]))
+        f"--training.out_dir={tmp_path}", f"--optim.decay_norm_and_bias={decay_all}"])
     trainer = Trainer(settings)
-    decay = {id(p) for g in trainer.optimizer.param_groups if g["weight_decay"] == 5e-4
+    decay = {id(p) for g in trainer.step.optimizer.param_groups if g["weight_decay"] == 5e-4
              for p in g["params"]}
-    for name, param in trainer.objective.named_parameters():
+    for name, param in trainer.step.objective.named_parameters():
         assert (id(param) in decay) == (decay_all or param.ndim > 1), name
+
+
+EXPECTED_PARTS = {"ibd": {"kl_nat", "kl_adv", "feat", "total"},
+                  "rslad": {"kl_nat", "kl_adv", "total"}, "kd": {"kl", "total"},
+                  "trades": {"ce", "kl", "total"}, "pgd_at": {"ce", "total"},
+                  "fast_at": {"ce", "total"}, "standard": {"ce", "total"}}
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_one_real_step_of_every_mode(mode: str) -> None:
+    """The step each mode's registry entry builds: it trains the student (and, for ibd, the
+    attention module), logs its loss parts, and attacks only when the mode does."""
+    torch.manual_seed(0)
+    student = build_model("resnet18", 10, "none", 1 / 16)
+    teacher = build_model("resnet18", 10, "none", 1 / 16).eval().requires_grad_(False)
+    runtime = Runtime(torch.device("cpu"), torch.float32, torch.contiguous_format, False)
+    step = build_step(student, teacher if MODES[mode].teacher else None,
+                      LossSettings(mode, attention_dim=8), AttackSettings(steps=2), runtime,
+                      resolution=8, make_optimizer=lambda m: torch.optim.SGD(m.parameters(),
+                                                                             lr=0.1),
+                      attack_rng=torch.Generator().manual_seed(0))
+    assert (step.objective.features is not None) == (mode == "ibd")
+    before = [p.detach().clone() for p in step.objective.parameters()]
+    attacked = []
+    real_adversarial = step.mode.adversarial
+
+    def recording(*args):
+        x_adv = real_adversarial(*args)
+        attacked.append(x_adv is not None)
+        return x_adv
+
+    step.mode = type("Recorded", (), {"adversarial": staticmethod(recording)})()
+    x, y = torch.rand(6, 3, 8, 8), torch.randint(0, 10, (6,))
+    loss, parts = step(x, y)
+    assert torch.isfinite(loss) and set(parts) == EXPECTED_PARTS[mode]
+    assert attacked == [mode not in ("kd", "standard")]
+    changed = [not torch.equal(a, b) for a, b in zip(before, step.objective.parameters(),
+                                                     strict=True)]
+    assert any(changed[:len(list(student.parameters()))])  # the student trained
+    if mode == "ibd":  # and so did the attention module
+        assert any(changed[len(list(student.parameters())):])

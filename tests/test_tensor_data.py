@@ -13,13 +13,13 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from data_prep import write_ffcv
-from fastibd.config import as_dict, load_config
-from fastibd.data import LoaderOptions, cifar_loader, dataset_labels, dataset_resolution, set_epoch
+from fastibd.data import LoaderOptions, dataset_labels, dataset_resolution, make_loader
 from fastibd.data import sources as datasets
 from fastibd.data import tensor_loader as tensor_data
 from fastibd.data.tensor_loader import TensorLoader
 from fastibd.distributed import shutdown
 from fastibd.errors import UserError
+from fastibd.train.settings import load_settings
 from tests.conftest import make_image_folder
 
 
@@ -43,7 +43,8 @@ def test_npz_holds_exactly_the_dataset(digits_npz: Path) -> None:
 def test_sequential_batches_are_the_images_scaled_in_channels_last(digits_npz: Path) -> None:
     path = digits_npz / "val.npz"
     images, labels = tensor_data.read_npz(path)
-    loader = cifar_loader(path, False, LoaderOptions(batch_size=100, order="sequential"))
+    loader = make_loader(path, "cifar", "eval",
+                         LoaderOptions(batch_size=100, order="sequential"))
     assert isinstance(loader, TensorLoader) and len(loader) == 4  # 360 = 3 * 100 + 60
     xs, ys = zip(*loader, strict=True)
     assert [len(y) for y in ys] == [100, 100, 100, 60]
@@ -68,7 +69,7 @@ def test_random_order_is_seeded_per_epoch_and_drop_last_drops(digits_npz: Path) 
     e0, e1 = epoch_labels(first), epoch_labels(first)
     assert len(e0) == 192 and not torch.equal(e0, e1)  # a new order each epoch
     assert torch.equal(epoch_labels(again), e0)  # same seed, same epoch: same order
-    set_epoch(again, 1)  # what a resumed run does
+    again.set_epoch(1)  # what a resumed run does
     assert torch.equal(epoch_labels(again), e1)
     assert set(e0.tolist()) <= set(labels.tolist())
 
@@ -93,8 +94,8 @@ def test_distributed_ranks_split_every_sample_into_equal_shares(
 def test_train_augmentation_crops_and_flips_on_the_device(digits_npz: Path) -> None:
     path = digits_npz / "val.npz"
     options = LoaderOptions(batch_size=360, order="sequential", seed=0)
-    (plain, _), = list(cifar_loader(path, False, options))
-    (augmented, _), = list(cifar_loader(path, True, options))
+    (plain, _), = list(make_loader(path, "cifar", "eval", options))
+    (augmented, _), = list(make_loader(path, "cifar", "train", options))
     assert augmented.shape == plain.shape
     assert augmented.is_contiguous(memory_format=torch.channels_last)
     changed = (augmented != plain).flatten(1).any(1).float().mean()
@@ -155,21 +156,21 @@ def test_one_process_torchrun_environment_trains_with_ddp(
     for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}.items():
         monkeypatch.setenv(key, value)
-    settings = as_dict(load_config([
+    settings = load_settings([
         "--cfg", "smoke_teacher", "--training.epochs=1", "--training.max_steps=2",
         "--data.holdout=64", "--attack.steps=1", "--attack.eval_steps=1",
         "--logging.progress=false", f"--data.train_path={digits_npz / 'train.npz'}",
-        f"--data.val_path={digits_npz / 'val.npz'}", f"--training.out_dir={tmp_path}"]))
+        f"--data.val_path={digits_npz / 'val.npz'}", f"--training.out_dir={tmp_path}"])
     trainer = Trainer(settings)
     try:
         assert trainer.world.distributed and trainer.world.size == 1
-        assert isinstance(trainer.step.objective, DistributedDataParallel)
-        assert isinstance(trainer.train_loader, TensorLoader)
-        before = [p.detach().clone() for p in trainer.student.parameters()]
+        assert isinstance(trainer.step.forward, DistributedDataParallel)
+        assert isinstance(trainer.data.train.source, TensorLoader)  # under the crop and flip
+        before = [p.detach().clone() for p in trainer.step.student.parameters()]
         assert trainer.fit() == 0
     finally:
         shutdown(trainer.world)
-    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.student.parameters(),
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.step.student.parameters(),
                                                      strict=True))
     assert (tmp_path / "last.pt").is_file()
 

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from data_prep import write_ffcv
-from fastibd.data import LoaderOptions, cifar_loader
+from fastibd.data import LoaderOptions, make_loader
 from fastibd.data.sources import DIGITS_VAL_EVERY, digits_dataset
 from tests.conftest import make_image_folder
 
@@ -23,8 +23,8 @@ SCRIPT = REPO / "data_prep" / "write_ffcv.py"
 
 def read_all(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """Every sample of a constant-size .beton in stored order, as uint8 HWC images and labels."""
-    loader = cifar_loader(path, train=False,
-                          options=LoaderOptions(batch_size=64, order="sequential", num_workers=2))
+    loader = make_loader(path, "cifar", "eval",
+                         LoaderOptions(batch_size=64, order="sequential", num_workers=2))
     images, labels = [], []
     for x, y in loader:
         images.append((x * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy().copy())

@@ -9,9 +9,11 @@ device, and are measured in one run:
               FFCV reads a .beton of JPEGs (default --imagenet-write-mode jpg, so both sides
               decode a JPEG per image), torchvision an ImageFolder tree of JPEG files.
 
-The FFCV side is exactly the project's training pipeline (`fastibd.data.cifar_loader`,
-`ImageNetTrainLoader`). The torchvision side is `ImageFolder` + `transforms.v2` in a
-`DataLoader` (shuffled, persistent worker processes, pinned memory on cuda).
+The FFCV side is exactly what training runs (`fastibd.data.make_loader(..., "train")`):
+FFCV decodes, then for cifar the crop and flip run on the device (fastibd.data.augment),
+for imagenet FFCV's random resized crop and flip run in its pipeline. The torchvision side
+is `ImageFolder` + `transforms.v2` in a `DataLoader` (shuffled, persistent worker
+processes, pinned memory on cuda), which augments on the CPU as the paper's code does.
 
 What is timed, for both: reading from the OS page cache (the files were just written, so no
 disk I/O), decoding, augmentation, batching, the host-to-device copy, and the conversion of
@@ -51,9 +53,9 @@ from PIL import Image
 from torch import Tensor
 from tqdm import tqdm
 
-from fastibd.cli import ArgumentParser, bounded
-from fastibd.data import CIFAR_PAD
-from fastibd.device import resolve_device
+from fastibd.cli import ArgumentParser, bounded, choice_list, comma_list
+from fastibd.data import CIFAR_PAD, LoaderOptions
+from fastibd.device import resolve_device, synchronize
 from fastibd.errors import UserError, exit_on_user_error
 
 PROG = "fastibd.bench_data"
@@ -90,17 +92,30 @@ class Result:
     value_range: list[float]
 
 
+@dataclass(frozen=True)
+class LoadSetup:
+    """How both loaders read the synthetic data (bench_step reuses it for its loaders)."""
+
+    workers: int
+    device: str
+    seed: int = 0
+    resolution: int = 160  # imagenet output size
+    torchvision_decode: str = "pil"
+    imagenet_write_mode: str = "jpg"
+    progress: bool = True
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> LoadSetup:
+        return cls(args.workers, args.device, args.seed, args.resolution,
+                   args.torchvision_decode, args.imagenet_write_mode, not args.no_progress)
+
+
 # ----------------------------------------------------------------------------- parsing
 
 
 def parse_shapes(text: str) -> tuple[str, ...]:
     """'cifar,imagenet' -> ('cifar', 'imagenet'): known names, no repeats, at least one."""
-    names = [name.strip() for name in text.split(",") if name.strip()]
-    unknown = [name for name in names if name not in SHAPES]
-    if unknown or not names:
-        raise argparse.ArgumentTypeError(
-            f"{text!r}: expected a comma-separated list of {', '.join(SHAPES)}")
-    return tuple(dict.fromkeys(names))
+    return tuple(choice_list(text, SHAPES, "dataset shape"))
 
 
 def per_shape_count(text: str) -> dict[str, int]:
@@ -110,7 +125,7 @@ def per_shape_count(text: str) -> dict[str, int]:
         value = positive(text)
         return dict.fromkeys(SHAPES, value)
     counts = {}
-    for item in text.split(","):
+    for item in comma_list(text):
         name, _, value = item.partition("=")
         if name.strip() not in SHAPES:
             raise argparse.ArgumentTypeError(
@@ -134,7 +149,7 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--epochs", type=bounded(int, 1), default=2,
                         help="timed passes over each dataset, after one warm-up pass "
                              "(default: %(default)s)")
-    parser.add_argument("--workers", type=bounded(int, 1), default=min(8, os.cpu_count() or 1),
+    parser.add_argument("--workers", type=bounded(int, 1), default=LoaderOptions.num_workers,
                         help="FFCV threads = torchvision worker processes, also used to write "
                              "the data (default: %(default)s)")
     parser.add_argument("--resolution", type=bounded(int, 8, 1024), default=160,
@@ -213,28 +228,28 @@ def write_beton_from(folder: Path, path: Path, shape: str, write_mode: str,
                        progress=progress)
 
 
-def prepare(work_dir: Path, shape: str, count: int, args: argparse.Namespace) -> Path:
+def prepare(work_dir: Path, shape: str, count: int, setup: LoadSetup) -> Path:
     """Write work_dir/shape/{images/, train.beton}; return the shape's folder."""
     root = work_dir / shape
     print(f"{shape}: writing {count} images to {root}", file=sys.stderr, flush=True)
-    write_folder(root / "images", shape, count, args.seed, not args.no_progress)
-    write_beton_from(root / "images", root / "train.beton", shape, args.imagenet_write_mode,
-                     args.workers, not args.no_progress)
+    write_folder(root / "images", shape, count, setup.seed, setup.progress)
+    write_beton_from(root / "images", root / "train.beton", shape, setup.imagenet_write_mode,
+                     setup.workers, setup.progress)
     return root
 
 
 # ----------------------------------------------------------------------------- loaders
 
 
-def ffcv_batches(root: Path, shape: str, batch_size: int, args: argparse.Namespace) -> Iterable:
-    """The project's training loader, yielding float [0, 1] channels_last batches."""
-    from fastibd.data import ImageNetTrainLoader, LoaderOptions, cifar_loader
+def ffcv_batches(root: Path, shape: str, batch_size: int, setup: LoadSetup) -> Iterable:
+    """The project's training loader (fastibd.data.make_loader), yielding float [0, 1]
+    channels_last batches on the device."""
+    from fastibd.data import make_loader
 
-    options = LoaderOptions(batch_size=batch_size, device=args.device, num_workers=args.workers,
-                            seed=args.seed)
-    if shape == "cifar":
-        return cifar_loader(root / "train.beton", train=True, options=options)
-    return ImageNetTrainLoader(root / "train.beton", args.resolution, options)
+    options = LoaderOptions(batch_size=batch_size, device=setup.device,
+                            num_workers=setup.workers, seed=setup.seed)
+    return make_loader(root / "train.beton", shape, "train", options,
+                       resolution=setup.resolution)
 
 
 def torchvision_transform(shape: str, resolution: int) -> Callable:
@@ -259,23 +274,23 @@ class TorchvisionBatches:
     """ImageFolder + DataLoader, finished like the FFCV pipeline: on the device, float [0, 1],
     channels_last."""
 
-    def __init__(self, root: Path, shape: str, batch_size: int, args: argparse.Namespace,
+    def __init__(self, root: Path, shape: str, batch_size: int, setup: LoadSetup,
                  memory_format: torch.memory_format = torch.channels_last) -> None:
         from torch.utils.data import DataLoader
         from torchvision.datasets import ImageFolder
 
-        tensor = args.torchvision_decode == "tensor"
+        tensor = setup.torchvision_decode == "tensor"
         extra: dict[str, Any] = {"loader": decode_rgb} if tensor else {}
         dataset = ImageFolder(str(root / "images"),
-                              transform=torchvision_transform(shape, args.resolution), **extra)
-        self.device = torch.device(args.device)
+                              transform=torchvision_transform(shape, setup.resolution), **extra)
+        self.device = torch.device(setup.device)
         self.memory_format = memory_format
         # Persistent workers: FFCV keeps its threads across epochs too, so neither side pays
         # a start-up per epoch inside the timed part.
         self.loader = DataLoader(dataset, batch_size=batch_size, shuffle=True,
-                                 num_workers=args.workers, persistent_workers=True,
+                                 num_workers=setup.workers, persistent_workers=True,
                                  pin_memory=self.device.type == "cuda",
-                                 generator=torch.Generator().manual_seed(args.seed))
+                                 generator=torch.Generator().manual_seed(setup.seed))
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         for images, labels in self.loader:
@@ -290,12 +305,6 @@ class TorchvisionBatches:
 
 
 # ----------------------------------------------------------------------------- timing
-
-
-def synchronize(device: torch.device) -> None:
-    """Wait for queued device work (cuda copies are asynchronous) before reading the clock."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def count_epoch(batches: Iterator[tuple[Tensor, Tensor]], bar: tqdm) -> int:
@@ -347,10 +356,11 @@ def measure(make: Callable[[], Iterable], shape: str, loader_name: str, count: i
 def bench_shape(work_dir: Path, shape: str, args: argparse.Namespace) -> list[Result]:
     count = args.n_images.get(shape, DEFAULT_IMAGES[shape])
     batch_size = args.batch_size.get(shape, DEFAULT_BATCH[shape])
-    root = prepare(work_dir, shape, count, args)
+    setup = LoadSetup.from_args(args)
+    root = prepare(work_dir, shape, count, setup)
     makers = {
-        "torchvision": lambda: TorchvisionBatches(root, shape, batch_size, args),
-        "ffcv": lambda: ffcv_batches(root, shape, batch_size, args),
+        "torchvision": lambda: TorchvisionBatches(root, shape, batch_size, setup),
+        "ffcv": lambda: ffcv_batches(root, shape, batch_size, setup),
     }
     return [measure(makers[name], shape, name, count, batch_size, args) for name in LOADERS]
 

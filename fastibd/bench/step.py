@@ -39,16 +39,13 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from fastibd.cli import ArgumentParser, bounded
-from fastibd.device import (
-    resolve_compile,
-    resolve_device,
-    resolve_precision,
-    training_memory_format,
-)
+from fastibd.bench.data import LoadSetup, TorchvisionBatches, prepare
+from fastibd.cli import ArgumentParser, bounded, comma_list
+from fastibd.device import Runtime, resolve_device, resolve_runtime, synchronize
 from fastibd.errors import UserError, exit_on_user_error
-from fastibd.method.objective import AttackSettings, LossSettings, TrainingObjective
-from fastibd.method.step import TrainingStep, assemble_step, feature_distillation
+from fastibd.method.attacks import AttackSettings
+from fastibd.method.modes import LossSettings
+from fastibd.method.step import TrainingStep, build_step
 from fastibd.models import build_model
 
 
@@ -94,31 +91,26 @@ class Result:
     images_per_s: float
 
 
-def build_step(work: Workload, variant: str, device: torch.device) -> tuple[TrainingStep, dict]:
-    """A TrainingStep as `variant` would run it, and how it is set up."""
-    ours = variant == "fastibd"
-    dtype = resolve_precision("auto", device) if ours else torch.float32
-    compiled = resolve_compile("auto", device) if ours else False
-    fmt = training_memory_format(device) if ours else torch.contiguous_format
-    student = build_model(work.student, work.num_classes, "none", work.width_mult)
-    teacher = build_model(work.teacher, work.num_classes, "none", work.width_mult)
-    student = student.to(device, memory_format=fmt)
-    teacher = teacher.to(device, memory_format=fmt).eval().requires_grad_(False)
-    features = feature_distillation(teacher, student, work.resolution,
-                                    backend="auto" if ours else "eager").to(device)
-    objective = TrainingObjective(student, LossSettings("ibd"), features)
-    optimizer = torch.optim.SGD(objective.parameters(), lr=0.01, momentum=0.9,
-                                weight_decay=5e-4)
-    step = assemble_step(
-        objective, teacher, mode="ibd",
-        attack=AttackSettings(eps=8 / 255, step_size=2 / 255, steps=work.attack_steps),
-        temperature=1.0, optimizer=optimizer,
-        scaler=torch.amp.GradScaler(device.type, enabled=False), scheduler=None, dtype=dtype,
-        attack_rng=torch.Generator(device).manual_seed(0), compiled=compiled)
-    setup = {"precision": str(dtype).removeprefix("torch."), "compiled": compiled,
-             "memory_format": fmt,
-             "feature_loss": features.kernels.pool.__module__.rpartition(".")[2]}
-    return step, setup
+def workload_step(work: Workload, variant: str,
+                  device: torch.device) -> tuple[TrainingStep, Runtime]:
+    """The TrainingStep `variant` runs (fastibd.method.step.build_step, as the trainer), and
+    where and how it computes."""
+    if variant == "fastibd":
+        runtime = resolve_runtime(str(device), "auto", "auto", "default", "--device")
+    else:
+        runtime = Runtime(device, torch.float32, torch.contiguous_format, compiled=False)
+    place = dict(device=device, memory_format=runtime.memory_format)
+    student = build_model(work.student, work.num_classes, "none", work.width_mult).to(**place)
+    teacher = build_model(work.teacher, work.num_classes, "none", work.width_mult).to(**place)
+    teacher = teacher.eval().requires_grad_(False)
+    loss = LossSettings("ibd", backend="auto" if variant == "fastibd" else "eager")
+    step = build_step(student, teacher, loss,
+                      AttackSettings(eps=8 / 255, step_size=2 / 255, steps=work.attack_steps),
+                      runtime, resolution=work.resolution,
+                      make_optimizer=lambda module: torch.optim.SGD(
+                          module.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4),
+                      attack_rng=torch.Generator(device).manual_seed(0))
+    return step, runtime
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -134,38 +126,30 @@ def device_batches(work: Workload, device: torch.device,
     return itertools.repeat((x, y))
 
 
-def loader_settings(work: Workload, device: torch.device, workers: int,
-                    progress: bool) -> argparse.Namespace:
-    """What fastibd.bench_data's writers and torchvision loader read."""
-    return argparse.Namespace(workers=workers, device=str(device), seed=0,
-                              resolution=work.resolution, torchvision_decode="pil",
-                              imagenet_write_mode="jpg", no_progress=not progress)
+def loader_setup(work: Workload, device: torch.device, workers: int,
+                 progress: bool) -> LoadSetup:
+    """How fastibd.bench_data's writers and loaders read this workload's images."""
+    return LoadSetup(workers=workers, device=str(device), resolution=work.resolution,
+                     progress=progress)
 
 
-def torchvision_batches(root: Path, work: Workload, settings: argparse.Namespace,
+def torchvision_batches(root: Path, work: Workload, setup: LoadSetup,
                         fmt: torch.memory_format) -> Iterable[tuple[Tensor, Tensor]]:
-    from fastibd.bench.data import TorchvisionBatches
-
-    return TorchvisionBatches(root, work.dataset, work.batch_size, settings, fmt)
+    return TorchvisionBatches(root, work.dataset, work.batch_size, setup, fmt)
 
 
-def ffcv_batches(root: Path, work: Workload, settings: argparse.Namespace,
+def ffcv_batches(root: Path, work: Workload, setup: LoadSetup,
                  fmt: torch.memory_format) -> Iterator[tuple[Tensor, Tensor]]:
-    """The trainer's pipeline: FFCV decodes; CIFAR's crop and flip then run on the device
-    (fastibd.data.augment.training_batch, as in Trainer.train_step), ImageNet's random resized
-    crop inside FFCV."""
-    from fastibd.data import ImageNetTrainLoader, LoaderOptions, cifar_loader
-    from fastibd.data.augment import training_batch
+    """The trainer's pipeline (fastibd.data.make_loader): FFCV decodes; CIFAR's crop and flip
+    then run on the device, ImageNet's random resized crop inside FFCV."""
+    from fastibd.data import LoaderOptions, make_loader
 
-    device = torch.device(settings.device)
-    options = LoaderOptions(batch_size=work.batch_size, device=device,
-                            num_workers=settings.workers, seed=settings.seed)
-    beton = root / "train.beton"
-    loader = (ImageNetTrainLoader(beton, work.resolution, options) if work.dataset == "imagenet"
-              else cifar_loader(beton, False, options))
-    gen = torch.Generator(device).manual_seed(settings.seed)
+    options = LoaderOptions(batch_size=work.batch_size, device=torch.device(setup.device),
+                            num_workers=setup.workers, seed=setup.seed)
+    loader = make_loader(root / "train.beton", work.dataset, "train", options,
+                         resolution=work.resolution)
     for x, y in loader:
-        yield training_batch(x, work.dataset, fmt, gen), y
+        yield x.contiguous(memory_format=fmt), y
 
 
 # ----------------------------------------------------------------------------- timing
@@ -173,17 +157,17 @@ def ffcv_batches(root: Path, work: Workload, settings: argparse.Namespace,
 
 def measure(name: str, work: Workload, variant: str, device: torch.device, warmup: int,
             steps: int, progress: bool, data_root: Path | None = None,
-            settings: argparse.Namespace | None = None) -> Result:
+            setup: LoadSetup | None = None) -> Result:
     """`warmup` untimed steps, then `steps` timed ones. With `data_root` the batches come
     from the variant's loader and loading is timed with the step."""
-    step, setup = build_step(work, variant, device)
-    fmt = setup["memory_format"]
+    step, runtime = workload_step(work, variant, device)
+    fmt = runtime.memory_format
     if data_root is None:
         data, batches = "device", device_batches(work, device, fmt)
     else:
         data = LOADER_OF[variant]
         make = torchvision_batches if data == "torchvision" else ffcv_batches
-        batches = iter(make(data_root, work, settings, fmt))
+        batches = iter(make(data_root, work, setup, fmt))
     bar = tqdm(total=warmup + steps, desc=f"{name} {variant}", unit="step", leave=False,
                disable=not progress, file=sys.stderr)
     # Compilation, autotuning, FFCV's pipeline compilation, worker start-up and allocator
@@ -193,34 +177,27 @@ def measure(name: str, work: Workload, variant: str, device: torch.device, warmu
         bar.update(1)
         if not torch.isfinite(loss):
             raise UserError(f"{name} {variant}: the loss is not finite")
-    _sync(device)
+    synchronize(device)
     start = time.perf_counter()
     timed = 0
     for x, y in itertools.islice(batches, steps):
         step(x, y)
         timed += 1
         bar.update(1)
-    _sync(device)
+    synchronize(device)
     seconds = time.perf_counter() - start
     bar.close()
     if timed != steps:
         raise RuntimeError(f"{name} {variant}: the loader gave {timed} of {steps} batches")
-    return Result(name, variant, data, setup["precision"], setup["compiled"],
-                  fmt == torch.channels_last, setup["feature_loss"], steps, seconds,
+    feature_loss = step.objective.features.kernels.pool.__module__.rpartition(".")[2]
+    return Result(name, variant, data, runtime.precision, runtime.compiled,
+                  fmt == torch.channels_last, feature_loss, steps, seconds,
                   steps * work.batch_size / seconds)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def write_data(work_dir: Path, work: Workload, count: int,
-               settings: argparse.Namespace) -> Path:
+def write_data(work_dir: Path, work: Workload, count: int, setup: LoadSetup) -> Path:
     """`count` synthetic images of the workload's shape as a folder and a .beton."""
-    from fastibd.bench.data import prepare
-
-    return prepare(work_dir, work.dataset, count, settings)
+    return prepare(work_dir, work.dataset, count, setup)
 
 
 HEADER = (f"{'workload':<14} {'variant':<9} {'data':<11} {'precision':<9} {'compiled':<8} "
@@ -278,8 +255,8 @@ def main(argv: list[str] | None = None) -> int:
     device = resolve_device(args.device, "--device")
     on_gpu = device.type == "cuda"
     known = GPU_WORKLOADS if on_gpu else CPU_WORKLOADS
-    names = [n for n in args.workloads.split(",") if n] or list(known)
-    variants = [v for v in args.variants.split(",") if v]
+    names = comma_list(args.workloads) or list(known)
+    variants = comma_list(args.variants)
     for name in names:
         if name not in known:
             raise UserError(f"unknown workload {name!r} on {device.type}; choose from "
@@ -322,11 +299,11 @@ def main(argv: list[str] | None = None) -> int:
             continue
         work_dir = Path(tempfile.mkdtemp(prefix="fastibd-bench-step-"))
         try:  # one epoch holds exactly the warm-up and timed batches of one variant
-            settings = loader_settings(work, device, workers, progress)
-            root = write_data(work_dir, work, (warmup + steps) * work.batch_size, settings)
+            setup = loader_setup(work, device, workers, progress)
+            root = write_data(work_dir, work, (warmup + steps) * work.batch_size, setup)
             for variant in variants:
                 record(measure(name, work, variant, device, warmup, steps, progress, root,
-                               settings))
+                               setup))
         finally:
             shutil.rmtree(work_dir, ignore_errors=True)
     print(f"(device {torch.cuda.get_device_name(device) if on_gpu else 'cpu'}, torch "

@@ -1,17 +1,31 @@
-"""Datasets in, training batches out: `(images, labels)` on the device.
+"""Datasets in, batches out: `make_loader(path, pipeline, split, options)`.
 
-Images are float in [0, 1], NCHW shape in channels_last memory; labels int64 [B]. A dataset
-is a .beton (FFCV, `fastibd.data.ffcv_loaders`) or an .npz held on the device
-(`fastibd.data.tensor_loader`, for machines without FFCV); the functions here pick by the
-file's suffix. `data_prep/write_ffcv.py` writes both (`fastibd.data.sources` and `.beton`).
+Every loader is a `Loader`: it yields `(images, labels)` on the device (images float in
+[0, 1], NCHW shape in channels_last memory; labels int64 [B]), has a length in batches, and
+`set_epoch(epoch)` makes its next pass the one of that epoch (order, augmentation and, for
+progressive resizing, resolution), which is how a run resumes.
+
+A dataset is a .beton (FFCV, fastibd.data.ffcv_loaders) or an .npz held on the device
+(fastibd.data.tensor_loader, for machines without FFCV), picked by the file's suffix. Two
+pipelines: `cifar` (images as stored; training adds the random crop + flip of
+fastibd.data.augment, on the device) and `imagenet` (FFCV's random resized crop + flip for
+training, a center crop for evaluation). `data_prep/write_ffcv.py` writes the files
+(fastibd.data.sources, fastibd.data.beton).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor
 
+from fastibd.data.augment import CropFlip
 from fastibd.data.ffcv_loaders import (
     ImageNetTrainLoader,
     beton_labels,
@@ -21,20 +35,53 @@ from fastibd.data.ffcv_loaders import (
     is_npz,
     keep_torch_threads,
 )
-from fastibd.data.options import CIFAR_PAD, DEFAULT_CROP_RATIO, LoaderOptions
+from fastibd.data.options import CIFAR_PAD, DEFAULT_CROP_RATIO, DataSettings, LoaderOptions
 from fastibd.data.tensor_loader import TensorLoader, npz_labels, npz_resolution
+from fastibd.errors import UserError
 
-__all__ = ["CIFAR_PAD", "DEFAULT_CROP_RATIO", "ImageNetTrainLoader", "LoaderOptions",
-           "TensorLoader", "cifar_loader", "dataset_labels", "dataset_resolution",
-           "imagenet_val_loader", "keep_torch_threads", "set_epoch"]
+__all__ = ["CIFAR_PAD", "DEFAULT_CROP_RATIO", "PIPELINES", "SPLITS", "DataSettings",
+           "ImageNetTrainLoader", "Loader", "LoaderOptions", "TensorLoader", "TrainingData",
+           "dataset_labels", "dataset_resolution", "first_examples", "imagenet_val_loader",
+           "keep_torch_threads", "make_loader", "resolution_at", "training_data"]
+
+PIPELINES = ("cifar", "imagenet")
+SPLITS = ("train", "eval")
+HOLDOUT_SEED = 20231  # fixed: the held-out slice must not change when training.seed does
 
 
-def cifar_loader(path: str | Path, train: bool, options: LoaderOptions):
-    """CIFAR-like data: train = random crop (4 px zero padding) + flip; val = as stored.
-    A `.npz` file is served from device memory (TensorLoader), a .beton by FFCV."""
-    if is_npz(path):
-        return TensorLoader(path, options, augment=train)
-    return cifar_beton_loader(path, train, options)
+class Loader(Protocol):
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]: ...
+    def __len__(self) -> int: ...
+    def set_epoch(self, epoch: int) -> None: ...
+
+
+def make_loader(path: str | Path, pipeline: str, split: str, options: LoaderOptions, *,
+                resolution: int = 224, crop_ratio: float = DEFAULT_CROP_RATIO,
+                resolution_at: Callable[[int], int] | None = None) -> Loader:
+    """The loader of `pipeline` ("cifar" or "imagenet") for `split` ("train": augmented;
+    "eval": as the model is evaluated). For imagenet, `resolution` is the output size
+    (training: the first epoch's; `resolution_at(epoch)` makes it progressive) and
+    `crop_ratio` the evaluation center crop."""
+    if pipeline not in PIPELINES or split not in SPLITS:
+        raise ValueError(f"pipeline must be one of {PIPELINES} and split one of {SPLITS}, "
+                         f"got {pipeline!r}, {split!r}")
+    if pipeline == "imagenet":
+        if split == "train":
+            return ImageNetTrainLoader(path, resolution, options, resolution_at)
+        return imagenet_val_loader(path, options, resolution, crop_ratio)
+    stored = TensorLoader(path, options) if is_npz(path) else cifar_beton_loader(path, options)
+    if split == "eval":
+        return stored
+    rank = dist.get_rank() if options.distributed and dist.is_initialized() else 0
+    return CropFlip(stored, options.seed, rank)
+
+
+def first_examples(path: str | Path, pipeline: str, n: int, batch_size: int,
+                   device: torch.device, resolution: int = 224, workers: int = 8) -> Loader:
+    """The first n examples of a dataset file in stored order, as a model is evaluated."""
+    options = LoaderOptions(batch_size=batch_size, device=device, num_workers=workers,
+                            order="sequential", indices=tuple(range(n)))
+    return make_loader(path, pipeline, "eval", options, resolution=resolution)
 
 
 def dataset_labels(path: str | Path) -> np.ndarray:
@@ -48,9 +95,70 @@ def dataset_resolution(path: str | Path) -> int:
     return npz_resolution(path) if is_npz(path) else beton_resolution(path)
 
 
-def set_epoch(loader, epoch: int) -> None:
-    """Make the next pass over an FFCV loader (or a TensorLoader) use `epoch`'s shuffle (its
-    order is seeded by seed + epoch), as DistributedSampler.set_epoch does; needed when a run
-    resumes."""
-    target = loader.loader if isinstance(loader, ImageNetTrainLoader) else loader
-    target.next_epoch = epoch
+def resolution_at(epoch: int, min_res: int, max_res: int, start_ramp: int, end_ramp: int,
+                  step: int = 32) -> int:
+    """Progressive resizing (FFCV's ImageNet recipe): min_res until epoch start_ramp, then a
+    linear ramp to max_res at end_ramp, rounded down to a multiple of `step` (so a compiled
+    model sees a few distinct shapes, not one per epoch), never below min_res."""
+    if max_res <= min_res:
+        return min_res
+    if end_ramp <= start_ramp:  # a jump
+        return max_res if epoch >= end_ramp else min_res
+    res = float(np.interp(epoch, [start_ramp, end_ramp], [min_res, max_res]))
+    return max(min_res, int(res) // step * step)
+
+
+@dataclass
+class TrainingData:
+    """What a training run reads: its three loaders and what they hold."""
+
+    train: Loader
+    holdout: Loader | None  # images held out of the training set, to pick the best checkpoint
+    val: Loader  # the final report only
+    num_classes: int
+    input_size: int  # the resolution the models first see (feature shapes are taken there)
+
+
+def training_data(settings: DataSettings, device: torch.device, seed: int,
+                  distributed: bool = False) -> TrainingData:
+    """The run's loaders: training images minus `settings.holdout` of them (a fixed random
+    slice, whatever the run's seed), in random order with drop_last; the held-out slice and
+    the validation set in order. Bad data fails here, before any model is built."""
+    train_labels = dataset_labels(settings.train_path)
+    val_labels = dataset_labels(settings.val_path)
+    num_classes = int(train_labels.max()) + 1
+    if val_labels.max() >= num_classes:
+        raise UserError(f"{settings.val_path} has label {val_labels.max()}, but the training "
+                        f"data has only {num_classes} classes")
+    if settings.max_res and settings.max_res < settings.min_res:
+        raise UserError(f"data.max_res={settings.max_res} is below data.min_res="
+                        f"{settings.min_res} (progressive resizing only grows)")
+    if settings.holdout >= len(train_labels):
+        raise UserError(f"data.holdout={settings.holdout} leaves nothing to train on "
+                        f"({len(train_labels)} training images)")
+    order = np.random.default_rng(HOLDOUT_SEED).permutation(len(train_labels))
+    holdout_indices = tuple(sorted(order[:settings.holdout].tolist()))
+    train_indices = tuple(sorted(order[settings.holdout:].tolist()))
+
+    def options(**overrides) -> LoaderOptions:
+        return LoaderOptions(**{"batch_size": settings.batch_size, "device": device,
+                                "num_workers": settings.num_workers,
+                                "os_cache": settings.os_cache, "seed": seed, **overrides})
+
+    def schedule(epoch: int) -> int:
+        return resolution_at(epoch, settings.min_res, settings.max_res, settings.start_ramp,
+                             settings.end_ramp, settings.res_step)
+
+    evaluation = dict(order="sequential", batch_size=max(settings.batch_size, 256))
+    sizes = dict(resolution=settings.val_res, crop_ratio=settings.val_crop_ratio)
+    pipeline = settings.pipeline
+    train = make_loader(settings.train_path, pipeline, "train",
+                        options(indices=train_indices, drop_last=True, distributed=distributed),
+                        resolution=settings.min_res, resolution_at=schedule)
+    holdout = make_loader(settings.train_path, pipeline, "eval",
+                          options(indices=holdout_indices, **evaluation), **sizes) \
+        if holdout_indices else None
+    val = make_loader(settings.val_path, pipeline, "eval", options(**evaluation), **sizes)
+    input_size = dataset_resolution(settings.train_path) if pipeline == "cifar" \
+        else settings.min_res
+    return TrainingData(train, holdout, val, num_classes, input_size)

@@ -1,30 +1,26 @@
-"""CIFAR-style augmentation on the device, from a torch.Generator.
+"""CIFAR-style training augmentation on the device: random crop of the 4 px zero-padded
+image and a random horizontal flip.
 
-FFCV's own augmentations draw from numba's unseeded per-thread generators, so two runs
-(or a run and its resumption) see different crops. Done here instead, a training run is
-reproducible from its seed and resumes exactly; on a GPU it costs microseconds.
+FFCV's own augmentations draw from numba's unseeded per-thread generators, so two runs (or a
+run and its resumption) would see different crops. Here each batch draws from a generator
+seeded by (seed, epoch, batch index): a run is reproducible from its seed and resumes
+exactly, with no generator state to save; on a GPU it costs microseconds.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
+import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from fastibd.data.options import CIFAR_PAD
+from fastibd.seeding import derived_seed
 
 
-def training_batch(x: torch.Tensor, pipeline: str, memory_format: torch.memory_format,
-                   generator: torch.Generator) -> torch.Tensor:
-    """A loader batch as the training step takes it: in the training memory format, and for
-    the cifar pipeline cropped (4 px zero padding) and flipped here, where it is seeded. The
-    imagenet pipeline's random resized crop happens inside FFCV."""
-    x = x.contiguous(memory_format=memory_format)
-    if pipeline == "cifar":
-        x = random_crop_flip(x, CIFAR_PAD, generator)
-    return x
-
-
-def random_crop_flip(x: torch.Tensor, padding: int, generator: torch.Generator) -> torch.Tensor:
+def random_crop_flip(x: Tensor, padding: int, generator: torch.Generator) -> Tensor:
     """Random crop of the zero-padded batch back to its size, and a random horizontal flip.
 
     x: [B, C, H, W]; every image gets its own offset in [0, 2 * padding] and its own flip.
@@ -47,7 +43,35 @@ def random_crop_flip(x: torch.Tensor, padding: int, generator: torch.Generator) 
     return out.contiguous(memory_format=_format(x))
 
 
-def _format(x: torch.Tensor) -> torch.memory_format:
+class CropFlip:
+    """The cifar pipeline's training loader: `source`'s batches, cropped and flipped on
+    their device. A Loader (fastibd.data) like its source. `rank` (of a distributed run)
+    gives each process its own crops."""
+
+    def __init__(self, source, seed: int | None, rank: int = 0, padding: int = CIFAR_PAD
+                 ) -> None:
+        self.source = source
+        self.seed = int(np.random.SeedSequence().entropy % 2**31) if seed is None else seed
+        self.rank = rank
+        self.padding = padding
+        self.next_epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.next_epoch = epoch
+        self.source.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        epoch, self.next_epoch = self.next_epoch, self.next_epoch + 1
+        for index, (x, y) in enumerate(self.source):
+            seed = derived_seed(self.seed, self.rank, epoch, index)
+            generator = torch.Generator(x.device).manual_seed(seed)
+            yield random_crop_flip(x, self.padding, generator), y
+
+
+def _format(x: Tensor) -> torch.memory_format:
     if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
         return torch.channels_last
     return torch.contiguous_format

@@ -12,46 +12,25 @@ FFCV reuses its output buffers: a batch is valid until the next one is drawn, so
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from fastibd.data.options import CIFAR_PAD, DEFAULT_CROP_RATIO, LoaderOptions
+from fastibd.data.options import DEFAULT_CROP_RATIO, LoaderOptions
 from fastibd.errors import UserError
 
 
-def cifar_beton_loader(path: str | Path, train: bool, options: LoaderOptions):
-    """CIFAR-like data from a .beton: train = random crop (4 px zero padding) + flip;
-    val = as stored."""
-    keep_torch_threads()  # before the first ffcv import, which sets torch's threads to 1
-    from ffcv.fields.decoders import SimpleRGBImageDecoder
-    from ffcv.transforms import RandomHorizontalFlip, RandomTranslate
+class BetonLoader:
+    """An FFCV Loader with the Loader contract (fastibd.data): iterate, len, set_epoch."""
 
-    augment = [RandomHorizontalFlip(), RandomTranslate(padding=CIFAR_PAD)] if train else []
-    return _loader(path, [SimpleRGBImageDecoder(), *augment], options)
+    def __init__(self, path: str | Path, image_ops: list, options: LoaderOptions) -> None:
+        self.loader = _loader(path, image_ops, options)
 
-
-class ImageNetTrainLoader:
-    """ImageNet-like training data: random resized crop + flip at a resolution that can change
-    between epochs (progressive resizing): call `set_resolution` before iterating."""
-
-    def __init__(self, path: str | Path, resolution: int, options: LoaderOptions) -> None:
-        needs_beton(path, "the imagenet pipeline")
-        keep_torch_threads()
-        from ffcv.fields.decoders import RandomResizedCropRGBImageDecoder
-        from ffcv.transforms import RandomHorizontalFlip
-
-        self.decoder = RandomResizedCropRGBImageDecoder((resolution, resolution))
-        self.loader = _loader(path, [self.decoder, RandomHorizontalFlip()], options)
-
-    @property
-    def resolution(self) -> int:
-        return self.decoder.output_size[0]
-
-    def set_resolution(self, resolution: int) -> None:
-        self.decoder.output_size = (resolution, resolution)
+    def set_epoch(self, epoch: int) -> None:
+        """The next pass uses `epoch`'s order (FFCV seeds it by seed + epoch)."""
+        self.loader.next_epoch = epoch
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         return iter(self.loader)
@@ -60,19 +39,52 @@ class ImageNetTrainLoader:
         return len(self.loader)
 
 
-def imagenet_val_loader(
-    path: str | Path,
-    options: LoaderOptions,
-    resolution: int = 224,
-    crop_ratio: float = DEFAULT_CROP_RATIO,
-):
+def cifar_beton_loader(path: str | Path, options: LoaderOptions) -> BetonLoader:
+    """A fixed-size .beton as stored (the cifar pipeline augments on the device)."""
+    keep_torch_threads()  # before the first ffcv import, which sets torch's threads to 1
+    from ffcv.fields.decoders import SimpleRGBImageDecoder
+
+    return BetonLoader(path, [SimpleRGBImageDecoder()], options)
+
+
+class ImageNetTrainLoader(BetonLoader):
+    """ImageNet-like training data: random resized crop + flip, at a resolution that may
+    change between epochs (progressive resizing): `resolution_at(epoch)` is applied by
+    `set_epoch`, or set one with `set_resolution` before iterating."""
+
+    def __init__(self, path: str | Path, resolution: int, options: LoaderOptions,
+                 resolution_at: Callable[[int], int] | None = None) -> None:
+        needs_beton(path, "the imagenet pipeline")
+        keep_torch_threads()
+        from ffcv.fields.decoders import RandomResizedCropRGBImageDecoder
+        from ffcv.transforms import RandomHorizontalFlip
+
+        self.decoder = RandomResizedCropRGBImageDecoder((resolution, resolution))
+        self.resolution_at = resolution_at
+        super().__init__(path, [self.decoder, RandomHorizontalFlip()], options)
+
+    @property
+    def resolution(self) -> int:
+        return self.decoder.output_size[0]
+
+    def set_resolution(self, resolution: int) -> None:
+        self.decoder.output_size = (resolution, resolution)
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
+        if self.resolution_at is not None:
+            self.set_resolution(self.resolution_at(epoch))
+
+
+def imagenet_val_loader(path: str | Path, options: LoaderOptions, resolution: int = 224,
+                        crop_ratio: float = DEFAULT_CROP_RATIO) -> BetonLoader:
     """ImageNet-like validation data: the central `crop_ratio` of the shorter side, resized."""
     needs_beton(path, "the imagenet pipeline")
     keep_torch_threads()
     from ffcv.fields.decoders import CenterCropRGBImageDecoder
 
     decoder = CenterCropRGBImageDecoder((resolution, resolution), ratio=crop_ratio)
-    return _loader(path, [decoder], options)
+    return BetonLoader(path, [decoder], options)
 
 
 def keep_torch_threads() -> None:
@@ -91,7 +103,9 @@ def keep_torch_threads() -> None:
     def set_numba_threads(cls, n: int) -> None:
         import numba
 
-        cls.num_threads = n if n >= 1 else (os.cpu_count() or 1)
+        # numba refuses more threads than the machine has (a recipe's 12 on a small box)
+        cap = numba.config.NUMBA_NUM_THREADS
+        cls.num_threads = min(n, cap) if n >= 1 else min(os.cpu_count() or 1, cap)
         numba.set_num_threads(cls.num_threads)
 
     Compiler.set_num_threads = classmethod(set_numba_threads)

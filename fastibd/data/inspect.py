@@ -1,4 +1,4 @@
-"""Look inside a .beton through the training loaders: `python -m fastibd.inspect_data FILE`.
+"""Look inside a dataset file through the training loader: `python -m fastibd.inspect_data FILE`.
 
 Prints what a training step would receive (shape, dtype, layout, value range), the label
 histogram, and the loader's throughput over one full epoch.
@@ -14,7 +14,7 @@ import torch
 from tqdm import tqdm
 
 from fastibd.cli import ArgumentParser, bounded
-from fastibd.data import ImageNetTrainLoader, LoaderOptions, cifar_loader
+from fastibd.data import PIPELINES, LoaderOptions, make_loader
 from fastibd.errors import exit_on_user_error
 
 
@@ -22,7 +22,7 @@ def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="python -m fastibd.inspect_data", description=__doc__)
     parser.add_argument("path", type=Path,
                         help="a .beton or .npz written by data_prep/write_ffcv.py")
-    parser.add_argument("--pipeline", choices=("cifar", "imagenet"), default="cifar",
+    parser.add_argument("--pipeline", choices=PIPELINES, default="cifar",
                         help="cifar: crop+flip at stored size; imagenet: random resized crop")
     parser.add_argument("--resolution", type=bounded(int, 8), default=224,
                         help="output size of the imagenet pipeline (default: %(default)s)")
@@ -35,10 +35,7 @@ def build_parser() -> ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     options = LoaderOptions(batch_size=args.batch_size, num_workers=args.num_workers)
-    if args.pipeline == "cifar":
-        loader = cifar_loader(args.path, train=True, options=options)
-    else:
-        loader = ImageNetTrainLoader(args.path, args.resolution, options)
+    loader = make_loader(args.path, args.pipeline, "train", options, resolution=args.resolution)
     counts: dict[int, int] = {}
     low, high, seen, timed = float("inf"), float("-inf"), 0, 0
     start = time.perf_counter()

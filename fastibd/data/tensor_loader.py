@@ -20,8 +20,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from fastibd.data.augment import random_crop_flip
-from fastibd.data.options import CIFAR_PAD, LoaderOptions
+from fastibd.data.options import LoaderOptions
 from fastibd.errors import UserError
 
 
@@ -73,10 +72,10 @@ def write_npz(path: Path, images: np.ndarray, labels: np.ndarray) -> None:
 
 
 class TensorLoader:
-    """Batches of an .npz dataset, on the device. `augment` adds the CIFAR crop (4 px zero
-    padding) and flip, drawn on the device from a generator seeded with `options.seed`."""
+    """Batches of an .npz dataset, on the device, as stored (the cifar pipeline's training
+    augmentation wraps it: fastibd.data.augment.CropFlip)."""
 
-    def __init__(self, path: str | Path, options: LoaderOptions, augment: bool = False) -> None:
+    def __init__(self, path: str | Path, options: LoaderOptions) -> None:
         images, labels = read_npz(path)
         if options.indices is not None:
             keep = np.asarray(options.indices, dtype=np.int64)
@@ -85,13 +84,13 @@ class TensorLoader:
         self.images = torch.from_numpy(images).to(self.device)  # NHWC: batches are channels_last
         self.labels = torch.from_numpy(labels).to(self.device)
         self.options = options
-        self.next_epoch = 0  # the name fastibd.data.set_epoch sets, as on an FFCV Loader
+        self.next_epoch = 0
         self.rank, self.world = ((dist.get_rank(), dist.get_world_size())
                                  if options.distributed and dist.is_initialized() else (0, 1))
-        self.augment = augment
-        self.generator = torch.Generator(self.device)
-        if options.seed is not None:
-            self.generator.manual_seed(options.seed)
+
+    def set_epoch(self, epoch: int) -> None:
+        """The next pass uses `epoch`'s order (seed + epoch), as after `epoch` passes."""
+        self.next_epoch = epoch
 
     def _order(self, epoch: int) -> torch.Tensor:
         count = len(self.labels)
@@ -125,8 +124,6 @@ class TensorLoader:
             picked = order[start:start + batch]
             # uint8 NHWC -> NCHW view in channels_last memory -> float in [0, 1]
             x = self.images[picked].permute(0, 3, 1, 2).to(self.options.dtype).div_(255)
-            if self.augment:
-                x = random_crop_flip(x, CIFAR_PAD, self.generator)
             yield x, self.labels[picked]
 
 
@@ -142,3 +139,4 @@ def npz_resolution(path: str | Path) -> int:
         raise UserError(f"{path} holds {height}x{width} images; the cifar pipeline needs "
                         "square ones")
     return height
+

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fastibd.method.attacks import attack_start, eval_mode, project
+from fastibd.method.attacks import attack_start, check_budget, eval_mode, sign_ascent
 
 LOSSES = ("ce", "cw")
 AUTOATTACK_NAMES = ("aa", "aa-apgd", "square")
@@ -48,15 +48,6 @@ class AttackResult:
     x_adv: Tensor
     correct: Tensor
     correct_by_step: Tensor | None = None
-
-
-def check_budget(eps: float, step_size: float | None = None) -> None:
-    """Reject budgets that cannot be meant: eps must be in (0, 1] (pixel space)."""
-    if not 0.0 < eps <= 1.0:
-        raise ValueError(f"eps={eps} is outside (0, 1]: eps is measured in pixel space on [0, 1] "
-                         "images (write 8/255, not 8)")
-    if step_size is not None and step_size <= 0:
-        raise ValueError(f"the step size must be > 0, got {step_size}")
 
 
 def margin_loss(logits: Tensor, y: Tensor) -> Tensor:
@@ -109,7 +100,7 @@ def pgd(
     (or at x without random_start) and takes `steps` signed steps of `step_size`, projected
     onto the ball and [0, 1]. An example is broken if any restart breaks it at any step.
     """
-    check_budget(eps, step_size)
+    check_budget(eps, step_size, positive=True)
     if loss not in LOSS_FUNCTIONS:
         raise ValueError(f"unknown attack loss {loss!r}; choose one of {LOSSES}")
     if steps < 1 or restarts < 1:
@@ -117,30 +108,43 @@ def pgd(
     loss_fn = LOSS_FUNCTIONS[loss]
     x, y = x.detach(), y.detach()
     with eval_mode(model):
-        correct = predict(model, x) == y
-        by_step = correct.expand(steps + 1, -1).clone()
-        best = x.clone()
+        tally = _Tally(x, y, predict(model, x) == y, steps)
         for restart in range(restarts):
             generator = restart_generator(seed, restart, x.device)
             x_adv = attack_start(x, eps, "uniform" if random_start else "none", generator)
-            alive = torch.ones_like(correct)  # not yet broken in this restart
-            for step in range(steps + 1):
-                last = step == steps
-                x_adv = x_adv.detach().requires_grad_(not last)
-                with torch.set_grad_enabled(not last):
-                    logits = model(x_adv)
-                wrong = logits.argmax(dim=1) != y
-                newly = wrong & correct
-                best[newly] = x_adv.detach()[newly]
-                correct &= ~wrong
-                alive &= ~wrong
-                by_step[step] &= alive
-                if last:
-                    break
-                (grad,) = torch.autograd.grad(loss_fn(logits, y).sum(), x_adv)
-                x_adv = project(x_adv.detach() + step_size * grad.sign(), x, eps)
-            best[correct] = x_adv.detach()[correct]  # unbroken: the last point visited
-    return AttackResult(best, correct, by_step)
+            tally.new_restart()
+            x_adv = sign_ascent(model, x, x_adv, y, eps, step_size, steps,
+                                lambda logits, labels: loss_fn(logits, labels).sum(),
+                                tally.visit)
+            with torch.no_grad():
+                tally.visit(x_adv, model(x_adv))  # the last point: no gradient needed
+            tally.keep_unbroken(x_adv)
+    return AttackResult(tally.best, tally.correct, tally.by_step)
+
+
+class _Tally:
+    """What the points a PGD attack visits have broken, example by example."""
+
+    def __init__(self, x: Tensor, y: Tensor, correct: Tensor, steps: int) -> None:
+        self.y, self.correct = y, correct
+        self.by_step = correct.expand(steps + 1, -1).clone()
+        self.best = x.clone()
+
+    def new_restart(self) -> None:
+        self.alive = torch.ones_like(self.correct)  # not yet broken in this restart
+        self.step = 0
+
+    def visit(self, point: Tensor, logits: Tensor) -> None:
+        wrong = logits.argmax(dim=1) != self.y
+        newly = wrong & self.correct
+        self.best[newly] = point[newly]
+        self.correct &= ~wrong
+        self.alive &= ~wrong
+        self.by_step[self.step] &= self.alive
+        self.step += 1
+
+    def keep_unbroken(self, last: Tensor) -> None:
+        self.best[self.correct] = last[self.correct]  # unbroken: the last point visited
 
 
 def fgsm(model: nn.Module, x: Tensor, y: Tensor, eps: float) -> AttackResult:
@@ -218,7 +222,7 @@ def autoattack(
     """
     from pyautoattack import AutoAttack
 
-    check_budget(eps)
+    check_budget(eps, positive=True)
     if name not in AUTOATTACK_NAMES:
         raise ValueError(f"unknown pyautoattack attack {name!r}; choose one of "
                          f"{AUTOATTACK_NAMES}")

@@ -25,17 +25,16 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from torch import Tensor
 
-from fastibd.cli import ArgumentParser, bounded
+from fastibd.cli import ArgumentParser, bounded, comma_list, parse_budget
+from fastibd.data import first_examples
 from fastibd.device import resolve_device
 from fastibd.errors import UserError, exit_on_user_error
 from fastibd.eval import attacks as eval_attacks
-from fastibd.eval.evaluate import parse_budget, val_batches
-from fastibd.models import ARCHITECTURES, TappedModel
+from fastibd.models import TappedModel, is_imagenet_arch
 from fastibd.models.teachers import load_teacher
-from fastibd.run_dir import read_metrics
+from fastibd.run_dir import BEST, LAST, read_metrics
 
 PROG = "fastibd.report"
-BEST, LAST = "best.pt", "last.pt"
 DEFAULT_EPS_255 = (0, 1, 2, 4, 6, 8, 10, 12, 16)
 DEFAULT_STEPS = (1, 2, 3, 5, 10, 20, 50)
 EPS_CURVE_STEPS = 20
@@ -231,7 +230,7 @@ def _data_settings(config: dict[str, Any], data: Path | None) -> tuple[Path | No
 def _load_batches(data: Path, n: int, batch_size: int, device: torch.device, pipeline: str,
                   resolution: int, workers: int) -> list[tuple[Tensor, Tensor]]:
     return [(x.clone(), y.clone()) for x, y in
-            val_batches(data, n, batch_size, device, pipeline, resolution, workers)]
+            first_examples(data, pipeline, n, batch_size, device, resolution, workers)]
 
 
 def _num_examples(data: Path) -> int:
@@ -266,7 +265,7 @@ def build_parser() -> ArgumentParser:
 
 def _int_list(text: str, name: str, low: int) -> list[int]:
     try:
-        values = sorted({int(v) for v in text.split(",") if v.strip()})
+        values = sorted({int(v) for v in comma_list(text)})
     except ValueError:
         raise UserError(f"{name} must be comma-separated integers, not {text!r}") from None
     if not values or values[0] < low:
@@ -316,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         model = load_teacher(None, ckpt, device=device).to(memory_format=torch.channels_last)
         if not pipeline:
-            pipeline = "imagenet" if ARCHITECTURES[model.spec.arch][1] >= 128 else "cifar"
+            pipeline = "imagenet" if is_imagenet_arch(model.spec.arch) else "cifar"
         n = min(args.n, _num_examples(data))
         batches = _load_batches(data, n, args.batch_size, device, pipeline, resolution,
                                 args.workers)
@@ -370,7 +369,7 @@ def attention_figure(run_dir: Path, last: dict[str, Any], config: dict[str, Any]
                            device=device)
     student = load_teacher(None, run_dir / LAST, device=device)
     if not pipeline:
-        pipeline = "imagenet" if ARCHITECTURES[student.spec.arch][1] >= 128 else "cifar"
+        pipeline = "imagenet" if is_imagenet_arch(student.spec.arch) else "cifar"
     count = min(ATTENTION_BATCH, _num_examples(data))
     ((x, _),) = _load_batches(data, count, count, device, pipeline, resolution, workers)
     attention = mean_attention(teacher, student, last["features"],

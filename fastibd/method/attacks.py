@@ -16,15 +16,31 @@ size and is not scaled down by 1/B before a low-precision backward (only its sig
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fastibd.config import Choice, Integer, Number, option, section
+
 STARTS = ("normal", "uniform", "none")
 NORMAL_START_STD = 0.001  # the TRADES / RSLAD / IBD code starts at x + 0.001 * N(0, 1)
+
+
+@section("attack", "Training-time attack (pixel space, images in [0, 1])")
+class AttackSettings:
+    eps: float = option(Number(0, 1), "Linf budget", 8 / 255)
+    step_size: float = option(Number(0, 1), "PGD step", 2 / 255)
+    steps: int = option(Integer(1), "PGD steps (1: FGSM from a random start, Fast-IBD)", 10)
+    start: str = option(Choice("normal", "uniform"), "start: x + 0.001 N(0,1) (authors' code) or "
+                        "uniform in the ball", "normal")
+    fgsm_alpha: float = option(Number(0, 10), "fast_at / single-step: step = alpha * eps", 1.25)
+    eval_steps: int = option(Integer(1), "PGD steps for model selection on the held-out slice",
+                             10)
+    eval_step_size: float = option(Number(0, 1), "PGD step for model selection (0: eps/4)",
+                                   0.0)
 
 
 @contextmanager
@@ -40,14 +56,16 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
             module.training = training
 
 
-def _check_budget(eps: float, step_size: float | None = None) -> None:
-    if not 0.0 <= eps <= 1.0:
-        raise ValueError(
-            f"eps={eps} is outside [0, 1]: eps is measured in pixel space on [0, 1] images "
-            "(e.g. 8/255, not 8)"
-        )
-    if step_size is not None and step_size < 0:
-        raise ValueError(f"step size must be >= 0, got {step_size}")
+def check_budget(eps: float, step_size: float | None = None, *, positive: bool = False
+                 ) -> None:
+    """Reject budgets that cannot be meant: eps in [0, 1] (pixel space), a step >= 0; with
+    `positive` (an evaluation, which must attack) both strictly above 0."""
+    low = "(0" if positive else "[0"
+    if not (0.0 < eps if positive else 0.0 <= eps) or eps > 1.0:
+        raise ValueError(f"eps={eps} is outside {low}, 1]: eps is measured in pixel space on "
+                         "[0, 1] images (write 8/255, not 8)")
+    if step_size is not None and (step_size <= 0 if positive else step_size < 0):
+        raise ValueError(f"the step size must be {'>' if positive else '>='} 0, got {step_size}")
 
 
 def project(x_adv: Tensor, x: Tensor, eps: float) -> Tensor:
@@ -86,16 +104,7 @@ def attack_loss(logits: Tensor, target: Tensor) -> Tensor:
     return F.cross_entropy(logits, target, reduction="sum")
 
 
-def input_gradient(model: nn.Module, x_adv: Tensor, target: Tensor) -> Tensor:
-    """d attack_loss(model(x_adv), target) / d x_adv, without touching parameter grads."""
-    x_adv = x_adv.detach().requires_grad_(True)
-    with torch.enable_grad():  # attacks are often called from no_grad code
-        loss = attack_loss(model(x_adv), target)
-        (grad,) = torch.autograd.grad(loss, x_adv)
-    return grad
-
-
-def _sign_ascent(
+def sign_ascent(
     model: nn.Module,
     x: Tensor,
     x_adv: Tensor,
@@ -103,11 +112,24 @@ def _sign_ascent(
     eps: float,
     step_size: float,
     steps: int,
+    loss: Callable[[Tensor, Tensor], Tensor] | None = None,
+    visit: Callable[[Tensor, Tensor], None] | None = None,
 ) -> Tensor:
+    """The one PGD loop, for training and evaluation alike: `steps` signed-gradient steps of
+    `loss(model(x_adv), target)` (a scalar; default `attack_loss`) from x_adv, each projected
+    onto the eps-ball around x and [0, 1]. Gradients go to the input only. `visit(point,
+    logits)` sees every point whose gradient is taken (steps 0 .. steps-1), e.g. to count
+    what an evaluation attack broke. Returns the last point, detached."""
+    loss = attack_loss if loss is None else loss
     for _ in range(steps):
-        grad = input_gradient(model, x_adv, target)
-        x_adv = project(x_adv + step_size * grad.sign(), x, eps)
-    return x_adv
+        x_adv = x_adv.detach().requires_grad_(True)
+        with torch.enable_grad():  # attacks are often called from no_grad code
+            logits = model(x_adv)
+            (grad,) = torch.autograd.grad(loss(logits, target), x_adv)
+        if visit is not None:
+            visit(x_adv.detach(), logits.detach())
+        x_adv = project(x_adv.detach() + step_size * grad.sign(), x, eps)
+    return x_adv.detach()
 
 
 @torch.no_grad()
@@ -135,14 +157,14 @@ def kl_pgd(
     start: "normal" (x + 0.001 N(0,1), the authors' code) or "uniform" (in the eps-ball).
     Returns x_adv, detached, same shape and dtype as x.
     """
-    _check_budget(eps, step_size)
+    check_budget(eps, step_size)
     x = x.detach()
     if target_probs is None:
         target_probs = model_probs(model, x)
     target_probs = target_probs.detach()
     with eval_mode(model):
         x_adv = attack_start(x, eps, start, generator)
-        return _sign_ascent(model, x, x_adv, target_probs, eps, step_size, steps)
+        return sign_ascent(model, x, x_adv, target_probs, eps, step_size, steps)
 
 
 def fgsm_rs(
@@ -160,11 +182,11 @@ def fgsm_rs(
     (cross-entropy, Fast-AT). Returns x_adv, detached.
     """
     step = 1.25 * eps if alpha is None else alpha
-    _check_budget(eps, step)
+    check_budget(eps, step)
     x = x.detach()
     with eval_mode(model):
         x_adv = attack_start(x, eps, "uniform", generator)
-        return _sign_ascent(model, x, x_adv, target.detach(), eps, step, steps=1)
+        return sign_ascent(model, x, x_adv, target.detach(), eps, step, steps=1)
 
 
 def pgd_ce(
@@ -182,8 +204,29 @@ def pgd_ce(
     x: [B, C, H, W] in [0, 1]; y: [B] labels. random_start: uniform start in the eps-ball.
     Returns x_adv, detached.
     """
-    _check_budget(eps, step_size)
+    check_budget(eps, step_size)
     x = x.detach()
     with eval_mode(model):
         x_adv = attack_start(x, eps, "uniform" if random_start else "none", generator)
-        return _sign_ascent(model, x, x_adv, y.detach(), eps, step_size, steps)
+        return sign_ascent(model, x, x_adv, y.detach(), eps, step_size, steps)
+
+
+def kl_attack(model: nn.Module, x: Tensor, target_probs: Tensor, settings: AttackSettings,
+              generator: torch.Generator | None) -> Tensor:
+    """The KL attack of IBD, RSLAD and TRADES as `settings` asks: KL-PGD, or with one step
+    FGSM from a uniform start with a step of fgsm_alpha * eps (Fast-IBD)."""
+    if settings.steps == 1:
+        return fgsm_rs(model, x, target_probs, settings.eps, settings.fgsm_alpha * settings.eps,
+                       generator)
+    return kl_pgd(model, x, target_probs, settings.eps, settings.step_size, settings.steps,
+                  settings.start, generator)
+
+
+def ce_attack(model: nn.Module, x: Tensor, y: Tensor, settings: AttackSettings,
+              generator: torch.Generator | None, single_step: bool = False) -> Tensor:
+    """Cross-entropy attack of adversarial training: PGD from a uniform start, or (one step,
+    or `single_step`: Fast-AT) FGSM from a uniform start with a step of fgsm_alpha * eps."""
+    if single_step or settings.steps == 1:
+        return fgsm_rs(model, x, y, settings.eps, settings.fgsm_alpha * settings.eps, generator)
+    return pgd_ce(model, x, y, settings.eps, settings.step_size, settings.steps, True, generator)
+

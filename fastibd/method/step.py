@@ -1,43 +1,52 @@
 """One optimization step of robust training: teacher forward, attack, student forward and
-backward, optimizer. The trainer and the step benchmark run this same code."""
+backward, optimizer. `build_step` makes it; the trainer and the step benchmark both call
+it, so they run the same code."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
+from fastibd.device import Runtime
+from fastibd.method.attacks import AttackSettings
 from fastibd.method.loss import FeatureDistillation, soft_labels
-from fastibd.method.objective import AttackSettings, TrainingObjective, make_adversarial
+from fastibd.method.modes import MODES, LossSettings, Mode, TrainingObjective
 from fastibd.models import TappedModel
+
+Scheduler = torch.optim.lr_scheduler.LRScheduler
 
 
 @dataclass
 class TrainingStep:
     """`step(x, y) -> (loss, parts)` on a batch already in the right device and layout.
 
-    `objective` (a TrainingObjective, maybe compiled or DDP-wrapped) owns the student;
-    `attack_model` is the student as the attack calls it (maybe compiled); `teacher` is
-    None for modes without one; `distil_features` asks the teacher for its taps, on the
-    natural batch (as the IBD code) or, with teacher_input="adv", on the adversarial one
-    (the paper's text); the soft labels always come from the natural batch."""
+    `objective` is the TrainingObjective (student + feature head) the optimizer updates and
+    a checkpoint saves; `forward` is what the step calls (it, maybe DDP-wrapped and
+    compiled); `attack_model` is the student as the attack calls it (maybe compiled).
+    `teacher` is None for modes without one. The teacher's taps (IBD) come from the
+    natural batch (as the IBD code) or, with loss.teacher_input="adv", from the adversarial
+    one (the paper's text); the soft labels always come from the natural batch."""
 
-    objective: nn.Module
+    objective: TrainingObjective
+    forward: nn.Module
     attack_model: nn.Module
-    student: nn.Module
     teacher: nn.Module | None
-    distil_features: bool
-    mode: str
+    mode: Mode
+    loss: LossSettings
     attack: AttackSettings
-    temperature: float
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
-    scheduler: torch.optim.lr_scheduler.LRScheduler | None
+    scheduler: Scheduler | None
     dtype: torch.dtype
     attack_rng: torch.Generator | None
-    teacher_input: str = "natural"
+
+    @property
+    def student(self) -> nn.Module:
+        return self.objective.student
 
     def autocast(self, device_type: str):
         if self.dtype == torch.float32:
@@ -46,22 +55,23 @@ class TrainingStep:
 
     def __call__(self, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         self.student.train()
+        features = self.objective.features is not None
+        taps_from_adv = features and self.loss.teacher_input == "adv"
         with self.autocast(x.device.type):
             teacher_probs = teacher_feats = None
-            taps_from_adv = self.distil_features and self.teacher_input == "adv"
             if self.teacher is not None:
                 with torch.no_grad():
-                    if self.distil_features and not taps_from_adv:
+                    if features and not taps_from_adv:
                         teacher_logits, teacher_feats = self.teacher(x, features=True)
                     else:
                         teacher_logits = self.teacher(x)
-                teacher_probs = soft_labels(teacher_logits, self.temperature)
-            x_adv = make_adversarial(self.mode, self.attack_model, x, y, teacher_probs,
-                                     self.attack, self.attack_rng)
+                teacher_probs = soft_labels(teacher_logits, self.loss.temperature)
+            x_adv = self.mode.adversarial(self.attack_model, x, y, teacher_probs, self.attack,
+                                          self.attack_rng)
             if taps_from_adv:
                 with torch.no_grad():
                     _, teacher_feats = self.teacher(x_adv, features=True)
-            total, parts = self.objective(x, x_adv, y, teacher_probs, teacher_feats)
+            total, parts = self.forward(x, x_adv, y, teacher_probs, teacher_feats)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(total).backward()
         self.scaler.step(self.optimizer)
@@ -79,28 +89,38 @@ def feature_distillation(teacher: TappedModel, student: TappedModel, resolution:
                                dim, backend)
 
 
-def assemble_step(objective: TrainingObjective, teacher: nn.Module | None, *, mode: str,
-                  attack: AttackSettings, temperature: float,
-                  optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-                  scheduler: torch.optim.lr_scheduler.LRScheduler | None, dtype: torch.dtype,
-                  attack_rng: torch.Generator | None, compiled: bool,
-                  compile_mode: str | None = None, ddp: bool = False,
-                  device_ids: list[int] | None = None,
-                  teacher_input: str = "natural") -> TrainingStep:
-    """A TrainingStep around `objective`: wrapped in DDP when `ddp` (gradients are then
-    all-reduced by the objective's backward), then compiled when `compiled`. The attack
-    calls its own compiled copy of the student, the teacher its own too: three graphs
-    that each stay the same from step to step."""
-    step_objective: nn.Module = objective
+def build_step(student: TappedModel, teacher: TappedModel | None, loss: LossSettings,
+               attack: AttackSettings, runtime: Runtime, *, resolution: int,
+               make_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
+               make_scheduler: Callable[[torch.optim.Optimizer], Scheduler] | None = None,
+               attack_rng: torch.Generator | None = None, ddp: bool = False,
+               device_ids: list[int] | None = None) -> TrainingStep:
+    """The step of `loss.mode` for `student` (and `teacher`), both already on the runtime's
+    device and layout. Builds the feature head when the mode distils taps (sized at
+    `resolution`), the objective, its optimizer and schedule; wraps the objective in DDP
+    when `ddp` (gradients are then all-reduced by its backward), then compiles when the
+    runtime says so. The attack calls its own compiled copy of the student, the teacher its
+    own too: three graphs that each stay the same from step to step."""
+    mode = MODES[loss.mode]
+    if mode.teacher and teacher is None:
+        raise ValueError(f"loss.mode={loss.mode} distils from a teacher; none was given")
+    features = None
+    if mode.distils_features(loss):
+        features = feature_distillation(teacher, student, resolution, loss.attention_dim,
+                                        loss.backend).to(runtime.device)
+    objective = TrainingObjective(student, loss, features)
+    optimizer = make_optimizer(objective)
+    scheduler = make_scheduler(optimizer) if make_scheduler is not None else None
+    scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.dtype == torch.float16)
+    forward: nn.Module = objective
     if ddp:
-        step_objective = nn.parallel.DistributedDataParallel(objective, device_ids=device_ids)
-    attack_model: nn.Module = objective.student
-    teacher_model = teacher
-    if compiled:
-        step_objective = torch.compile(step_objective, mode=compile_mode)
-        attack_model = torch.compile(objective.student, mode=compile_mode)
-        if teacher is not None:
-            teacher_model = torch.compile(teacher, mode=compile_mode)
-    return TrainingStep(step_objective, attack_model, objective.student, teacher_model,
-                        objective.features is not None, mode, attack, temperature, optimizer,
-                        scaler, scheduler, dtype, attack_rng, teacher_input)
+        forward = nn.parallel.DistributedDataParallel(objective, device_ids=device_ids)
+    attack_model: nn.Module = student
+    teacher_model = teacher if mode.teacher else None
+    if runtime.compiled:
+        forward = torch.compile(forward, mode=runtime.compile_mode)
+        attack_model = torch.compile(student, mode=runtime.compile_mode)
+        if teacher_model is not None:
+            teacher_model = torch.compile(teacher_model, mode=runtime.compile_mode)
+    return TrainingStep(objective, forward, attack_model, teacher_model, mode, loss, attack,
+                        optimizer, scaler, scheduler, runtime.dtype, attack_rng)

@@ -9,19 +9,19 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict
 from typing import Any
 
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
+from fastibd.config import Flag, Number, Text, option, section
 from fastibd.errors import UserError
 from fastibd.models.base import NORMALIZATIONS, ModelSpec, Stats, TappedModel
 from fastibd.models.cifar_resnet import CifarResNet, PreActResNet
 from fastibd.models.imagenet_resnet import ImageNetResNet
 from fastibd.models.wide_resnet import WideResNet
 
-__all__ = ["ARCHITECTURES", "NORMALIZATIONS", "ModelSpec", "TappedModel", "build_model",
-           "build_from_spec"]
+__all__ = ["ARCHITECTURES", "NORMALIZATIONS", "ModelSettings", "ModelSpec", "TappedModel",
+           "build_model", "build_student", "is_imagenet_arch"]
 
 # name -> (constructor taking num_classes, normalization, width_mult, **options; input size)
 ARCHITECTURES: dict[str, tuple[Callable[..., TappedModel], int]] = {
@@ -55,12 +55,25 @@ def build_model(arch: str, num_classes: int = 10, normalization: str | Stats = "
     return model
 
 
-def build_from_spec(spec: ModelSpec | dict[str, Any]) -> TappedModel:
-    """Rebuild a model from its spec (as saved in a checkpoint)."""
-    fields = asdict(spec) if isinstance(spec, ModelSpec) else dict(spec)
-    options = fields.pop("options", {}) or {}
-    normalization = fields["normalization"]
-    if isinstance(normalization, list):  # (mean, std) comes back from a checkpoint as lists
-        normalization = tuple(tuple(v) for v in normalization)
-    return build_model(fields["arch"], fields["num_classes"], normalization,
-                       fields["width_mult"], **options)
+def is_imagenet_arch(arch: str) -> bool:
+    """Whether `arch` is made for ImageNet-sized inputs (the imagenet data pipeline and
+    normalization are its defaults)."""
+    return ARCHITECTURES[arch][1] >= 128
+
+
+@section("model", "The student")
+class ModelSettings:
+    arch: str = option(Text(), "architecture: " + ", ".join(ARCHITECTURES), "resnet18")
+    width_mult: float = option(Number(0.001, 64), "channel multiplier", 1.0)
+    normalization: str = option(Text(), "input normalization inside the model: cifar10, "
+                                "cifar100, imagenet or none", "cifar10")
+    blurpool: bool = option(Flag(), "ImageNet ResNets: blur before each strided convolution "
+                            "(anti-aliasing, as FFCV's recipe)", False)
+
+
+def build_student(settings: ModelSettings, num_classes: int) -> TappedModel:
+    """The student a run's `model` section describes."""
+    options = {"blurpool": True} if settings.blurpool else {}
+    return build_model(settings.arch, num_classes, settings.normalization, settings.width_mult,
+                       **options)
+

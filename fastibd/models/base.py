@@ -104,10 +104,6 @@ class TappedModel(nn.Module):
         _, taps = functional_call(self, meta, (x,), {"features": True})
         return [tuple(t.shape[1:]) for t in taps]
 
-    @property
-    def num_taps(self) -> int:
-        return len(self.feature_shapes(32))
-
 
 def scaled(channels: int, width_mult: float) -> int:
     """A channel count times the width multiplier (tiny test models use e.g. 1/8)."""

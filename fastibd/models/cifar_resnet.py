@@ -36,25 +36,33 @@ class BasicBlock(nn.Module):
 
 
 class PreActBlock(nn.Module):
-    """Pre-activation block, split so the model can reuse relu(bn1(x)) as the previous
-    block's tap instead of computing it twice."""
+    """Pre-activation basic block (PreAct ResNets, WideResNets), split so the model can
+    reuse relu(bn1(x)) as the previous block's tap instead of computing it twice.
 
-    def __init__(self, in_planes: int, planes: int, stride: int) -> None:
+    A projection shortcut (stride or width change) sees the activated input, an identity
+    shortcut the raw one, as in the PreAct and TRADES code. `shortcut` names the projection
+    as the checkpoints people have do: "shortcut" (a Sequential holding the conv, PreAct
+    ResNet code) or "convShortcut" (the conv itself, WideResNet / TRADES / RobustBench)."""
+
+    def __init__(self, in_planes: int, planes: int, stride: int,
+                 shortcut: str = "shortcut") -> None:
         super().__init__()
         self.bn1 = nn.BatchNorm2d(in_planes)
         self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(planes)
         self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.projection: str | None = None
         if stride != 1 or in_planes != planes:
-            self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride, bias=False))
+            conv = nn.Conv2d(in_planes, planes, 1, stride, bias=False)
+            self.add_module(shortcut, nn.Sequential(conv) if shortcut == "shortcut" else conv)
+            self.projection = shortcut
 
     def activate(self, x: torch.Tensor) -> torch.Tensor:
         return F.relu(self.bn1(x))
 
     def forward_activated(self, activated: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        shortcut = self.shortcut(activated) if hasattr(self, "shortcut") else x
-        out = self.conv1(activated)
-        out = self.conv2(F.relu(self.bn2(out)))
+        shortcut = x if self.projection is None else getattr(self, self.projection)(activated)
+        out = self.conv2(F.relu(self.bn2(self.conv1(activated))))
         return out + shortcut
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -21,20 +21,88 @@ from __future__ import annotations
 
 import pickle
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from fastibd.config import Choice, Flag, Number, Text, option, section
 from fastibd.errors import UserError
-from fastibd.models import ARCHITECTURES, NORMALIZATIONS, TappedModel, build_model
+from fastibd.models import (
+    ARCHITECTURES,
+    NORMALIZATIONS,
+    TappedModel,
+    build_model,
+    is_imagenet_arch,
+)
 from fastibd.models.base import Stats
 from fastibd.models.checkpoint import FORMAT as FASTIBD_FORMAT
 
 FORMATS = ("auto", "fastibd", "state_dict", "robustbench", "robustness")
-IMAGENET_INPUT = 224
 _SHOWN = 4  # keys listed per kind of mismatch
+NORMALIZATION_GAP = 0.15  # accuracy another normalization must add to be "the right one"
+CHANCE_FACTOR = 1.5  # below 1.5x chance: the wrong file
+
+
+@section("teacher", "The robust teacher (distillation modes)")
+class TeacherSettings:
+    arch: str = option(Text(), "architecture of the teacher checkpoint", "wrn34_10")
+    path: str = option(Text(), "teacher checkpoint file", "")
+    source: str = option(Text(), "how to get the teacher file (said when it is missing)", "")
+    format: str = option(Choice(*FORMATS), "checkpoint layout", "auto")
+    width_mult: float = option(Number(0.001, 64), "channel multiplier", 1.0)
+    normalization: str = option(Text(), "override the teacher's input normalization (empty: "
+                                "from the file, else the architecture's convention)", "")
+    trust_pickle: bool = option(Flag(), "allow a full pickle (robustness-library files): it "
+                                "can run code, so only for files you trust", False)
+
+
+def run_teacher(settings: TeacherSettings, mode: str, num_classes: int) -> TappedModel:
+    """The teacher a run's `teacher` section names (on the CPU, eval mode, no gradients),
+    checked to predict `num_classes` classes. `mode` is the loss mode that asked for it."""
+    if not settings.path:
+        raise UserError(f"loss.mode={mode} distils from a teacher: set teacher.path (train "
+                        "one with loss.mode=pgd_at or trades)")
+    if settings.source and not Path(settings.path).is_file():
+        raise UserError(f"no teacher checkpoint {settings.path}: {settings.source}")
+    teacher = load_teacher(settings.arch, settings.path, settings.format,
+                           normalization=settings.normalization or None,
+                           width_mult=settings.width_mult, trust_pickle=settings.trust_pickle)
+    if teacher.spec.num_classes != num_classes:
+        raise UserError(f"the teacher {settings.path} predicts {teacher.spec.num_classes} "
+                        f"classes, the data has {num_classes}")
+    return teacher
+
+
+@torch.no_grad()
+def check_teacher_accuracy(teacher: TappedModel,
+                           batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                           alternatives: Iterable[str], num_classes: int, path: str) -> None:
+    """Stop before spending GPU-days when the teacher reads its input with the wrong
+    normalization (one of `alternatives` does clearly better on `batches`), or is near
+    chance whatever the normalization (wrong file). `batches` must be re-iterable."""
+    configured = teacher.spec.normalization
+    candidates = [configured] + [n for n in dict.fromkeys(alternatives)
+                                 if n != configured and n in NORMALIZATIONS]
+    accuracy = {}
+    for normalization in candidates:
+        teacher.set_normalization(normalization)
+        correct = total = 0
+        for x, y in batches:
+            correct += (teacher(x).argmax(1) == y).sum().item()
+            total += len(y)
+        accuracy[str(normalization)] = correct / max(total, 1)
+    teacher.set_normalization(configured)
+    best = max(accuracy, key=accuracy.get)
+    mine, chance = accuracy[str(configured)], 1 / num_classes
+    if accuracy[best] > mine + NORMALIZATION_GAP:
+        raise UserError(f"the teacher {path} gets {mine:.1%} of the held-out training "
+                        f"images right with normalization {configured}, but "
+                        f"{accuracy[best]:.1%} with {best}: set teacher.normalization={best}")
+    if mine < CHANCE_FACTOR * chance:
+        raise UserError(f"the teacher {path} gets {mine:.1%} of the held-out training "
+                        f"images right (chance is {chance:.1%}): wrong checkpoint?")
 
 
 def load_teacher(
@@ -194,7 +262,7 @@ def _choose_normalization(asked: str | Stats | None, carried: str | Stats | None
         return asked
     if carried is not None:
         return carried
-    return "imagenet" if ARCHITECTURES[arch][1] == IMAGENET_INPUT else "none"
+    return "imagenet" if is_imagenet_arch(arch) else "none"
 
 
 def _name_stats(normalization: str | Stats | None) -> str | Stats | None:

@@ -10,37 +10,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastibd.models.base import Stats, TappedModel, run_preact_blocks, scaled
-
-
-class WideBlock(nn.Module):
-    def __init__(self, in_planes: int, out_planes: int, stride: int) -> None:
-        super().__init__()
-        self.bn1 = nn.BatchNorm2d(in_planes)
-        self.conv1 = nn.Conv2d(in_planes, out_planes, 3, stride, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(out_planes)
-        self.conv2 = nn.Conv2d(out_planes, out_planes, 3, 1, 1, bias=False)
-        self.equal_in_out = in_planes == out_planes and stride == 1
-        if not self.equal_in_out:
-            self.convShortcut = nn.Conv2d(in_planes, out_planes, 1, stride, bias=False)
-
-    def activate(self, x: torch.Tensor) -> torch.Tensor:
-        return F.relu(self.bn1(x))
-
-    def forward_activated(self, activated: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        # As in the TRADES code: a projection shortcut sees the activated input, identity the raw.
-        shortcut = x if self.equal_in_out else self.convShortcut(activated)
-        out = self.conv2(F.relu(self.bn2(self.conv1(activated))))
-        return shortcut + out
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_activated(self.activate(x), x)
+from fastibd.models.cifar_resnet import PreActBlock
 
 
 class NetworkBlock(nn.Module):
     def __init__(self, count: int, in_planes: int, out_planes: int, stride: int) -> None:
         super().__init__()
         self.layer = nn.Sequential(*[
-            WideBlock(in_planes if i == 0 else out_planes, out_planes, stride if i == 0 else 1)
+            PreActBlock(in_planes if i == 0 else out_planes, out_planes, stride if i == 0 else 1,
+                        shortcut="convShortcut")
             for i in range(count)
         ])
 

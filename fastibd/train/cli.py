@@ -5,17 +5,16 @@ from __future__ import annotations
 
 import sys
 
-from fastibd.config import as_dict, help_text, load_config
 from fastibd.distributed import process_count, relaunch, shutdown
 from fastibd.errors import exit_on_user_error
+from fastibd.train.settings import help_text, load_settings
 from fastibd.train.trainer import Trainer
 
 
 @exit_on_user_error("fastibd.train")
 def run(argv: list[str]) -> int:
-    config = load_config(argv)
-    settings = as_dict(config)
-    nproc = process_count(settings["training"])
+    settings = load_settings(argv)
+    nproc = process_count(settings.training.nproc, settings.training.device)
     if nproc > 1:
         relaunch(argv, nproc)
     trainer = Trainer(settings)

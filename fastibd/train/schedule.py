@@ -1,10 +1,58 @@
-"""Learning-rate schedules as a factor of the peak rate, evaluated every iteration."""
+"""The optimizer and its learning-rate schedule (a factor of the peak rate, set at every
+iteration), from the run's `optim` section."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
 import numpy as np
+import torch
+from torch import nn
+
+from fastibd.config import Choice, Flag, IntList, Number, option, section
+
+
+@section("optim", "SGD and the learning-rate schedule (per iteration)")
+class OptimSettings:
+    lr: float = option(Number(0, 100), "peak learning rate (for batch_size; scaled linearly "
+                       "with the global batch if lr_scaling)", 0.1)
+    momentum: float = option(Number(0, 1), "SGD momentum", 0.9)
+    nesterov: bool = option(Flag(), "Nesterov momentum", False)
+    weight_decay: float = option(Number(0, 1), "weight decay", 5e-4)
+    decay_norm_and_bias: bool = option(Flag(), "decay every parameter, as the IBD code and "
+                                       "paper (false: not the 1-D ones, norm weights and "
+                                       "biases, as FFCV's ImageNet recipe)", True)
+    schedule: str = option(Choice("piecewise", "onecycle", "linear", "constant"),
+                           "piecewise: x gamma at milestones; onecycle: linear up to "
+                           "peak_epoch then down to 0; linear: down to 0", "piecewise")
+    milestones: tuple[int, ...] = option(IntList(), "piecewise: epochs where lr *= gamma",
+                                         (100, 150))
+    gamma: float = option(Number(0, 1), "piecewise: factor at each milestone", 0.1)
+    peak_epoch: float = option(Number(0, 1e6), "onecycle: epoch of the peak", 2.0)
+    lr_scaling: bool = option(Flag(), "scale lr by global batch / batch_size (several GPUs)",
+                              False)
+
+
+def build_optimizer(module: nn.Module, settings: OptimSettings,
+                    world_size: int = 1) -> torch.optim.SGD:
+    """SGD over every parameter of `module`; with decay_norm_and_bias=false the 1-D ones
+    (norm weights, biases) are not decayed."""
+    decay, exempt = [], []
+    for param in module.parameters():
+        (exempt if param.ndim <= 1 and not settings.decay_norm_and_bias else decay).append(param)
+    lr = settings.lr * (world_size if settings.lr_scaling else 1)
+    return torch.optim.SGD([{"params": decay, "weight_decay": settings.weight_decay},
+                            {"params": exempt, "weight_decay": 0.0}],
+                           lr=lr, momentum=settings.momentum, nesterov=settings.nesterov)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, settings: OptimSettings, epochs: int,
+                    steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """The schedule of `settings`, stepped once per iteration."""
+    factor = lr_factor(settings.schedule, epochs, settings.milestones, settings.gamma,
+                       settings.peak_epoch)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer,
+                                             lambda step: factor(step / steps_per_epoch))
 
 
 def lr_factor(schedule: str, epochs: int, milestones: Sequence[int] = (), gamma: float = 0.1,
@@ -28,16 +76,3 @@ def lr_factor(schedule: str, epochs: int, milestones: Sequence[int] = (), gamma:
     if schedule == "constant":
         return lambda epoch: 1.0
     raise ValueError(f"unknown schedule {schedule!r}")
-
-
-def resolution_at(epoch: int, min_res: int, max_res: int, start_ramp: int, end_ramp: int,
-                  step: int = 32) -> int:
-    """Progressive resizing (FFCV's ImageNet recipe): min_res until epoch start_ramp, then a
-    linear ramp to max_res at end_ramp, rounded down to a multiple of `step` (so a compiled
-    model sees a few distinct shapes, not one per epoch), never below min_res."""
-    if max_res <= min_res:
-        return min_res
-    if end_ramp <= start_ramp:  # a jump
-        return max_res if epoch >= end_ramp else min_res
-    res = float(np.interp(epoch, [start_ramp, end_ramp], [min_res, max_res]))
-    return max(min_res, int(res) // step * step)
