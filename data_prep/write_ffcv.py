@@ -21,7 +21,7 @@ from tqdm import tqdm
 if __package__ in (None, ""):  # run as `python data_prep/write_ffcv.py` from a checkout
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from fastibd.cli import ArgumentParser, bounded
+from fastibd.cli import ArgumentParser, bounded, writable_directory
 from fastibd.data import sources as datasets
 from fastibd.data.beton import WRITE_MODES, image_field, write_beton
 from fastibd.data.tensor_loader import write_npz
@@ -112,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     existing = [str(p) for p in outputs.values() if p.exists()]
     if existing and not args.overwrite:  # checked before any slow work
         raise UserError(f"{', '.join(existing)} already exists; pass --overwrite to replace")
+    writable_directory(out_dir, "--out-dir", create=False)  # made when the first file is
 
     defaults = FOLDER_DEFAULTS if args.dataset in FOLDER_DATASETS else SMALL_DEFAULTS
     storage = {key: defaults[key] if getattr(args, key) is None else getattr(args, key)

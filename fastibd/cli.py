@@ -4,11 +4,13 @@ budgets written as fractions, comma-separated lists."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import NoReturn
 
-from fastibd.errors import EXIT_USER_ERROR
+from fastibd.errors import EXIT_USER_ERROR, UserError
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -72,3 +74,22 @@ def choice_list(text: str, choices: Sequence[str], what: str) -> list[str]:
                                          f"{', '.join(choices)}")
     return items
 
+
+def writable_directory(path: Path, option: str, create: bool = True) -> Path:
+    """`path` checked to be a directory this process can write to (or, when it does not
+    exist yet, one it can make: its nearest existing parent is a writable directory), before
+    any slow work; made when `create`. `option` names the setting in the one-line error."""
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{option} {path} is a file, not a directory")
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise UserError(f"{option} {path}: {existing} is a file, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        where = "" if existing == path else f" ({existing} cannot be written to)"
+        raise UserError(f"{option} {path} is not writable{where}")
+    if create:
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise UserError(f"cannot create {option} {path}: {err.strerror}") from None
+    return path

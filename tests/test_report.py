@@ -105,12 +105,29 @@ def test_missing_inputs_are_skipped_with_a_note(tmp_path: Path, digits_dir: Path
     assert "skipped the robustness curves" in printed
     assert "no attention module" in printed
 
-    # an empty directory: every figure skipped, still exit 0
+    # an empty directory: every figure skipped, and that is an error (nothing was made)
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert report.main([str(empty), "--device", "cpu"]) == 0
+    assert report.main([str(empty), "--device", "cpu"]) == 2
+    captured = capsys.readouterr()
+    assert "skipped the training curves" in captured.out
+    (line,) = captured.err.strip().splitlines()
+    assert "nothing to draw" in line and "Traceback" not in captured.err
+    assert not (empty / "figures" / "figures.json").exists()
+
+
+def test_a_torn_last_metrics_line_is_skipped_with_a_note(tmp_path: Path, capsys) -> None:
+    """What a run killed in the middle of writing metrics.jsonl leaves."""
+    run_dir = make_run(tmp_path / "run", tmp_path / "nowhere.beton", ibd=False)
+    with (run_dir / "metrics.jsonl").open("a") as file:
+        file.write('{"kind": "epoch", "epoch": 9, "loss_to')
+    out = tmp_path / "figs"
+    assert report.main([str(run_dir), "--out", str(out), "--device", "cpu"]) == 0
     printed = capsys.readouterr().out
-    assert "skipped the training curves" in printed and "no figure could be drawn" in printed
+    assert "skipped unreadable line" in printed
+    assert_picture(out / "curves.png")
+    epochs = json.loads((out / "figures.json").read_text())["curves"]["epochs"]
+    assert 9 not in epochs
 
 
 def test_bad_run_dir_is_one_line(tmp_path: Path, capsys) -> None:

@@ -125,6 +125,12 @@ def test_interrupted_run_resumes_to_the_same_weights(
     # Bitwise: same seeds, same batch order (FFCV seeds it by epoch), augmentation seeded
     # per batch, attack noise from a checkpointed generator, deterministic CPU kernels.
     assert all(torch.equal(expected[k], got[k]) for k in expected)
+    # The interrupted epoch's metrics cover all of it, not only the steps after the resume.
+    def epoch_2(run: Path) -> dict:
+        (record,) = [r for r in read_metrics(run) if r["kind"] == "epoch" and r["epoch"] == 2]
+        return {k: v for k, v in record.items() if k.startswith("loss_") or k == "images"}
+
+    assert epoch_2(tmp_path) == epoch_2(reference_run)
 
 
 def test_kill_during_save_keeps_the_previous_checkpoint(tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ import torch
 from tqdm import tqdm
 
 from fastibd.cli import ArgumentParser, bounded
-from fastibd.data import PIPELINES, LoaderOptions, make_loader
+from fastibd.data import PIPELINES, LoaderOptions, dataset_labels, make_loader
 from fastibd.errors import exit_on_user_error
 
 
@@ -34,6 +34,7 @@ def build_parser() -> ArgumentParser:
 @exit_on_user_error("inspect_data")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    dataset_labels(args.path)  # the checks train and evaluate make: readable, right fields
     options = LoaderOptions(batch_size=args.batch_size, num_workers=args.num_workers)
     loader = make_loader(args.path, args.pipeline, "train", options, resolution=args.resolution)
     counts: dict[int, int] = {}

@@ -298,7 +298,12 @@ def main(argv: list[str] | None = None) -> int:
     written: list[Path] = []
 
     # 1. training curves
-    curves = plot_curves(read_metrics(run_dir), out / "curves.png")
+    torn: list[int] = []
+    records = read_metrics(run_dir, skipped=torn)
+    if torn:  # what a killed run leaves: the rest of the file is still good
+        note(f"skipped unreadable line(s) {', '.join(map(str, torn))} of "
+             f"{run_dir / 'metrics.jsonl'}")
+    curves = plot_curves(records, out / "curves.png")
     if curves is None:
         note(f"no epoch records in {run_dir / 'metrics.jsonl'}: skipped the training curves")
     else:
@@ -348,11 +353,12 @@ def main(argv: list[str] | None = None) -> int:
         except UserError as err:  # the figures already drawn are still worth having
             note(f"{err}: skipped the attention map")
 
+    if not written:
+        raise UserError(f"nothing to draw from {run_dir}: no metrics, no checkpoint with "
+                        "validation data (is it a run directory of fastibd.train?)")
     (out / "figures.json").write_text(json.dumps(summary, indent=1) + "\n")
     for path in written:
         print(f"wrote {path}")
-    if not written:
-        note("no figure could be drawn")
     return 0
 
 

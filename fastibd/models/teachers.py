@@ -68,7 +68,8 @@ def run_teacher(settings: TeacherSettings, mode: str, num_classes: int) -> Tappe
         raise UserError(f"no teacher checkpoint {settings.path}: {settings.source}")
     teacher = load_teacher(settings.arch, settings.path, settings.format,
                            normalization=settings.normalization or None,
-                           width_mult=settings.width_mult, trust_pickle=settings.trust_pickle)
+                           width_mult=settings.width_mult, trust_pickle=settings.trust_pickle,
+                           trust_option="--teacher.trust_pickle=true")
     if teacher.spec.num_classes != num_classes:
         raise UserError(f"the teacher {settings.path} predicts {teacher.spec.num_classes} "
                         f"classes, the data has {num_classes}")
@@ -115,6 +116,7 @@ def load_teacher(
     width_mult: float = 1.0,
     trust_pickle: bool = False,
     device: torch.device | str = "cpu",
+    trust_option: str = "--trust-pickle",
     **options: Any,
 ) -> TappedModel:
     """Build `arch` and load the weights in `path` into it, strictly.
@@ -125,7 +127,7 @@ def load_teacher(
     """
     if format not in FORMATS:
         raise UserError(f"unknown checkpoint format {format!r}; choose from {', '.join(FORMATS)}")
-    raw = read_checkpoint(path, trust_pickle)
+    raw = read_checkpoint(path, trust_pickle, trust_option)
     fmt = detect_format(raw) if format == "auto" else format
     state, stats, spec = _interpret(raw, fmt, path)
 
@@ -152,8 +154,10 @@ def load_teacher(
     return model.to(device)
 
 
-def read_checkpoint(path: str | Path, trust_pickle: bool = False) -> Any:
-    """torch.load with weights_only=True; a full pickle only when the user trusts it."""
+def read_checkpoint(path: str | Path, trust_pickle: bool = False,
+                    trust_option: str = "--trust-pickle") -> Any:
+    """torch.load with weights_only=True; a full pickle only when the user trusts it
+    (`trust_option` is how the calling command spells the flag, for the message)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"no checkpoint file {path}")
@@ -161,17 +165,18 @@ def read_checkpoint(path: str | Path, trust_pickle: bool = False) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         needs = re.search(r"GLOBAL ([\w.]+)", str(err))
-        if needs is None:  # not a question of trust: the bytes are bad
-            raise UserError(f"cannot read {path}: not a PyTorch checkpoint ({_first_line(err)})"
+        if needs is None:  # not a question of trust: the bytes are bad (PyTorch's message
+            # would suggest loading with weights_only=False: never say that for a bad file)
+            raise UserError(f"cannot read {path}: truncated or not a PyTorch checkpoint"
                             ) from None
         if not trust_pickle:
             raise UserError(
                 f"{path} is a full pickle (it needs {needs.group(1)}); loading it can run "
                 "arbitrary code. MadryLab robustness checkpoints are like this. If you trust "
-                "where it came from, pass --trust-pickle (trust_pickle=True)") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as err:
-        raise UserError(f"cannot read {path}: truncated or not a PyTorch checkpoint "
-                        f"({_first_line(err)})") from None
+                f"where it came from, pass {trust_option}") from None
+    except (RuntimeError, EOFError, OSError, ValueError):
+        raise UserError(f"cannot read {path}: truncated or not a PyTorch checkpoint"
+                        ) from None
     try:  # only reached with trust_pickle=True
         import dill as pickle_module  # the robustness library pickles with dill
     except ImportError:
@@ -299,4 +304,5 @@ def _check_fit(model: TappedModel, state: Mapping[str, torch.Tensor], context: s
 
 
 def _first_line(err: BaseException) -> str:
-    return (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err))  # some libraries colour their messages
+    return (text.strip().splitlines() or [type(err).__name__])[0][:200]

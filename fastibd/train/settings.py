@@ -38,6 +38,9 @@ class TrainingSettings:
     out_dir: str = option(Text(), "run directory: checkpoints, metrics, resolved config",
                           "runs/default")
     resume: bool = option(Flag(), "continue the run in out_dir if it has a checkpoint", True)
+    resume_changed: bool = option(Flag(), "resume even though settings that change the result "
+                                  "differ from the run's (recorded in config_history.yaml)",
+                                  False)
     eval_every: int = option(Integer(1), "evaluate on the held-out slice every N epochs", 1)
     nproc: str = option(Text(), "processes (one per GPU) when not started by torchrun: auto = "
                         "every visible GPU (DDP), or a number", "auto")

@@ -9,7 +9,8 @@ and load_teacher read last.pt too.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import pickle
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,9 @@ class TrainState:
     epoch: int = 0  # epochs finished
     step_in_epoch: int = 0  # steps of the next epoch already taken (a mid-epoch save)
     best: dict[str, Any] | None = None  # {"epoch": ..., "clean_acc": ..., "pgd_acc": ...}
+    # the epoch in progress at a mid-epoch save: its loss sums, steps, images and seconds,
+    # so the epoch's metrics still cover all of it after a resume
+    partial: dict[str, Any] | None = field(default=None)
 
     def state_dict(self) -> dict[str, Any]:
         step = self.step
@@ -45,7 +49,8 @@ class TrainState:
             optimizer=step.optimizer.state_dict(),
             scheduler=None if step.scheduler is None else step.scheduler.state_dict(),
             scaler=step.scaler.state_dict(), epoch=self.epoch, step_in_epoch=self.step_in_epoch,
-            rng=rng, best=self.best, config=self.settings, world_size=self.world_size)
+            rng=rng, best=self.best, config=self.settings, world_size=self.world_size,
+            partial=self.partial)
 
     def check_finite(self, where: str, last: Path) -> None:
         """A finite loss can still be followed by an update (or BN statistics) gone to inf:
@@ -58,20 +63,26 @@ class TrainState:
     def save(self, path: Path) -> None:
         atomic_save(self.state_dict(), path)
 
-    def load(self, path: Path) -> None:
-        """Continue from `path`, which must be a run of the same architecture and mode."""
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # noqa: BLE001 - a damaged file must not become a traceback
-            raise UserError(f"cannot resume from {path} ({str(err).splitlines()[0]}); move it "
-                            "away to start over") from None
+    def load(self, path: Path, allow_changes: bool = False) -> dict[str, tuple[Any, Any]]:
+        """Continue from `path`. It must be a training state of the same architecture and
+        mode, trained with the same settings except those a resume may change
+        (RESUMABLE_CHANGES); other differences are refused unless `allow_changes`. Returns
+        every setting that differs, {key: (saved, now)}."""
+        state = read_training_state(path)
         step = self.step
         arch, mode = step.student.spec.arch, step.loss.mode
-        saved_arch = state.get("spec", {}).get("arch")
-        saved_mode = state["config"]["loss"]["mode"]
+        saved_arch, saved_mode = state["spec"].get("arch"), state["config"]["loss"]["mode"]
         if saved_arch != arch or saved_mode != mode:
             raise UserError(f"{path} is a {saved_arch} run in mode {saved_mode}; this config "
                             f"trains a {arch} in mode {mode}: use another training.out_dir")
+        changes = setting_changes(state["config"], self.settings)
+        refused = {k: v for k, v in changes.items() if k not in RESUMABLE_CHANGES}
+        if refused and not allow_changes:
+            listed = "; ".join(f"{k} {_shown(old)} -> {_shown(new)}"
+                               for k, (old, new) in refused.items())
+            raise UserError(f"{path.parent} was trained with other settings ({listed}): resume "
+                            "with the run's own settings, choose another training.out_dir, or "
+                            "pass --training.resume_changed=true to continue with these")
         step.student.load_state_dict(state["model"])
         if step.objective.features is not None:
             step.objective.features.load_state_dict(state["features"])
@@ -81,9 +92,76 @@ class TrainState:
         step.scaler.load_state_dict(state["scaler"])
         self.epoch, self.step_in_epoch, self.best = (state["epoch"], state["step_in_epoch"],
                                                      state["best"])
+        self.partial = state.get("partial")
         torch.set_rng_state(state["rng"]["torch"])
         if step.attack_rng is not None and "attack" in state["rng"]:
             step.attack_rng.set_state(state["rng"]["attack"])
         device = next(step.objective.parameters()).device
         if "cuda" in state["rng"] and device.type == "cuda":
             torch.cuda.set_rng_state(state["rng"]["cuda"], device)
+        return changes
+
+    def size_estimate(self) -> int:
+        """Bytes of one checkpoint of this state, about: the weights, the optimizer's
+        momentum and the features head, twice over for safety margin."""
+        tensors = [*self.step.objective.parameters(), *self.step.objective.buffers()]
+        return 2 * 2 * sum(t.numel() * t.element_size() for t in tensors)
+
+
+# A resume may change these (they do not change what the run computes): more epochs, how
+# the data is read, what is printed, how often the held-out slice is scored, where to run.
+RESUMABLE_CHANGES = frozenset({
+    "training.epochs", "training.eval_every", "training.out_dir", "training.resume",
+    "training.resume_changed", "training.nproc", "data.num_workers", "data.os_cache",
+    "logging.progress", "logging.tensorboard", "teacher.source",
+})
+TRAINING_KEYS = ("format", "spec", "model", "optimizer", "scaler", "epoch", "step_in_epoch",
+                 "rng", "best", "config")
+
+
+def read_training_state(path: Path) -> dict[str, Any]:
+    """A last.pt checked to be a fastibd training state; anything else is one line that
+    says what the file is."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "GLOBAL" not in str(err):  # not a pickle of objects: damaged or not PyTorch's
+            raise UserError(f"cannot resume from {path}: it is truncated or not a PyTorch "
+                            "file; move it away to start over") from None
+        raise UserError(f"{path} is a full pickle, not a training state fastibd writes; move "
+                        "it away to start over") from None
+    except Exception:  # noqa: BLE001 - a damaged file must not become a traceback
+        raise UserError(f"cannot resume from {path}: it is truncated or not a PyTorch file; "
+                        "move it away to start over") from None
+    if not isinstance(state, dict):
+        raise UserError(f"{path} holds a {type(state).__name__}, not a fastibd training state; "
+                        "move it away to start over")
+    if state.get("format") != "fastibd":
+        raise UserError(f"{path} is not a fastibd checkpoint (no fastibd format marker); move "
+                        "it away to start over")
+    missing = [key for key in TRAINING_KEYS if key not in state]
+    if missing:
+        kind = "a model checkpoint (like best.pt)" if "model" in state else "incomplete"
+        raise UserError(f"{path} is {kind}, not a training state: it has no "
+                        f"{', '.join(missing)}; move it away to start over")
+    return state
+
+
+def setting_changes(saved: dict[str, dict[str, Any]], now: dict[str, dict[str, Any]]
+                    ) -> dict[str, tuple[Any, Any]]:
+    """{"section.key": (saved value, current value)} for every setting that differs (a key
+    one side lacks counts, as <absent>)."""
+    flat_saved, flat_now = _flat(saved), _flat(now)
+    absent = "<absent>"
+    return {key: (flat_saved.get(key, absent), flat_now.get(key, absent))
+            for key in sorted(flat_saved.keys() | flat_now.keys())
+            if flat_saved.get(key, absent) != flat_now.get(key, absent)}
+
+
+def _flat(tree: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    return {f"{name}.{key}": list(value) if isinstance(value, tuple) else value
+            for name, values in tree.items() for key, value in values.items()}
+
+
+def _shown(value: Any) -> str:
+    return f"{value:.6g}" if isinstance(value, float) else str(value)

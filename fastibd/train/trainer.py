@@ -15,11 +15,9 @@ import signal
 import sys
 import time
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from tqdm import tqdm
 
 from fastibd.data import training_data
@@ -32,7 +30,7 @@ from fastibd.method.step import build_step
 from fastibd.models import build_student
 from fastibd.models.checkpoint import atomic_save, model_checkpoint
 from fastibd.models.teachers import check_teacher_accuracy, run_teacher
-from fastibd.run_dir import BEST, CONFIG_FILE, LAST, RunLog
+from fastibd.run_dir import BEST, LAST, RunDirectory, RunLog
 from fastibd.train.schedule import build_optimizer, build_scheduler
 from fastibd.train.settings import Settings
 from fastibd.train.state import TrainState
@@ -54,9 +52,28 @@ class Trainer:
             print(f"distributed: {world.size} process{'es' * (world.size > 1)}, backend "
                   f"{torch.distributed.get_backend()}", flush=True)
         self.runtime = runtime
-        self.run_dir = Path(s.training.out_dir)
-        torch.manual_seed(s.training.seed + world.rank)
+        # The run directory first, before any data is read or model built: a bad or busy
+        # location fails in a second, not after minutes of loading.
+        self.run = RunDirectory(s.training.out_dir)
+        self.run_dir = self.run.path
+        self.log: RunLog | None = None
+        if world.is_main:
+            self.run.lock()
+        try:
+            self._build(s, runtime)
+        except BaseException:
+            self.close(failed=True)
+            raise
 
+    def _build(self, s: Settings, runtime) -> None:
+        world = self.world
+        last = self.run_dir / LAST
+        if last.exists() and not s.training.resume:
+            raise UserError(f"{self.run_dir} already holds a run ({last}); choose another "
+                            "training.out_dir, or resume it with training.resume=true")
+        if world.is_main:
+            self.run.remove_temporaries()  # of writes a killed run left half done
+        torch.manual_seed(s.training.seed + world.rank)
         self.data = training_data(s.data, runtime.device, s.training.seed, world.distributed)
         classes, place = self.data.num_classes, dict(device=runtime.device,
                                                      memory_format=runtime.memory_format)
@@ -85,24 +102,30 @@ class Trainer:
             device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
         self.state = TrainState(self.step, s.as_dict(), world.size)
         self.stop_signal: int | None = None
-        self._open_run_dir()
-
-    def _open_run_dir(self) -> None:
-        last = self.run_dir / LAST
+        if world.is_main:
+            self.run.check_free_space(self.state.size_estimate())
+        changes = {}
         if last.exists():
-            if not self.settings.training.resume:
-                raise UserError(f"{self.run_dir} already holds a run ({last}); choose another "
-                                "training.out_dir, or resume it with training.resume=true")
-            self.state.load(last)
-            print(f"resuming {last}: epoch {self.state.epoch}, step "
-                  f"{self.state.step_in_epoch}", flush=True)
-        if self.world.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / CONFIG_FILE).write_text(yaml.safe_dump(self.state.settings,
-                                                                   sort_keys=False))
-        barrier(self.world)
-        self.log = RunLog(self.run_dir, self.settings.logging.tensorboard) \
-            if self.world.is_main else None
+            changes = self.state.load(last, s.training.resume_changed)
+            print(f"resuming {last}: epoch {self.state.epoch}, step {self.state.step_in_epoch}",
+                  flush=True)
+        if world.is_main:
+            self.run.write_config(self.state.settings)  # once, when the run starts
+            self.log = RunLog(self.run_dir, s.logging.tensorboard)
+            if changes:
+                self.run.record_changes(changes, self.state.epoch, self.state.step_in_epoch)
+                self.log.write({"kind": "resume", "epoch": self.state.epoch,
+                                "step_in_epoch": self.state.step_in_epoch,
+                                "changes": {k: [old, new] for k, (old, new) in
+                                            changes.items()}})
+        barrier(world)
+
+    def close(self, failed: bool = False) -> None:
+        """Release the run directory (fit does; call it for a Trainer that never fits)."""
+        if self.log is not None:
+            self.log.close()
+            self.log = None
+        self.run.unlock(failed)
 
     # ------------------------------------------------------------------ the loop
 
@@ -110,10 +133,14 @@ class Trainer:
         state, device = self.state, self.runtime.device
         self.data.train.set_epoch(state.epoch)  # its order, crops and resolution
         skip, state.step_in_epoch = state.step_in_epoch, 0
-        sums: dict[str, torch.Tensor] = {}
+        # Resuming mid-epoch: the metrics carry on from what the stopped part measured (its
+        # sums were saved with the state; under DDP rank 0's share of that part).
+        earlier = state.partial if skip and self.world.is_main and state.partial else {}
+        sums = {k: torch.tensor(v, device=device) for k, v in earlier.get("sums", {}).items()}
+        steps, seen = earlier.get("steps", 0), earlier.get("images", 0)
         window: list[tuple[int, torch.Tensor]] = []
         check_every = 1 if device.type == "cpu" else 25  # each check syncs the GPU
-        start, seen, resolution = time.perf_counter(), 0, None
+        start, resolution = time.perf_counter() - earlier.get("seconds", 0.0), None
         show = self.settings.logging.progress and self.world.is_main
         bar = tqdm(total=self.steps_per_epoch, initial=skip, unit="step", leave=False,
                    desc=f"epoch {state.epoch + 1}/{self.settings.training.epochs}",
@@ -124,7 +151,8 @@ class Trainer:
             if index < skip:  # resuming mid-epoch: same order, so skip what was trained
                 continue
             total, parts = self.step(x.contiguous(memory_format=self.runtime.memory_format), y)
-            resolution, state.step_in_epoch, seen = x.shape[-1], index + 1, seen + len(y)
+            resolution, state.step_in_epoch = x.shape[-1], index + 1
+            steps, seen = steps + 1, seen + len(y)
             for name, value in parts.items():
                 sums[name] = sums.get(name, 0.0) + value.float()
             window.append((index, total))
@@ -137,14 +165,18 @@ class Trainer:
                                 lr=f"{self.step.scheduler.get_last_lr()[0]:.4g}")
             if self.stop_signal is not None:
                 self._check_finite(window)
+                state.partial = {"sums": {k: v.item() for k, v in sums.items()},
+                                 "steps": steps, "images": seen,
+                                 "seconds": time.perf_counter() - start}
                 self._save_state()
                 bar.close()
                 raise _Stopped(self.stop_signal)
         self._check_finite(window)
         bar.close()
         elapsed = time.perf_counter() - start
+        state.partial = None
         names = sorted(sums)
-        counts = [float(max(state.step_in_epoch - skip, 1)), float(seen)]
+        counts = [float(max(steps, 1)), float(seen)]
         reduced = all_reduce_sum(torch.stack(
             [sums[n] for n in names] + [torch.tensor(c, device=device) for c in counts]),
             self.world)
@@ -221,8 +253,7 @@ class Trainer:
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
-            if self.log is not None:
-                self.log.close()
+            self.close()
 
     def _request_stop(self, signum: int, _frame: Any) -> None:
         if self.stop_signal is not None:  # a second Ctrl-C: stop now
