@@ -82,6 +82,12 @@ def digits_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 REPO = Path(__file__).resolve().parent.parent
 
 
+def data_args(digits_dir: Path) -> list[str]:
+    """The training command's options that point it at the digits betons."""
+    return [f"--data.train_path={digits_dir / 'train.beton'}",
+            f"--data.val_path={digits_dir / 'val.beton'}"]
+
+
 def cli_error(main: Callable[[list[str]], int], argv: list[str],
               capsys: pytest.CaptureFixture) -> str:
     """Run a command's `main(argv)` on bad input: it must exit with 2 and print exactly one

@@ -23,16 +23,11 @@ from fastibd.models import build_model
 from fastibd.models.checkpoint import atomic_save, model_checkpoint
 from fastibd.run_dir import RunDirectory, read_metrics
 from fastibd.train import main
-from tests.conftest import REPO, cli_error
+from tests.conftest import REPO, cli_error, data_args
 
 RUN = ["--cfg", "smoke_teacher", "--training.epochs=2", "--training.max_steps=2",
        "--data.holdout=64", "--attack.steps=1", "--attack.eval_steps=1",
        "--logging.progress=false"]
-
-
-def data_args(digits_dir: Path) -> list[str]:
-    return [f"--data.train_path={digits_dir / 'train.beton'}",
-            f"--data.val_path={digits_dir / 'val.beton'}"]
 
 
 def snapshot(folder: Path) -> dict[str, tuple[int, str]]:

@@ -21,7 +21,7 @@ from fastibd.models.checkpoint import atomic_save, model_checkpoint
 from fastibd.run_dir import read_metrics
 from fastibd.train import main
 from fastibd.train.settings import RECIPES, load_settings
-from tests.conftest import ONE_THREAD, REPO, cli_error
+from tests.conftest import ONE_THREAD, REPO, cli_error, data_args
 
 # Margin of the IBD student's PGD-10 accuracy over the standard student's, on digits val
 # (measured, seed 0, on the 2-core development CPU: 68.9% vs 43.1%; README).
@@ -30,11 +30,6 @@ ROBUSTNESS_MARGIN = 0.15
 FAST = ["--cfg", "smoke_teacher", "--training.epochs=3", "--training.max_steps=6",
         "--data.holdout=64", "--attack.steps=2", "--attack.eval_steps=2",
         "--logging.progress=false"]
-
-
-def data_args(digits_dir: Path) -> list[str]:
-    return [f"--data.train_path={digits_dir / 'train.beton'}",
-            f"--data.val_path={digits_dir / 'val.beton'}"]
 
 
 def final(run: Path) -> dict:
