@@ -1,0 +1,254 @@
+"""Compile every Triton kernel for real GPUs on a machine without one, and check the result:
+`python -m kernels.compile_check [--archs 80,90] [--configs cifar,imagenet160,imagenet224]`.
+
+The launches are the ones training makes. For each config (the CIFAR teacher/student taps,
+ResNet-50 -> ResNet-50 at 160 and 224 px), dtype (bf16, fp16, fp32) and memory format (NCHW,
+channels_last), the host functions of kernels/pool.py and kernels/pairs.py run on CPU tensors
+of the real shapes (batch 2: the batch size changes no specialization) with every kernel launch
+intercepted. Each launch is then specialized exactly as Triton's JIT would specialize it on a GPU
+(its own binder: argument types, 16-byte divisibility of pointers and integers, constexprs), and
+compiled ahead of time for sm_80 and sm_90 with Triton's bundled ptxas. `cuobjdump -res-usage`
+and `nvdisasm` from the same folder read registers, stack, local and shared memory, and the
+widths of the global loads and stores.
+
+A compiled kernel fails the check on: a compile error; spills or local memory (STACK or LOCAL
+above 0); more than 128 registers; or, for the pool kernels (the ones that stream the feature
+maps), no vectorized global access (128- or 64-bit) where the JIT specializes the unit-stride
+axis as aligned: its length (C for channels_last, H*W for NCHW) divisible by 16.
+Prints a table; exits 1 when anything fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from fastibd.cli import ArgumentParser, choice_list
+from kernels import common, pairs, pool
+
+MAX_REGISTERS = 128
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+LAYOUTS = ("nchw", "channels_last")
+ARCHS = ("80", "90")
+BATCH = 2
+
+
+def cifar_taps() -> tuple[list[tuple[int, int, int]], list[tuple[int, int, int]]]:
+    """(teacher taps, student taps) as (C, H, W): WRN-34-10 -> ResNet-18 at 32 px."""
+    teacher = [(160, 32, 32)] * 5 + [(320, 16, 16)] * 5 + [(640, 8, 8)] * 5
+    student = [(64, 32, 32)] * 2 + [(128, 16, 16)] * 2 + [(256, 8, 8)] * 2 + [(512, 4, 4)] * 2
+    return teacher, student
+
+
+def resnet50_taps(resolution: int) -> list[tuple[int, int, int]]:
+    side = resolution // 4  # the stem's stride 4
+    taps = []
+    for blocks, width, stride in ((3, 256, 1), (4, 512, 2), (6, 1024, 2), (3, 2048, 2)):
+        side = -(-side // stride)
+        taps += [(width, side, side)] * blocks
+    return taps
+
+
+CONFIGS: dict[str, Callable[[], tuple[list, list]]] = {
+    "cifar": cifar_taps,
+    "imagenet160": lambda: (resnet50_taps(160), resnet50_taps(160)),
+    "imagenet224": lambda: (resnet50_taps(224), resnet50_taps(224)),
+}
+
+
+@dataclass
+class Launch:
+    kernel: object  # the JITFunction
+    args: tuple
+    kwargs: dict
+    unit_stride_aligned: bool | None = None  # pool kernels: the streamed axis 16-B aligned
+
+
+@dataclass
+class Result:
+    kernel: str
+    where: str  # config / dtype / layout of the first launch that needed this compile
+    arch: str
+    registers: int = 0
+    stack: int = 0
+    local: int = 0
+    shared: int = 0
+    loads: dict[str, int] = field(default_factory=dict)  # SASS width -> count
+    stores: dict[str, int] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+
+
+@contextmanager
+def intercepted(into: list[Launch]) -> Iterator[None]:
+    """Record every Triton launch instead of running it."""
+    from triton.runtime.jit import JITFunction
+
+    def record(self, *args, grid, warmup, **kwargs):
+        into.append(Launch(self, args, kwargs))
+
+    real = JITFunction.run
+    JITFunction.run = record
+    try:
+        yield
+    finally:
+        JITFunction.run = real
+
+
+def training_launches(config: str, dtype: torch.dtype, layout: str) -> list[Launch]:
+    """The kernel launches of one forward and backward of the feature loss, as training makes
+    them (teacher taps detached: no teacher gradient)."""
+    t_shapes, s_shapes = CONFIGS[config]()
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+
+    def tap(c: int, h: int, w: int) -> torch.Tensor:
+        return torch.empty(BATCH, c, h, w, dtype=dtype).contiguous(memory_format=fmt)
+
+    def aligned(c: int, h: int, w: int) -> bool:
+        # The JIT marks an integer argument divisible by 16 only when its value is: so the
+        # unit-stride axis (C or H*W elements) is known aligned exactly then.
+        return (c if layout == "channels_last" else h * w) % 16 == 0
+
+    launches: list[Launch] = []
+    with intercepted(launches):
+        t_maps = []
+        for shape in t_shapes:
+            t_maps.append(pool.pool_fwd(tap(*shape))[0])
+            launches[-1].unit_stride_aligned = aligned(*shape)
+        s_taps, s_maps = [tap(*shape) for shape in s_shapes], []
+        for z, shape in zip(s_taps, s_shapes, strict=True):
+            s_maps.append(pool.pool_fwd(z)[0])
+            launches[-1].unit_stride_aligned = aligned(*shape)
+        _, stats = pairs.pairs_fwd(t_maps, s_maps)
+        grad_d = torch.empty(BATCH, len(t_maps), len(s_maps))
+        _, gs = pairs.pairs_bwd(grad_d, t_maps, s_maps, stats, need_t=False, need_s=True)
+        for z, g_map, shape in zip(s_taps, common.unpack(gs, s_maps), s_shapes, strict=True):
+            pool.pool_bwd(z, g_map, torch.empty(BATCH, z.shape[1]))  # as autograd hands them
+            launches[-1].unit_stride_aligned = aligned(*shape)
+    return launches
+
+
+def compile_for(launch: Launch, arch: str):
+    """(the compile key, compiled kernel) of `launch` for sm_`arch`, specialized as the JIT
+    specializes it."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, compile, make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    fn, target = launch.kernel, GPUTarget("cuda", int(arch), 32)
+    backend = make_backend(target)
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    bound, specialization, options = binder(*launch.args, **launch.kwargs)
+    options, signature, constexprs, attrs = fn._pack_args(backend, launch.kwargs, bound,
+                                                          specialization, options)
+    key = (fn.__name__, arch, str(signature), str(constexprs), str(attrs), str(options))
+    return key, lambda: compile(ASTSource(fn, signature, constexprs, attrs), target=target,
+                                options=options.__dict__)
+
+
+def read_cubin(cubin: bytes, result: Result) -> None:
+    """Registers, stack, local and shared memory, and the SASS global load/store widths."""
+    tools = Path(common.triton.__file__).parent / "backends" / "nvidia" / "bin"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as file:
+        file.write(cubin)
+        file.flush()
+        usage = subprocess.run([str(tools / "cuobjdump"), "-res-usage", file.name],
+                               capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run([str(tools / "nvdisasm"), file.name], capture_output=True,
+                              text=True, check=True).stdout
+    for name, attr in (("REG", "registers"), ("STACK", "stack"), ("SHARED", "shared"),
+                       ("LOCAL", "local")):
+        match = re.search(rf"\b{name}:(\d+)", usage)
+        setattr(result, attr, int(match.group(1)) if match else 0)
+    for op, into in (("LDG", result.loads), ("STG", result.stores)):
+        for instruction in re.findall(rf"\b{op}\.E(\.[A-Z0-9.]+)?", sass):
+            width = next((w for w in (".128", ".64") if w in instruction), ".<=32")
+            into[width] = into.get(width, 0) + 1
+
+
+def check(results: dict[tuple, Result], launch: Launch, arch: str, where: str) -> None:
+    key, build = compile_for(launch, arch)
+    if key in results:
+        return
+    result = results[key] = Result(launch.kernel.__name__, where, arch)
+    try:
+        compiled = build()
+    except Exception as err:  # noqa: BLE001 - any compile failure is the finding
+        result.problems.append(f"compile error: {str(err).strip().splitlines()[-1][:120]}")
+        return
+    read_cubin(compiled.asm["cubin"], result)
+    if result.stack or result.local:
+        result.problems.append(f"spills / local memory (stack {result.stack}, local "
+                               f"{result.local})")
+    if result.registers > MAX_REGISTERS:
+        result.problems.append(f"{result.registers} registers > {MAX_REGISTERS}")
+    if launch.unit_stride_aligned:
+        vector = sum(result.loads.get(w, 0) + result.stores.get(w, 0) for w in (".128", ".64"))
+        if not vector:
+            result.problems.append("no vectorized global access on an aligned unit-stride axis")
+
+
+def run_checks(configs: list[str], dtypes: list[str], layouts: list[str],
+               archs: list[str]) -> list[Result]:
+    results: dict[tuple, Result] = {}
+    for config in configs:
+        for dtype in dtypes:
+            for layout in layouts:
+                where = f"{config}/{dtype}/{layout}"
+                for launch in training_launches(config, DTYPES[dtype], layout):
+                    for arch in archs:
+                        check(results, launch, arch, where)
+    return list(results.values())
+
+
+def format_table(results: list[Result]) -> str:
+    def widths(counts: dict[str, int]) -> str:
+        order = {".128": 0, ".64": 1, ".<=32": 2}
+        return " ".join(f"{w.strip('.')}:{counts[w]}" for w in sorted(counts, key=order.get)
+                        ) or "-"
+
+    header = (f"{'kernel':<26} {'first needed by':<28} {'sm':>3} {'regs':>4} {'spill':>5} "
+              f"{'smem':>6}  {'loads (bits:count)':<24} {'stores':<16} verdict")
+    lines = [header, "-" * len(header)]
+    for r in sorted(results, key=lambda r: (r.kernel, r.arch, r.where)):
+        verdict = "ok" if not r.problems else "FAIL: " + "; ".join(r.problems)
+        lines.append(f"{r.kernel:<26} {r.where:<28} {r.arch:>3} {r.registers:>4} "
+                     f"{r.stack + r.local:>5} {r.shared:>6}  {widths(r.loads):<24} "
+                     f"{widths(r.stores):<16} {verdict}")
+    failed = sum(bool(r.problems) for r in results)
+    lines.append(f"{len(results)} distinct compiles, {failed} failed")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = ArgumentParser(prog="python -m kernels.compile_check",
+                            description=__doc__.split("\n\n")[0],
+                            epilog=__doc__.split("\n\n", 1)[1],
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--configs", type=lambda v: choice_list(v, list(CONFIGS), "config"),
+                        default=list(CONFIGS))
+    parser.add_argument("--dtypes", type=lambda v: choice_list(v, list(DTYPES), "dtype"),
+                        default=list(DTYPES))
+    parser.add_argument("--layouts", type=lambda v: choice_list(v, LAYOUTS, "layout"),
+                        default=list(LAYOUTS))
+    parser.add_argument("--archs", type=lambda v: choice_list(v, ARCHS, "arch"),
+                        default=list(ARCHS), help="CUDA compute capabilities: 80, 90")
+    args = parser.parse_args(argv)
+    if not common.triton_available():
+        print("kernels.compile_check: error: Triton is not installed here", file=sys.stderr)
+        return 2
+    results = run_checks(args.configs, args.dtypes, args.layouts, args.archs)
+    print(format_table(results))
+    return 1 if any(r.problems for r in results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,57 @@
+"""kernels.compile_check: every Triton kernel compiled for sm_80 and sm_90 at the launches the
+CIFAR and ImageNet configs make (bf16, fp16, fp32; NCHW and channels_last), on this CPU-only
+machine, with no spills, at most 128 registers, and vectorized loads where the JIT knows the
+streamed axis is aligned."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("triton")
+
+from kernels import compile_check  # noqa: E402  (after the skip: imports Triton)
+
+
+def test_every_kernel_compiles_for_sm80_and_sm90_within_budget() -> None:
+    results = compile_check.run_checks(list(compile_check.CONFIGS), list(compile_check.DTYPES),
+                                       list(compile_check.LAYOUTS), list(compile_check.ARCHS))
+    table = compile_check.format_table(results)
+    assert not [r for r in results if r.problems], table
+    kernels = {r.kernel for r in results}
+    assert kernels == {"_pool_fwd_kernel", "_pool_bwd_kernel", "_pairs_fwd_kernel",
+                       "_pairs_bwd_resized_kernel", "_pairs_bwd_student_kernel"}
+    assert {r.arch for r in results} == {"80", "90"}
+    # the bandwidth-bound pool kernels stream bf16 channels_last taps with vector accesses
+    # (128-bit for all but one small-tile compile, which gets 64-bit ones)
+    cl_bf16 = [r for r in results if r.kernel == "_pool_fwd_kernel"
+               and "/bf16/channels_last" in r.where]
+    assert cl_bf16 and all(r.loads.get(".128") or r.loads.get(".64") for r in cl_bf16), table
+    assert sum(bool(r.loads.get(".128")) for r in cl_bf16) >= len(cl_bf16) - 2, table
+
+
+def test_an_unaligned_axis_is_not_required_to_vectorize() -> None:
+    """The 7x7 ImageNet taps in NCHW: H*W = 49 is not divisible by 16, so the JIT cannot know
+    the rows are aligned and scalar loads are right (a check that demanded vectors there
+    would fail on correct code)."""
+    launches = compile_check.training_launches("imagenet224", compile_check.DTYPES["bf16"],
+                                               "nchw")
+    pooled = [launch for launch in launches if launch.kernel.__name__ == "_pool_fwd_kernel"]
+    assert [launch.unit_stride_aligned for launch in pooled][-3:] == [False] * 3
+    assert pooled[0].unit_stride_aligned  # 56x56 = 3136 = 16 * 196
+
+
+def test_the_rules_fire_on_real_sass(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The checks read the compiled code, not the launch: the 7x7 NCHW pool compile has scalar
+    loads, so claiming its axis aligned must fail, and so must a register budget below what
+    ptxas allocated."""
+    launch = [launch for launch in
+              compile_check.training_launches("imagenet224", compile_check.DTYPES["bf16"], "nchw")
+              if launch.kernel.__name__ == "_pool_fwd_kernel"][-1]
+    launch.unit_stride_aligned = True
+    monkeypatch.setattr(compile_check, "MAX_REGISTERS", 8)
+    results: dict = {}
+    compile_check.check(results, launch, "90", "test")
+    (result,) = results.values()
+    assert result.registers > 8 and result.loads.get(".<=32")
+    assert any("no vectorized" in p for p in result.problems), result.problems
+    assert any("registers >" in p for p in result.problems), result.problems
