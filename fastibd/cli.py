@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -14,7 +15,13 @@ from fastibd.errors import EXIT_USER_ERROR, UserError
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse that reports a bad command line in one line (plus a pointer to --help)."""
+    """argparse that reports a bad command line in one line (plus a pointer to --help), and
+    reads a negative fraction such as `-2/255` as a value (so the value's own check says
+    what is wrong with it), not as an unknown option."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = re.compile(r"^-\d*\.?\d+(e-?\d+)?(/\d*\.?\d+)?$")
 
     def error(self, message: str) -> NoReturn:
         print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
@@ -52,7 +59,11 @@ def parse_budget(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number (write e.g. 8/255 or "
                                          "0.031)") from None
     if not 0.0 < value <= 1.0:
-        hint = f"; {text} looks like {text}/255" if 1.0 < value <= 255.0 else ""
+        hint = ""
+        if value == 255.0:
+            hint = "; the whole pixel range is 1"
+        elif 1.0 < value < 255.0:
+            hint = f"; did you mean {text}/255?"
         raise argparse.ArgumentTypeError(
             f"{text} is outside (0, 1]: budgets are in pixel space on [0, 1] images{hint}")
     return value

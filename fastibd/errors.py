@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import ParamSpec
 
 P = ParamSpec("P")
@@ -20,6 +21,20 @@ EXIT_INTERRUPTED = 130  # the shell's convention for "killed by SIGINT"
 
 class UserError(Exception):
     """A problem with the user's input, reported as one line without a traceback."""
+
+
+def require_file(path: str | Path, what: str, hint: str = "",
+                 suffixes: tuple[str, ...] = ()) -> Path:
+    """`path` as a Path, checked to be an existing file; else a UserError naming `what` (and,
+    for a directory, the files in it that end in one of `suffixes`, as suggestions)."""
+    path = Path(path)
+    if path.is_dir():
+        inside = sorted(str(p) for p in path.iterdir() if p.is_file() and p.suffix in suffixes)
+        suggestion = f" (did you mean {' or '.join(inside[:3])}?)" if inside else ""
+        raise UserError(f"{path} is a directory, not a {what}{suggestion}")
+    if not path.is_file():
+        raise UserError(f"no {what} {path}{hint}")
+    return path
 
 
 def exit_on_user_error(prog: str) -> Callable[[Callable[P, int | None]], Callable[P, int]]:

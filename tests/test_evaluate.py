@@ -4,23 +4,29 @@ standard-trained tiny ResNet-18 written as a fastibd checkpoint."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import math
 import re
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastibd.data import LoaderOptions, make_loader
+from fastibd.chance import chance_bound
+from fastibd.data import LoaderOptions, dataset_labels, first_examples, make_loader
+from fastibd.errors import UserError
 from fastibd.eval import attacks as eval_attacks
 from fastibd.eval import evaluate, robustness
 from fastibd.models import build_model
 from fastibd.models.checkpoint import atomic_save, model_checkpoint
+from fastibd.models.teachers import load_checkpoint, load_teacher
 from tests.conftest import cli_error
 from tests.tiny import BNNet, digits_8px, trained_bnnet
 
@@ -180,6 +186,21 @@ def test_masking_signs_are_flagged() -> None:
     assert robustness.sanity_flags(results, huge, 10, "fp32") == []
 
 
+def test_a_margin_attack_far_stronger_than_pgd_is_flagged() -> None:
+    def pattern(ones: int, n: int = 100) -> torch.Tensor:
+        return torch.arange(n) < ones
+
+    def found(**accuracy: int) -> list[str]:
+        results = robustness.Results(["clean", *accuracy])
+        results.correct = {"clean": pattern(90)} | {k: pattern(v) for k, v in accuracy.items()}
+        return [f["check"] for f in robustness.sanity_flags(results, None, 10, "fp32")]
+
+    assert found(pgd20=80, cw20=60) == ["ce_vs_margin"]
+    assert found(pgd20=57, aa=53) == []  # TRADES-like: AutoAttack ~4 points below PGD-20
+    assert found(pgd5=80, cw20=60) == []  # a 5-step PGD is not a fair comparison
+    assert found(fgsm=90, pgd20=90, cw20=80) == ["attack_changed_nothing", "ce_vs_margin"]
+
+
 def test_strength_order() -> None:
     pairs = set(robustness.stronger_pairs(["clean", "fgsm", "pgd20", "pgd100", "cw100", "aa",
                                          "square"]))
@@ -196,7 +217,10 @@ def test_budget_and_attack_parsing() -> None:
     assert evaluate.parse_budget("8/255") == pytest.approx(8 / 255)
     assert evaluate.parse_budget("0.031") == pytest.approx(0.031)
     assert evaluate.parse_budget("1") == 1.0
-    for bad, words in (("8", ("pixel space", "8/255")), ("0", ("(0, 1]",)),
+    with pytest.raises(Exception) as info:
+        evaluate.parse_budget("255")
+    assert "the whole pixel range is 1" in str(info.value) and "255/255" not in str(info.value)
+    for bad, words in (("8", ("pixel space", "did you mean 8/255?")), ("0", ("(0, 1]",)),
                        ("-2/255", ("(0, 1]",)), ("abc", ("not a number",)),
                        ("1/0", ("not a number",))):
         with pytest.raises(Exception) as info:
@@ -289,8 +313,16 @@ def test_cli_pgd_breaks_a_standard_model(standard_ckpt: Path, digits_dir: Path, 
     assert report["robust"]["attacks"] == ["fgsm", "pgd10"]
     assert report["sanity"]["huge_eps"]["ok"] and report["sanity"]["huge_eps"]["n"] == 50
     assert report["flags"] == []
-    assert report["data"] == {"path": str((digits_dir / "val.beton").resolve()),
-                              "num_examples": 100, "dataset_size": 360, "num_classes": 10}
+    data = report["data"]
+    assert {k: v for k, v in data.items() if k != "class_counts"} == {
+        "path": str((digits_dir / "val.beton").resolve()), "num_examples": 100,
+        "dataset_size": 360, "num_classes": 10, "resolution": 32}
+    labels = dataset_labels(digits_dir / "val.beton")[:100]
+    assert data["class_counts"] == [int((labels == c).sum()) for c in range(10)]
+    assert sum(data["class_counts"]) == 100
+    assert report["model"]["trained_resolution"] == 32  # the convention: not recorded here
+    assert report["sanity"]["zero_gradient"] == {"count": 0, "n": 100, "share": 0.0}
+    assert set(report["sanity"]["normalization"]) == {"none", "cifar10", "cifar100", "imagenet"}
     assert report["checkpoint"]["sha256"] == hashlib.sha256(standard_ckpt.read_bytes()).hexdigest()
     assert report["model"]["arch"] == "resnet18" and report["model"]["width_mult"] == 0.125
     assert report["config"]["eps"] == pytest.approx(32 / 255)
@@ -337,16 +369,25 @@ def bad_cases(tmp: Path, ckpt: Path, three: Path, val: Path) -> dict[str, tuple[
         "eps out of range": (["--ckpt", str(ckpt), "--eps", "8", *base], "pixel space"),
         "unknown attack": (["--ckpt", str(ckpt), "--attacks", "clean,pgd", *base],
                            "unknown attack 'pgd'"),
-        "classes differ": (["--ckpt", str(three), *base], "has 10 classes"),
+        "classes differ": (["--ckpt", str(three), *base],
+                           "has labels 0..9 but the model in"),
         "missing data": (["--ckpt", str(ckpt), *base[2:], "--data", str(tmp / "none.beton")],
                          "no dataset file"),
         "out is a folder": (["--ckpt", str(ckpt), *base, "--out", str(tmp)], "is a directory"),
+        "negative step": (["--ckpt", str(ckpt), "--step-size", "-2/255", *base],
+                          "-2/255 is outside (0, 1]"),
+        "checkpoint folder": (["--ckpt", str(ckpt.parent), *base],
+                              f"{ckpt.parent} is a directory, not a checkpoint file (did you "
+                              f"mean {ckpt}?)"),
+        "data folder": (["--ckpt", str(ckpt), *base[2:], "--data", str(val.parent)],
+                        f"{val.parent} is a directory, not a dataset file (did you mean "),
     }
 
 
 @pytest.mark.parametrize("case", ["missing checkpoint", "architecture mismatch",
                                   "eps out of range", "unknown attack", "classes differ",
-                                  "missing data", "out is a folder"])
+                                  "missing data", "out is a folder", "negative step",
+                                  "checkpoint folder", "data folder"])
 def test_cli_bad_input_is_one_line(case: str, standard_ckpt: Path, three_class_ckpt: Path,
                                    digits_dir: Path, tmp_path: Path, capsys) -> None:
     argv, expected = bad_cases(tmp_path, standard_ckpt, three_class_ckpt,
@@ -368,3 +409,181 @@ def test_cli_as_a_process(standard_ckpt: Path, three_class_ckpt: Path, digits_di
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert lines == [f"fastibd.evaluate: error: {lines[0].partition('error: ')[2]}"]
     assert expected in lines[0] and proc.stdout == ""
+
+
+# ------------------------------------------------- evaluation a wrong input cannot fool
+
+
+def run_cli(argv: list[str], out: Path) -> dict:
+    assert evaluate.main([*argv, "--device", "cpu", "--no-progress", "--out", str(out)]) == 0
+    return json.loads(out.read_text())
+
+
+def checks(report: dict) -> set[str]:
+    return {flag["check"] for flag in report["flags"]}
+
+
+@pytest.fixture(scope="module")
+def val_arrays(digits_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The digits validation set as uint8 [N, H, W, 3] images and labels (for .npz files)."""
+    options = LoaderOptions(batch_size=512, order="sequential", num_workers=2)
+    xs, ys = zip(*[(x.clone(), y.clone()) for x, y in
+                   make_loader(digits_dir / "val.beton", "cifar", "eval", options)], strict=True)
+    images = (torch.cat(xs) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return np.ascontiguousarray(images), torch.cat(ys).numpy()
+
+
+def npz(path: Path, images: np.ndarray, labels: np.ndarray) -> Path:
+    np.savez(path, images=images, labels=labels)
+    return path
+
+
+def test_a_resolution_mismatch_is_refused_unless_allowed(
+        standard_ckpt: Path, val_arrays, tmp_path: Path, capsys) -> None:
+    """A 32-px CIFAR network on 64x64 images runs without any error and scores garbage."""
+    images, labels = val_arrays
+    big = npz(tmp_path / "val64.npz", images.repeat(2, axis=1).repeat(2, axis=2), labels)
+    argv = ["--ckpt", str(standard_ckpt), "--data", str(big), "--attacks", "clean", "--n", "50",
+            "--sanity-n", "0"]
+    line = cli_error(evaluate.main, [*argv, "--device", "cpu", "--out", str(tmp_path / "r.json")],
+                     capsys)
+    assert ("takes 32x32 inputs (the usual input of a resnet18: the file records none) but the "
+            f"images in {big} are 64x64: pass --allow-resolution-change") in line, line
+    report = run_cli([*argv, "--allow-resolution-change"], tmp_path / "r.json")
+    assert report["data"]["resolution"] == 64 and report["model"]["trained_resolution"] == 32
+    assert "resolution" in checks(report)
+
+    # the imagenet pipeline: --resolution against what the file records, else the convention
+    spec = build_model("resnet18_imagenet", 10, "imagenet", 1 / 8).spec
+    assert evaluate.check_resolution(spec, "imagenet", big, None, False, standard_ckpt)[:2] == \
+        (224, 224)
+    recorded = dataclasses.replace(spec, resolution=160)
+    assert evaluate.check_resolution(recorded, "imagenet", big, None, False,
+                                     standard_ckpt)[:2] == (160, 160)
+    with pytest.raises(UserError, match=r"takes 160x160 inputs \(recorded in the checkpoint\) "
+                                        r"but --resolution is 224x224"):
+        evaluate.check_resolution(recorded, "imagenet", big, 224, False, standard_ckpt)
+
+
+def test_a_subset_of_the_classes_is_evaluated(standard_ckpt: Path, val_arrays,
+                                              tmp_path: Path, capsys) -> None:
+    """CIFAR-10 without class 9 is a valid test set for a 10-class model."""
+    images, labels = val_arrays
+    keep = labels != 9
+    subset = npz(tmp_path / "no_nines.npz", images[keep], labels[keep])
+    report = run_cli(["--ckpt", str(standard_ckpt), "--data", str(subset), "--attacks", "clean",
+                      "--sanity-n", "0"], tmp_path / "r.json")
+    counts = report["data"]["class_counts"]
+    assert len(counts) == 10 and counts[9] == 0 and sum(counts) == int(keep.sum())
+    assert counts[:9] == [int((labels == c).sum()) for c in range(9)]
+    assert report["attacks"]["clean"]["accuracy"] > 0.85
+    assert "9 of 10 classes" in capsys.readouterr().out
+
+
+def scaled_logits_ckpt(source: Path, path: Path, factor: float = 1e4) -> Path:
+    """The same network with its logits multiplied by `factor` (the last layer scaled): the
+    same predictions, a softmax saturated to exactly 1 in fp32."""
+    model = load_teacher(None, source)
+    with torch.no_grad():
+        model.linear.weight.mul_(factor)
+        model.linear.bias.mul_(factor)
+    return atomic_save(model_checkpoint(model), path)
+
+
+@pytest.mark.parametrize("sanity_n", ["50", "0"])
+def test_saturated_logits_are_flagged_without_the_huge_eps_probe(
+        sanity_n: str, standard_ckpt: Path, digits_dir: Path, tmp_path: Path) -> None:
+    """Logits x 1e4: FGSM and PGD change (almost) no prediction while CW breaks many."""
+    masked = scaled_logits_ckpt(standard_ckpt, tmp_path / "masked.pt")
+    report = run_cli(["--ckpt", str(masked), "--data", str(digits_dir / "val.beton"),
+                      "--attacks", "clean,fgsm,pgd20,cw20", "--n", "100",
+                      "--sanity-n", sanity_n], tmp_path / "r.json")
+    attacks = report["attacks"]
+    assert attacks["pgd20"]["correct"] >= attacks["clean"]["correct"] - 1
+    assert attacks["cw20"]["correct"] < attacks["pgd20"]["correct"] - 5
+    found = checks(report)
+    assert {"loss_saturation", "attack_changed_nothing"} <= found, found
+    assert report["sanity"]["zero_gradient"]["share"] > 0.5
+    assert ("checks_off" in found) == (sanity_n == "0")
+
+
+class Quantised(nn.Module):
+    """`model` behind a 4-level input quantiser: a step function with zero gradient."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(torch.round(x * 3) / 3)
+
+
+def test_an_input_quantiser_is_flagged(standard_ckpt: Path, digits_dir: Path) -> None:
+    model = Quantised(load_teacher(None, standard_ckpt))
+    batches = list(first_examples(digits_dir / "val.beton", "cifar", 64, 32,
+                                  torch.device("cpu"), workers=2))
+    batches = [(x.clone(), y.clone()) for x, y in batches]
+    settings = robustness.Settings(eps=8 / 255, num_classes=10)
+    results, _ = robustness.run_attacks(model, batches, ["fgsm", "pgd10", "cw10"], settings,
+                                        progress=False)
+    assert bool(results.zero_gradient.all())
+    flags = robustness.sanity_flags(results, None, 10, "fp32", settings)
+    assert "loss_saturation" in {flag["check"] for flag in flags}
+
+
+def test_a_wrong_normalization_is_flagged(smoke_runs: dict[str, Path], digits_dir: Path,
+                                          tmp_path: Path, capsys) -> None:
+    student = smoke_runs["ibd"] / "best.pt"
+    loaded = load_checkpoint(None, student)
+    assert loaded.model.spec.resolution == 32  # the trainer records what it evaluated at
+    assert loaded.recorded["holdout"]["clean_acc"] > 0.85
+    report = run_cli(["--ckpt", str(student), "--data", str(digits_dir / "val.beton"),
+                      "--attacks", "clean", "--n", "200", "--normalization", "cifar10"],
+                     tmp_path / "r.json")
+    assert {"normalization_override", "normalization"} <= checks(report)
+    assert "warning: " in capsys.readouterr().err
+    probe = report["sanity"]["normalization"]
+    assert probe["none"] > probe["cifar10"] + 0.15
+
+
+def test_the_unmasked_digits_student_raises_no_flag(smoke_runs: dict[str, Path],
+                                                    digits_dir: Path, tmp_path: Path) -> None:
+    report = run_cli(["--ckpt", str(smoke_runs["ibd"] / "best.pt"),
+                      "--data", str(digits_dir / "val.beton"),
+                      "--attacks", "clean,fgsm,pgd20,cw20,aa-apgd", "--n", "100"],
+                     tmp_path / "r.json")
+    assert report["flags"] == [], report["flags"]
+    assert report["sanity"]["zero_gradient"]["count"] == 0
+    assert all(row["time_s"] > 0 and row["examples_per_s"] == pytest.approx(100 / row["time_s"])
+               for row in report["attacks"].values())
+
+
+def test_near_chance_bound_and_flag() -> None:
+    """The bound against the binomial tail summed exactly (math.comb), and the flag on a CIFAR
+    model's 15.56% on the digits (56 of 360) that the old 1.5x-chance rule let pass."""
+    def tail(n: int, k: int, p: float) -> float:  # P(X >= k), X ~ Binomial(n, p)
+        return sum(math.comb(n, j) * p ** j * (1 - p) ** (n - j) for j in range(k, n + 1))
+
+    for n, classes, alarm in ((10, 2, 1e-3), (360, 10, 1e-6), (1000, 100, 1e-6), (50, 3, 1e-2)):
+        k = round(chance_bound(n, classes, alarm) * n)
+        if k / n > 1.5 / classes:  # the binomial part decides: k is the smallest passing count
+            assert tail(n, k, 1 / classes) <= alarm < tail(n, k - 1, 1 / classes), (n, classes)
+    assert chance_bound(10, 2, 1e-3) == 1.0  # 10 of 10 coin flips: p = 1/1024 < 1e-3
+    assert chance_bound(10_000, 10) == pytest.approx(0.15)  # large n: the 1.5x floor
+
+    def results_with(correct: int, n: int = 360) -> robustness.Results:
+        results = robustness.Results(["clean"])
+        results.correct = {"clean": torch.arange(n) < correct}
+        return results
+
+    assert "chance" in {f["check"] for f in robustness.sanity_flags(results_with(56), None, 10,
+                                                                      "fp32")}
+    assert robustness.sanity_flags(results_with(300), None, 10, "fp32") == []
+    recorded = robustness.sanity_flags(results_with(150), None, 10, "fp32", recorded_clean=0.9)
+    assert [f["check"] for f in recorded] == ["recorded_accuracy"]
+
+
+def test_progress_shows_each_attack_rate_and_time_left() -> None:
+    line = robustness.attack_progress({"clean": 0.5, "pgd20": 10.0, "aa": 0.0}, 100, 400)
+    assert line == "clean 200 img/s, 00:01 left | pgd20 10 img/s, 00:30 left"
+    assert robustness.attack_progress({"pgd20": 10.0}, 100, None) == "pgd20 10 img/s"

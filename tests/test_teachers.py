@@ -13,7 +13,7 @@ import torchvision
 from fastibd.errors import UserError
 from fastibd.models import TappedModel, build_model
 from fastibd.models.checkpoint import atomic_save, model_checkpoint
-from fastibd.models.teachers import load_teacher
+from fastibd.models.teachers import load_checkpoint, load_teacher
 
 PYAUTOATTACK = Path(importlib.util.find_spec("pyautoattack").origin).parent / "examples"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -160,8 +160,63 @@ def test_truncated_wrong_arch_and_wrong_classes(tmp_path: Path) -> None:
         load_teacher("resnet18", good, width_mult=1 / 4)
     with pytest.raises(UserError, match="no checkpoint file"):
         load_teacher("resnet18", tmp_path / "missing.pt")
-    with pytest.raises(UserError, match="carries normalization"):
-        state = {f"model.{k}": v for k, v in model.state_dict().items()}
-        state |= {"normalize.mean": torch.zeros(3), "normalize.std": torch.ones(3) * 0.5}
-        torch.save(state, tmp_path / "normed.pt")
-        load_teacher("resnet18", tmp_path / "normed.pt", normalization="cifar10", width_mult=1 / 8)
+    # an override of the file's own normalization is obeyed, and said
+    state = {f"model.{k}": v for k, v in model.state_dict().items()}
+    state |= {"normalize.mean": torch.zeros(3), "normalize.std": torch.ones(3) * 0.5}
+    torch.save(state, tmp_path / "normed.pt")
+    loaded = load_checkpoint("resnet18", tmp_path / "normed.pt", normalization="cifar10",
+                             width_mult=1 / 8)
+    assert loaded.model.spec.normalization == "cifar10" and loaded.format == "robustbench"
+    (note,) = loaded.notes
+    assert "saved with normalization ((0.0, 0.0, 0.0), (0.5, 0.5, 0.5)); using cifar10" in note
+    assert load_checkpoint("resnet18", tmp_path / "normed.pt", width_mult=1 / 8).notes == []
+
+
+def test_a_whole_pickled_model_loads_when_trusted(tmp_path: Path) -> None:
+    """torch.save(model) of our model and of a foreign nn.Module (torchvision's ResNet):
+    refused by default (a pickle can run code), loaded with trust, and said so."""
+    ours = randomized(build_model("resnet18", 10, "cifar10", width_mult=1 / 8))
+    torch.save(ours, tmp_path / "ours.pt")
+    with pytest.raises(UserError, match="trust-pickle"):
+        load_teacher(None, tmp_path / "ours.pt")
+    loaded = load_checkpoint(None, tmp_path / "ours.pt", trust_pickle=True)
+    assert loaded.model.spec == ours.spec and "whole pickled CifarResNet" in loaded.notes[0]
+    assert_teacher(loaded.model, ours, torch.rand(2, 3, 32, 32))
+
+    foreign = randomized(torchvision.models.resnet18(num_classes=10))
+    torch.save(foreign, tmp_path / "foreign.pt")
+    loaded = load_checkpoint("resnet18_imagenet", tmp_path / "foreign.pt", trust_pickle=True)
+    assert "whole pickled ResNet module" in loaded.notes[0]
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    assert_teacher(loaded.model, lambda x: foreign((x - mean) / std), torch.rand(2, 3, 64, 64))
+
+
+GARBAGE = {  # bytes that have broken the weights-only unpickler in different ways
+    "empty": b"", "text": b"hello world\n", "random": bytes(range(256)) * 8,
+    "protocol 2 header": b"\x80\x02", "dict opcode, cut": b"\x80\x02}q\x00(X",
+    "zip, not torch": b"PK\x03\x04" + b"\x00" * 40,
+    "protocol 4 frame": b"\x80\x04\x95" + b"\x07" * 9,
+}
+
+
+@pytest.mark.parametrize("name", list(GARBAGE))
+def test_garbage_is_one_line_without_torch_advice(name: str, tmp_path: Path,
+                                                  recwarn: pytest.WarningsRecorder) -> None:
+    path = tmp_path / "garbage.pt"
+    path.write_bytes(GARBAGE[name])
+    for trust in (False, True):
+        with pytest.raises(UserError) as refused:
+            load_teacher("resnet18", path, trust_pickle=trust)
+        message = str(refused.value)
+        assert "\n" not in message and "weights_only" not in message, message
+        assert str(path) in message
+    assert not [w for w in recwarn if "pickle protocol" in str(w.message)]
+
+
+def test_a_directory_is_not_called_missing(tmp_path: Path) -> None:
+    (tmp_path / "run").mkdir()
+    torch.save(build_model("resnet18", width_mult=1 / 8).state_dict(), tmp_path / "run" / "best.pt")
+    with pytest.raises(UserError, match=r"run is a directory, not a checkpoint file \(did you "
+                                        r"mean .*run/best\.pt\?\)"):
+        load_teacher("resnet18", tmp_path / "run")

@@ -35,12 +35,19 @@ from fastibd.data.ffcv_loaders import (
     is_npz,
     keep_torch_threads,
 )
-from fastibd.data.options import CIFAR_PAD, DEFAULT_CROP_RATIO, DataSettings, LoaderOptions
+from fastibd.data.options import (
+    CIFAR_PAD,
+    DATASET_SUFFIXES,
+    DEFAULT_CROP_RATIO,
+    DataSettings,
+    LoaderOptions,
+)
 from fastibd.data.tensor_loader import TensorLoader, npz_labels, npz_resolution
 from fastibd.errors import UserError
 
-__all__ = ["CIFAR_PAD", "DEFAULT_CROP_RATIO", "PIPELINES", "SPLITS", "DataSettings",
-           "ImageNetTrainLoader", "Loader", "LoaderOptions", "TensorLoader", "TrainingData",
+__all__ = ["CIFAR_PAD", "DATASET_SUFFIXES", "DEFAULT_CROP_RATIO", "PIPELINES", "SPLITS",
+           "DataSettings", "ImageNetTrainLoader", "Loader", "LoaderOptions", "TensorLoader",
+           "TrainingData",
            "dataset_labels", "dataset_resolution", "first_examples", "imagenet_val_loader",
            "keep_torch_threads", "make_loader", "resolution_at", "training_data"]
 
@@ -117,6 +124,7 @@ class TrainingData:
     val: Loader  # the final report only
     num_classes: int
     input_size: int  # the resolution the models first see (feature shapes are taken there)
+    eval_size: int  # the resolution evaluation feeds them (checkpoints record it)
 
 
 def training_data(settings: DataSettings, device: torch.device, seed: int,
@@ -152,6 +160,13 @@ def training_data(settings: DataSettings, device: torch.device, seed: int,
     evaluation = dict(order="sequential", batch_size=max(settings.batch_size, 256))
     sizes = dict(resolution=settings.val_res, crop_ratio=settings.val_crop_ratio)
     pipeline = settings.pipeline
+    if pipeline == "cifar":  # images as stored: both sets must have the same size
+        input_size = eval_size = dataset_resolution(settings.train_path)
+        if dataset_resolution(settings.val_path) != input_size:
+            raise UserError(f"{settings.val_path} holds {dataset_resolution(settings.val_path)}"
+                            f"-px images, {settings.train_path} {input_size}-px ones")
+    else:
+        input_size, eval_size = settings.min_res, settings.val_res
     train = make_loader(settings.train_path, pipeline, "train",
                         options(indices=train_indices, drop_last=True, distributed=distributed),
                         resolution=settings.min_res, resolution_at=schedule)
@@ -159,6 +174,4 @@ def training_data(settings: DataSettings, device: torch.device, seed: int,
                           options(indices=holdout_indices, **evaluation), **sizes) \
         if holdout_indices else None
     val = make_loader(settings.val_path, pipeline, "eval", options(**evaluation), **sizes)
-    input_size = dataset_resolution(settings.train_path) if pipeline == "cifar" \
-        else settings.min_res
-    return TrainingData(train, holdout, val, num_classes, input_size)
+    return TrainingData(train, holdout, val, num_classes, input_size, eval_size)

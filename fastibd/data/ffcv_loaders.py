@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fastibd.data.options import DEFAULT_CROP_RATIO, LoaderOptions
-from fastibd.errors import UserError
+from fastibd.data.options import DATASET_SUFFIXES, DEFAULT_CROP_RATIO, LoaderOptions
+from fastibd.errors import UserError, require_file
 
 
 class BetonLoader:
@@ -119,9 +119,8 @@ def _loader(path: str | Path, image_ops: list, options: LoaderOptions):
     from ffcv.transforms import Convert, Squeeze, ToDevice, ToTensor, ToTorchImage
     from torchvision.transforms import Normalize
 
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"no dataset file {path}; write one with data_prep/write_ffcv.py")
+    path = require_file(path, "dataset file", "; write one with data_prep/write_ffcv.py",
+                        DATASET_SUFFIXES)
     if options.order == "quasi_random" and options.distributed:
         raise UserError("order quasi_random cannot be used with distributed loading (FFCV); "
                         "use random")
@@ -171,9 +170,8 @@ def beton_labels(path: str | Path) -> np.ndarray:
     keep_torch_threads()
     from ffcv.reader import Reader
 
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"no dataset file {path}; write one with data_prep/write_ffcv.py")
+    path = require_file(path, "dataset file", "; write one with data_prep/write_ffcv.py",
+                        DATASET_SUFFIXES)
     try:
         reader = Reader(str(path))
     except Exception as err:  # noqa: BLE001 - FFCV raises assorted errors on foreign bytes

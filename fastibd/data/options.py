@@ -12,6 +12,7 @@ from fastibd.config import Choice, Flag, Integer, Number, Text, option, section
 
 Order = Literal["random", "quasi_random", "sequential"]
 CIFAR_PAD = 4
+DATASET_SUFFIXES = (".beton", ".npz")  # what write_ffcv.py writes
 DEFAULT_CROP_RATIO = 224 / 256
 
 

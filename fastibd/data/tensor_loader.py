@@ -20,8 +20,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from fastibd.data.options import LoaderOptions
-from fastibd.errors import UserError
+from fastibd.data.options import DATASET_SUFFIXES, LoaderOptions
+from fastibd.errors import UserError, require_file
 
 
 def read_npz(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
@@ -29,10 +29,8 @@ def read_npz(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     several times (labels, resolution, then the train and held-out loaders): the last two
     files read are kept, and reread only when they change on disk. Callers must not modify
     the arrays."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"no dataset file {path}; write one with data_prep/write_ffcv.py "
-                        "--format npz")
+    path = require_file(path, "dataset file", "; write one with data_prep/write_ffcv.py "
+                        "--format npz", DATASET_SUFFIXES)
     stat = path.stat()
     try:
         return _read_checked(path.resolve(), stat.st_mtime_ns, stat.st_size)

@@ -147,6 +147,17 @@ class _Tally:
         self.best[self.correct] = last[self.correct]  # unbroken: the last point visited
 
 
+def zero_gradient(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    """bool [B]: where the cross-entropy's input gradient at x is exactly zero (eval mode).
+    Sign-gradient attacks (FGSM, PGD, APGD) cannot move such an example at all: a softmax
+    saturated to exactly 1 in fp32, or a step function on the input (quantisation), does
+    that, and it looks like robustness."""
+    x = x.detach().clone().requires_grad_(True)
+    with eval_mode(model), torch.enable_grad():
+        (grad,) = torch.autograd.grad(ce_loss(model(x), y).sum(), x)
+    return grad.flatten(1).abs().amax(dim=1) == 0
+
+
 def fgsm(model: nn.Module, x: Tensor, y: Tensor, eps: float) -> AttackResult:
     """FGSM (Goodfellow et al.): one signed cross-entropy step of size eps from x itself."""
     return pgd(model, x, y, eps, step_size=eps, steps=1, loss="ce", random_start=False)

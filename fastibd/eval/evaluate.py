@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from fastibd.cli import ArgumentParser, bounded, parse_budget
-from fastibd.data import LoaderOptions, dataset_labels, first_examples
+from fastibd.data import LoaderOptions, dataset_labels, dataset_resolution, first_examples
 from fastibd.device import resolve_device
 from fastibd.errors import UserError, exit_on_user_error
 from fastibd.eval.robustness import (
@@ -48,8 +48,20 @@ from fastibd.eval.robustness import (
     run_attacks,
     sanity_flags,
 )
-from fastibd.models import ARCHITECTURES, is_imagenet_arch
-from fastibd.models.teachers import FORMATS, load_teacher
+from fastibd.models import (
+    ARCHITECTURES,
+    NORMALIZATIONS,
+    ModelSpec,
+    TappedModel,
+    conventional_resolution,
+    is_imagenet_arch,
+)
+from fastibd.models.teachers import (
+    FORMATS,
+    accuracy_by_normalization,
+    better_normalization,
+    load_checkpoint,
+)
 
 PROG = "fastibd.evaluate"
 SCHEMA_VERSION = 1
@@ -100,9 +112,12 @@ def build_report(results: Results, settings: Settings, huge: HugeEpsCheck | None
     attacks = {}
     for name in results.attacks:
         correct = int(results.correct[name].sum())
+        seconds = results.seconds[name]
         attacks[name] = {"accuracy": correct / n if n else 0.0, "correct": correct, "n": n,
-                         "time_s": results.seconds[name],
+                         "time_s": seconds, "examples_per_s": n / seconds if seconds else None,
                          "settings": attack_settings(name, settings)}
+    zero = results.zero_gradient
+    zero_count = int(zero.sum()) if zero is not None else 0
     robust = int(results.robust().sum())
     report = {
         "tool": PROG,
@@ -114,7 +129,9 @@ def build_report(results: Results, settings: Settings, huge: HugeEpsCheck | None
         "sanity": {"huge_eps": None if huge is None else {
             "eps": huge.eps, "steps": huge.steps, "step_size": huge.step_size, "n": huge.n,
             "accuracy": huge.accuracy, "correct": huge.correct, "time_s": huge.seconds,
-            "max_accuracy": HUGE_EPS_MAX_ACCURACY, "ok": huge.accuracy <= HUGE_EPS_MAX_ACCURACY}},
+            "max_accuracy": HUGE_EPS_MAX_ACCURACY, "ok": huge.accuracy <= HUGE_EPS_MAX_ACCURACY},
+            "zero_gradient": {"count": zero_count, "n": n,
+                              "share": zero_count / n if n else 0.0}},
         "flags": flags,
         "pyautoattack_warnings": sorted(results.warnings),
         "per_example": {name: "".join("1" if c else "0" for c in results.correct[name].tolist())
@@ -137,23 +154,27 @@ def format_table(report: dict[str, Any]) -> str:
         f"checkpoint  {checkpoint['path']}  (sha256 {checkpoint['sha256'][:12]})",
         f"model       {model['arch']}, {model['num_classes']} classes, width {model['width_mult']}"
         f", normalization {model['normalization']}",
-        f"data        {data['path']}",
-        f"examples    first {data['num_examples']} of {data['dataset_size']}",
+        f"data        {data['path']}, {data['resolution']} px (trained at "
+        f"{model['trained_resolution']})",
+        f"examples    first {data['num_examples']} of {data['dataset_size']}, "
+        f"{sum(c > 0 for c in data['class_counts'])} of {model['num_classes']} classes",
         f"settings    eps {config['eps']:.5f} ({over_255(config['eps'])}), step "
         f"{config['step_size']:.5f} ({over_255(config['step_size'])}), restarts "
         f"{config['restarts']}, seed {config['seed']}, {config['precision']} on "
         f"{report['environment']['device']}, batch {config['batch_size']}",
         "",
-        f"{'attack':<10} {'accuracy':>9} {'correct':>13} {'time':>10}   what",
+        f"{'attack':<10} {'accuracy':>9} {'correct':>13} {'time':>10} {'img/s':>9}   what",
     ]
     for name, row in report["attacks"].items():
         fraction = f"{row['correct']}/{row['n']}"
+        rate = "" if row["examples_per_s"] is None else f"{row['examples_per_s']:.1f}"
         lines.append(f"{name:<10} {row['accuracy'] * 100:8.2f}% {fraction:>13} "
-                     f"{row['time_s']:8.1f} s   {DESCRIPTIONS[attack_family(name)[0]]}")
+                     f"{row['time_s']:8.1f} s {rate:>9}   "
+                     f"{DESCRIPTIONS[attack_family(name)[0]]}")
     robust = report["robust"]
     fraction = f"{robust['correct']}/{robust['n']}"
     lines.append(f"{'robust':<10} {robust['accuracy'] * 100:8.2f}% {fraction:>13} "
-                 f"{'':>10}   correct under every attack above")
+                 f"{'':>10} {'':>9}   correct under every attack above")
     huge = report["sanity"]["huge_eps"]
     lines.append("")
     if huge is not None:
@@ -162,6 +183,9 @@ def format_table(report: dict[str, Any]) -> str:
                      f"{huge['step_size']}) on the first {huge['n']}: "
                      f"{huge['accuracy'] * 100:.2f}% (should be ~0%), {huge['time_s']:.1f} s: "
                      f"{verdict}")
+    zero = report["sanity"]["zero_gradient"]
+    lines.append(f"sanity      cross-entropy gradient exactly zero on {zero['count']} of "
+                 f"{zero['n']} examples")
     for flag in report["flags"]:
         lines.append(f"FLAG        [{flag['check']}] {flag['message']}")
     if not report["flags"]:
@@ -188,15 +212,62 @@ class Autocast(nn.Module):
             return self.model(x).float()
 
 
-def check_classes(labels: np.ndarray, num_classes: int, data: Path, ckpt: Path) -> int:
-    """The number of classes in the data; it must be the model's."""
+def check_classes(labels: np.ndarray, num_classes: int, data: Path, ckpt: Path) -> None:
+    """Every label must be one the model can predict (a subset of its classes is fine)."""
     if len(labels) == 0:
         raise UserError(f"{data} holds no examples")
-    classes = int(labels.max()) + 1
-    if classes != num_classes:
-        raise UserError(f"{data} has {classes} classes (labels 0..{classes - 1}) but the model "
-                        f"in {ckpt} predicts {num_classes}: wrong data or wrong checkpoint")
-    return classes
+    if labels.min() < 0 or labels.max() >= num_classes:
+        raise UserError(f"{data} has labels {labels.min()}..{labels.max()} but the model in "
+                        f"{ckpt} predicts {num_classes} classes (0..{num_classes - 1}): wrong "
+                        "data or wrong checkpoint")
+
+
+def class_counts(labels: np.ndarray, num_classes: int) -> list[int]:
+    """How many of `labels` fall in each of the model's classes (the report's histogram)."""
+    return np.bincount(labels, minlength=num_classes).tolist()
+
+
+def check_resolution(spec: ModelSpec, pipeline: str, data: Path, asked: int | None,
+                     allow_change: bool, ckpt: Path) -> tuple[int, int, list[dict[str, str]]]:
+    """(resolution the model is fed, resolution it was trained for, flags). A mismatch is
+    refused unless `allow_change` (then flagged): a CIFAR network run on 64-px images, or an
+    ImageNet one at another size, scores garbage without any error."""
+    trained = spec.resolution or conventional_resolution(spec.arch)
+    source = ("recorded in the checkpoint" if spec.resolution else
+              f"the usual input of a {spec.arch}: the file records none")
+    if pipeline == "cifar":
+        fed, where = dataset_resolution(data), f"the images in {data} are"
+        if asked is not None and asked != fed:
+            raise UserError(f"--resolution {asked} applies to the imagenet pipeline only; "
+                            f"the cifar pipeline feeds images as stored ({fed} px here)")
+    else:
+        fed, where = (asked or trained), "--resolution is"
+    if fed == trained:
+        return fed, trained, []
+    if not allow_change:
+        raise UserError(f"the model in {ckpt} takes {trained}x{trained} inputs ({source}) but "
+                        f"{where} {fed}x{fed}: pass --allow-resolution-change to evaluate at "
+                        f"{fed} px anyway")
+    return fed, trained, [{"check": "resolution", "message":
+                           f"evaluated at {fed} px, trained at {trained} px ({source}); "
+                           "allowed by --allow-resolution-change"}]
+
+
+def normalization_probe(model: TappedModel, x: Tensor, y: Tensor, batch_size: int,
+                        device: torch.device) -> tuple[dict[str, float], list[dict[str, str]]]:
+    """Clean accuracy on (x, y) with the model's normalization and with every other named
+    one; a flag when another is clearly better (the wrong-normalization trap)."""
+    batches = [(x[i:i + batch_size].to(device), y[i:i + batch_size].to(device))
+               for i in range(0, len(y), batch_size)]
+    accuracy = accuracy_by_normalization(model, batches, NORMALIZATIONS)
+    best = better_normalization(accuracy)
+    if best is None:
+        return accuracy, []
+    mine = next(iter(accuracy))
+    return accuracy, [{"check": "normalization", "message":
+                       f"the model gets {accuracy[best]:.2%} of the first {len(y)} images right "
+                       f"with normalization {best} but {accuracy[mine]:.2%} with {mine}, the "
+                       f"one used: pass --normalization {best}"}]
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -218,7 +289,8 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--width-mult", type=bounded(float, 1e-3, 64), default=1.0,
                         help="channel multiplier of a foreign checkpoint's architecture")
     parser.add_argument("--trust-pickle", action="store_true",
-                        help="allow full-pickle checkpoints (they can run code)")
+                        help="allow full-pickle checkpoints, whole pickled models included "
+                             "(they can run code)")
     parser.add_argument("--attacks", type=parse_attacks, default=parse_attacks(DEFAULT_ATTACKS),
                         metavar="LIST", help=ATTACK_HELP)
     parser.add_argument("--eps", type=parse_budget, default=8 / 255,
@@ -238,12 +310,16 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--pipeline", choices=("auto", "cifar", "imagenet"), default="auto",
                         help="cifar: images as stored; imagenet: center crop + resize; auto: by "
                              "the architecture's input size")
-    parser.add_argument("--resolution", type=bounded(int, 8), default=224,
-                        help="imagenet pipeline: input resolution")
+    parser.add_argument("--resolution", type=bounded(int, 8), default=None,
+                        help="imagenet pipeline: input resolution (default: the one the "
+                             "checkpoint was trained for, else the architecture's)")
+    parser.add_argument("--allow-resolution-change", action="store_true",
+                        help="evaluate at a resolution other than the checkpoint's (flagged)")
     parser.add_argument("--workers", type=bounded(int, 1), default=LoaderOptions.num_workers,
                         help="FFCV decoding threads")
     parser.add_argument("--sanity-n", type=bounded(int, 0), default=100,
-                        help="images for the huge-eps PGD check (0: skip it)")
+                        help="images for the huge-eps PGD and normalization probes (0: skip "
+                             "them; flagged)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--out", type=Path, default=Path("report.json"), help="JSON report")
     return parser
@@ -256,12 +332,15 @@ def main(argv: list[str] | None = None) -> int:
     check_writable(args.out)  # before the attacks, not after hours of them
     device = resolve_device(args.device, "--device")
     labels = dataset_labels(args.data)  # cheap: fail on bad data before loading anything big
-    model = load_teacher(args.arch, args.ckpt, args.format, normalization=args.normalization,
-                         width_mult=args.width_mult, trust_pickle=args.trust_pickle,
-                         device=device)
-    model = model.to(memory_format=torch.channels_last)
+    loaded = load_checkpoint(args.arch, args.ckpt, args.format, normalization=args.normalization,
+                             width_mult=args.width_mult, trust_pickle=args.trust_pickle,
+                             device=device)
+    for note in loaded.notes:
+        print(f"warning: {note}", file=sys.stderr)
+    model = loaded.model.to(memory_format=torch.channels_last)
     spec = model.spec
-    num_classes = check_classes(labels, spec.num_classes, args.data, args.ckpt)
+    num_classes = spec.num_classes
+    check_classes(labels, num_classes, args.data, args.ckpt)
     n = len(labels) if args.n is None else min(args.n, len(labels))
     if args.n is not None and args.n > len(labels):
         print(f"note: {args.data} holds {len(labels)} examples; evaluating all of them",
@@ -269,6 +348,11 @@ def main(argv: list[str] | None = None) -> int:
     pipeline = args.pipeline
     if pipeline == "auto":
         pipeline = "imagenet" if is_imagenet_arch(spec.arch) else "cifar"
+    resolution, trained_at, setup_flags = check_resolution(
+        spec, pipeline, args.data, args.resolution, args.allow_resolution_change, args.ckpt)
+    if loaded.normalization_override:
+        setup_flags.append({"check": "normalization_override",
+                            "message": loaded.normalization_override})
     attacked: nn.Module = model
     if args.precision == "bf16":
         attacked = Autocast(model, torch.bfloat16)
@@ -276,15 +360,23 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     settings = Settings(args.eps, args.step_size, args.restarts, args.seed, num_classes,
                         args.square_queries)
-    batches = first_examples(args.data, pipeline, n, args.batch_size, device, args.resolution,
+    batches = first_examples(args.data, pipeline, n, args.batch_size, device, resolution,
                              args.workers)
     results, kept = run_attacks(attacked, batches, args.attacks, settings, total=n,
                                 progress=not args.no_progress, keep=args.sanity_n)
-    huge = None
+    huge = probe = None
     if args.sanity_n and kept is not None:
         huge = huge_eps_check(attacked, *kept, seed=args.seed, device=device,
                               batch_size=args.batch_size)
-    flags = sanity_flags(results, huge, num_classes, args.precision, settings)
+        probe, probe_flags = normalization_probe(model, *kept, args.batch_size, device)
+        setup_flags += probe_flags
+    else:
+        setup_flags.append({"check": "checks_off", "message":
+                            "--sanity-n 0: the huge-eps and normalization probes did not "
+                            "run (the other checks did)"})
+    recorded_clean = (loaded.recorded.get("holdout") or {}).get("clean_acc")
+    flags = setup_flags + sanity_flags(results, huge, num_classes, args.precision, settings,
+                                       recorded_clean)
 
     config = {key: value for key, value in vars(args).items() if key != "no_progress"}
     config |= {"pipeline": pipeline, "eps_255": args.eps * 255,
@@ -295,14 +387,18 @@ def main(argv: list[str] | None = None) -> int:
         "config": config,
         "checkpoint": {"path": args.ckpt.resolve(), "sha256": sha256(args.ckpt),
                        "bytes": args.ckpt.stat().st_size},
-        "model": asdict(spec),
+        "model": asdict(spec) | {"trained_resolution": trained_at,
+                                 "recorded": loaded.recorded},
         "data": {"path": args.data.resolve(), "num_examples": results.n,
-                 "dataset_size": len(labels), "num_classes": num_classes},
+                 "dataset_size": len(labels), "num_classes": num_classes,
+                 "resolution": resolution,
+                 "class_counts": class_counts(labels[:results.n], num_classes)},
         "environment": {"device": str(device), "torch": torch.__version__,
                         "pyautoattack": _version("pyautoattack"),
                         "python": platform.python_version()},
     }
     report = build_report(results, settings, huge, flags, context)
+    report["sanity"]["normalization"] = probe
     report["time_s"] = time.perf_counter() - started
     print(format_table(report))
     try:

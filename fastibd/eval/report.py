@@ -26,9 +26,9 @@ from matplotlib.ticker import MaxNLocator
 from torch import Tensor
 
 from fastibd.cli import ArgumentParser, bounded, comma_list, parse_budget
-from fastibd.data import first_examples
+from fastibd.data import DATASET_SUFFIXES, first_examples
 from fastibd.device import resolve_device
-from fastibd.errors import UserError, exit_on_user_error
+from fastibd.errors import UserError, exit_on_user_error, require_file
 from fastibd.eval import attacks as eval_attacks
 from fastibd.models import TappedModel, is_imagenet_arch
 from fastibd.models.teachers import load_teacher
@@ -279,8 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     run_dir: Path = args.run_dir
     if not run_dir.is_dir():
         raise UserError(f"no run directory {run_dir}")
-    if args.data is not None and not args.data.is_file():
-        raise UserError(f"no dataset file {args.data}")
+    if args.data is not None:
+        require_file(args.data, "dataset file", suffixes=DATASET_SUFFIXES)
     eps_255 = _int_list(args.eps_list, "--eps-list", 0)
     steps = _int_list(args.steps_list, "--steps-list", 1)
     if eps_255[-1] > 255:

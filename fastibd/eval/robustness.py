@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from fastibd.chance import chance_bound
 from fastibd.cli import comma_list
 from fastibd.device import synchronize
 from fastibd.eval import attacks as eval_attacks
@@ -26,9 +27,19 @@ ATTACK_NAME = re.compile(r"^(clean|fgsm|aa|aa-apgd|square|(pgd|cw)([1-9]\d*))$")
 ATTACK_HELP = ("clean, fgsm, pgdK (PGD-K, cross-entropy), cwK (PGD-K on the CW margin), aa "
                "(AutoAttack standard), aa-apgd (APGD-CE + APGD-T), square (black-box)")
 WHITE_BOX = ("fgsm", "pgd", "cw", "aa-apgd")
+CE_ATTACKS = ("fgsm", "pgd")  # follow the cross-entropy's gradient
+MARGIN_ATTACKS = ("cw", "aa-apgd", "aa")  # margin losses (CW, APGD-DLR/T), or AutoAttack
 HUGE_EPS, HUGE_STEPS, HUGE_STEP_SIZE = 0.5, 20, 0.05
 HUGE_EPS_MAX_ACCURACY = 0.02  # anything clearly above 0% at eps 0.5 means the gradients lie
-CHANCE_FACTOR = 1.5  # clean accuracy below 1.5x chance: wrong file or wrong normalization
+# Masking checks. Each threshold leaves room for what honest models show: AutoAttack or CW
+# typically 1-5 points below PGD-20 (TRADES, RSLAD, IBD; the digits student: 0), never an
+# exactly-zero cross-entropy gradient (that needs an fp32 logit margin above ~100).
+CHANGED_NOTHING = 0.01  # CE attacks broke < 1% of the correctly classified examples ...
+CHANGED_MORE = 0.05  # ... while a margin-based attack broke >= 5 points more of them
+MARGIN_GAP, MARGIN_GAP_RELATIVE = 0.05, 0.10  # margin-based accuracy this far below CE-PGD's
+GAP_MIN_STEPS = 10  # only PGD with >= 10 steps is compared with the margin attacks
+ZERO_GRADIENT_SHARE = 0.05  # exactly-zero CE gradients on >= 5% of the examples
+RECORDED_FRACTION = 0.5  # clean accuracy below half of what the checkpoint recorded
 
 
 def parse_attacks(text: str) -> list[str]:
@@ -109,12 +120,14 @@ def run_attack(model: nn.Module, name: str, x: Tensor, y: Tensor, settings: Sett
 
 @dataclass
 class Results:
-    """Per-example correctness of every attack (in the order given), and seconds spent."""
+    """Per-example correctness of every attack (in the order given), seconds spent, and
+    where the cross-entropy gradient at the clean image is exactly zero."""
 
     attacks: list[str]
     correct: dict[str, Tensor] = field(default_factory=dict)  # name -> bool [N] on the CPU
     seconds: dict[str, float] = field(default_factory=dict)
     warnings: set[str] = field(default_factory=set)  # from pyautoattack, deduplicated
+    zero_gradient: Tensor | None = None  # bool [N]
 
     @property
     def n(self) -> int:
@@ -124,6 +137,20 @@ class Results:
         """Correct under every attack run (the clean pass included)."""
         stacked = torch.stack([self.correct[name] for name in self.attacks])
         return stacked.all(dim=0)
+
+
+def attack_progress(seconds: dict[str, float], done: int, total: int | None) -> str:
+    """Each attack's speed and, with a known total, the time it still needs: what the
+    progress bar shows beside the overall ETA (an AutoAttack run is hours where PGD is
+    minutes; the overall rate hides which)."""
+    parts = []
+    for name, spent in seconds.items():
+        if spent <= 0 or done <= 0:
+            continue
+        rate = done / spent
+        left = f", {tqdm.format_interval((total - done) / rate)} left" if total else ""
+        parts.append(f"{name} {rate:.3g} img/s{left}")
+    return " | ".join(parts)
 
 
 def run_attacks(
@@ -141,6 +168,7 @@ def run_attacks(
     names = ["clean", *[a for a in attacks if a != "clean"]]
     results = Results(names, seconds=dict.fromkeys(names, 0.0))
     parts: dict[str, list[Tensor]] = {name: [] for name in names}
+    zero_parts: list[Tensor] = []
     kept_x: list[Tensor] = []
     kept_y: list[Tensor] = []
     bar = tqdm(total=total, unit="img", disable=not progress, file=sys.stderr, leave=False)
@@ -149,6 +177,7 @@ def run_attacks(
         x, y = x.clone(), y.clone()  # FFCV reuses its buffers
         seed = derived_seed(settings.seed, index)
         everything = torch.ones_like(y, dtype=torch.bool)
+        zero_parts.append(eval_attacks.zero_gradient(model, x, y).cpu())
         for name in names:
             bar.set_description(name)
             synchronize(x.device)
@@ -164,10 +193,12 @@ def run_attacks(
         seen += len(y)
         robust += int(everything.sum())
         bar.update(len(y))
-        bar.set_postfix(robust=f"{robust / seen:.1%}")
+        bar.set_postfix_str(f"robust {robust / seen:.1%} | "
+                            + attack_progress(results.seconds, seen, total))
     bar.close()
     results.correct = {name: torch.cat(parts[name]) if parts[name] else torch.zeros(0, dtype=bool)
                        for name in names}
+    results.zero_gradient = torch.cat(zero_parts) if zero_parts else torch.zeros(0, dtype=bool)
     kept = (torch.cat(kept_x)[:keep], torch.cat(kept_y)[:keep]) if kept_y else None
     return results, kept
 
@@ -233,8 +264,10 @@ def stronger_pairs(attacks: list[str], eps: float = 8 / 255,
 
 
 def sanity_flags(results: Results, huge: HugeEpsCheck | None, num_classes: int,
-                 precision: str, settings: Settings | None = None) -> list[dict[str, str]]:
-    """Signs of gradient masking or of a broken set-up, each {"check", "message"}."""
+                 precision: str, settings: Settings | None = None,
+                 recorded_clean: float | None = None) -> list[dict[str, str]]:
+    """Signs of gradient masking or of a broken set-up, each {"check", "message"}.
+    `recorded_clean`: the clean accuracy the checkpoint recorded for itself, if any."""
     flags = []
     count = {name: int(c.sum()) for name, c in results.correct.items()}
     n = max(results.n, 1)
@@ -242,36 +275,83 @@ def sanity_flags(results: Results, huge: HugeEpsCheck | None, num_classes: int,
     def pct(name: str) -> str:
         return f"{count[name] / n:.2%}"
 
+    def flag(check: str, message: str) -> None:
+        flags.append({"check": check, "message": message})
+
     settings = settings or Settings(num_classes=num_classes)
     for weak, strong in stronger_pairs(results.attacks, settings.eps, settings.step_size):
         if count[strong] > count[weak]:
-            flags.append({"check": "monotonic", "message":
-                          f"{strong} ({pct(strong)}) scores above the weaker {weak} "
-                          f"({pct(weak)}): a stronger attack should never do worse; suspect "
-                          "gradient masking or a failing attack"})
+            flag("monotonic", f"{strong} ({pct(strong)}) scores above the weaker {weak} "
+                 f"({pct(weak)}): a stronger attack should never do worse; suspect gradient "
+                 "masking or a failing attack")
     if huge is not None and huge.n and huge.accuracy > HUGE_EPS_MAX_ACCURACY:
-        flags.append({"check": "huge_eps", "message":
-                      f"PGD-{huge.steps} at eps {huge.eps} leaves {huge.accuracy:.2%} correct "
-                      "(expected ~0%): the gradients do not lead to adversarial examples "
-                      "(gradient masking, or a model that ignores its input)"})
+        flag("huge_eps", f"PGD-{huge.steps} at eps {huge.eps} leaves {huge.accuracy:.2%} "
+             "correct (expected ~0%): the gradients do not lead to adversarial examples "
+             "(gradient masking, or a model that ignores its input)")
     white = [a for a in results.attacks if attack_family(a)[0] in WHITE_BOX]
     if "square" in results.attacks and white:
         best = min(white, key=lambda a: count[a])
         if count["square"] < count[best]:
-            flags.append({"check": "black_box", "message":
-                          f"the black-box square attack ({pct('square')}) beats the best "
-                          f"white-box attack {best} ({pct(best)}): gradient masking is likely"})
-    if results.n and count["clean"] / n < CHANCE_FACTOR / num_classes:
-        flags.append({"check": "chance", "message":
-                      f"clean accuracy {pct('clean')} is near chance ({1 / num_classes:.2%}): "
-                      "wrong checkpoint, wrong data, or wrong input normalization?"})
+            flag("black_box", f"the black-box square attack ({pct('square')}) beats the best "
+                 f"white-box attack {best} ({pct(best)}): gradient masking is likely")
+    flags += _loss_masking_flags(results, count)
+    if results.n:
+        clean, bound = count["clean"] / n, chance_bound(results.n, num_classes)
+        if clean < bound:
+            flag("chance", f"clean accuracy {pct('clean')} on {results.n} examples cannot be "
+                 f"told from guessing (chance {1 / num_classes:.2%}; guessing stays below "
+                 f"{bound:.2%} but for one run in a million): wrong checkpoint, wrong data, or "
+                 "wrong input normalization?")
+        elif recorded_clean is not None and clean < RECORDED_FRACTION * recorded_clean:
+            flag("recorded_accuracy", f"clean accuracy {pct('clean')} is below half of the "
+                 f"{recorded_clean:.2%} the checkpoint recorded on its held-out training "
+                 "images: wrong data, resolution or input normalization?")
     if precision != "fp32":
-        flags.append({"check": "precision", "message":
-                      f"attacks ran in {precision}: low-precision gradients can overstate "
-                      "robustness; report fp32 numbers"})
+        flag("precision", f"attacks ran in {precision}: low-precision gradients can overstate "
+             "robustness; report fp32 numbers")
     return flags
 
 
+def _loss_masking_flags(results: Results, count: dict[str, int]) -> list[dict[str, str]]:
+    """The cross-entropy cannot guide an attack: its gradient is exactly zero, or attacks
+    that follow it break far fewer examples than margin-based ones."""
+    flags, n = [], max(results.n, 1)
+    zero = results.zero_gradient
+    if zero is not None and len(zero) and zero.float().mean() >= ZERO_GRADIENT_SHARE:
+        flags.append({"check": "loss_saturation", "message":
+                      f"the cross-entropy gradient is exactly zero on {zero.float().mean():.2%} "
+                      "of the examples (a softmax saturated in fp32, or a step function on the "
+                      "input): FGSM, PGD and APGD cannot move them, and what they leave "
+                      "standing is masking, not robustness"})
+    clean = results.correct["clean"]
+    family = {name: attack_family(name) for name in results.attacks}
+    ce = [a for a in results.attacks if family[a][0] in CE_ATTACKS]
+    margin = [a for a in results.attacks if family[a][0] in MARGIN_ATTACKS]
+    if not clean.any() or not ce or not margin:
+        return flags
+
+    def broke(name: str) -> float:  # share of the clean-correct examples the attack broke
+        return float((clean & ~results.correct[name]).sum() / clean.sum())
+
+    ce_best, margin_best = max(ce, key=broke), max(margin, key=broke)
+    if broke(ce_best) < CHANGED_NOTHING and broke(margin_best) >= broke(ce_best) + CHANGED_MORE:
+        flags.append({"check": "attack_changed_nothing", "message":
+                      f"{', '.join(ce)} broke {broke(ce_best):.2%} of the correctly "
+                      f"classified examples, {margin_best} {broke(margin_best):.2%}: the "
+                      "cross-entropy gives attacks no signal (saturated logits?); only the "
+                      "margin-based numbers mean anything"})
+    pgd = [a for a in ce if family[a][0] == "pgd" and family[a][1] >= GAP_MIN_STEPS]
+    if pgd:
+        ce_name = min(pgd, key=lambda a: count[a])
+        margin_name = min(margin, key=lambda a: count[a])
+        ce_acc, margin_acc = count[ce_name] / n, count[margin_name] / n
+        if ce_acc - margin_acc > max(MARGIN_GAP, MARGIN_GAP_RELATIVE * ce_acc):
+            flags.append({"check": "ce_vs_margin", "message":
+                          f"{margin_name} ({margin_acc:.2%}) is {100 * (ce_acc - margin_acc):.1f} "
+                          f"points below {ce_name} ({ce_acc:.2%}): cross-entropy PGD is far "
+                          "weaker than margin-based attacks here, a sign of a saturated or "
+                          "masked loss; report the margin-based numbers"})
+    return flags
 
 
 def clean_and_pgd(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], eps: float,

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from torchvision.models.resnet import BasicBlock, Bottleneck
@@ -21,7 +22,7 @@ from fastibd.models.imagenet_resnet import ImageNetResNet
 from fastibd.models.wide_resnet import WideResNet
 
 __all__ = ["ARCHITECTURES", "NORMALIZATIONS", "ModelSettings", "ModelSpec", "TappedModel",
-           "build_model", "build_student", "is_imagenet_arch"]
+           "build_model", "build_student", "conventional_resolution", "is_imagenet_arch"]
 
 # name -> (constructor taking num_classes, normalization, width_mult, **options; input size)
 ARCHITECTURES: dict[str, tuple[Callable[..., TappedModel], int]] = {
@@ -58,7 +59,7 @@ def build_model(arch: str, num_classes: int = 10, normalization: str | Stats = "
 def is_imagenet_arch(arch: str) -> bool:
     """Whether `arch` is made for ImageNet-sized inputs (the imagenet data pipeline and
     normalization are its defaults)."""
-    return ARCHITECTURES[arch][1] >= 128
+    return conventional_resolution(arch) >= 128
 
 
 @section("model", "The student")
@@ -71,9 +72,19 @@ class ModelSettings:
                             "(anti-aliasing, as FFCV's recipe)", False)
 
 
-def build_student(settings: ModelSettings, num_classes: int) -> TappedModel:
-    """The student a run's `model` section describes."""
+def build_student(settings: ModelSettings, num_classes: int,
+                  resolution: int | None = None) -> TappedModel:
+    """The student a run's `model` section describes; `resolution`, the input size it will
+    be evaluated at, goes into its spec (and so into its checkpoints)."""
     options = {"blurpool": True} if settings.blurpool else {}
-    return build_model(settings.arch, num_classes, settings.normalization, settings.width_mult,
-                       **options)
+    model = build_model(settings.arch, num_classes, settings.normalization, settings.width_mult,
+                        **options)
+    model.spec = replace(model.spec, resolution=resolution)
+    return model
+
+
+def conventional_resolution(arch: str) -> int:
+    """The input size `arch` is made for (32 for CIFAR networks, 224 for ImageNet ones): what
+    a checkpoint that does not record its resolution is taken to expect."""
+    return ARCHITECTURES[arch][1]
 

@@ -36,6 +36,9 @@ class ModelSpec:
     normalization: str | Stats = "none"  # a name in NORMALIZATIONS, or explicit (mean, std)
     width_mult: float = 1.0
     options: dict[str, Any] = field(default_factory=dict)  # architecture-specific, e.g. sub_block1
+    # The input resolution it was trained for (square side; what evaluation must feed it).
+    # None: not recorded (foreign files, older checkpoints): the architecture's convention.
+    resolution: int | None = None
 
 
 def normalization_stats(normalization: str | Stats) -> Stats | None:

@@ -11,24 +11,31 @@ Formats (`format="auto"` recognises each from the file's contents):
                and normalizer copies are ignored; the normalizer gives the normalization)
 
 Files load with `weights_only=True`. Some formats (robustness) are full pickles, which can
-run arbitrary code when loaded: they load only with `trust_pickle=True`.
+run arbitrary code when loaded: they load only with `trust_pickle=True`; so does a whole
+pickled model (`torch.save(model)`), whose weights are then read as a state_dict.
 
 Normalization, unless given: what the file carries; else 'imagenet' for ImageNet
-architectures (torchvision's convention) and 'none' for CIFAR ones (RobustBench's).
+architectures (torchvision's convention) and 'none' for CIFAR ones (RobustBench's). A given
+one overrides the file's, with a note.
 """
 
 from __future__ import annotations
 
 import pickle
 import re
+import sys
+import warnings
 from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
+from fastibd.chance import chance_bound
 from fastibd.config import Choice, Flag, Number, Text, option, section
-from fastibd.errors import UserError
+from fastibd.errors import UserError, require_file
 from fastibd.models import (
     ARCHITECTURES,
     NORMALIZATIONS,
@@ -42,7 +49,6 @@ from fastibd.models.checkpoint import FORMAT as FASTIBD_FORMAT
 FORMATS = ("auto", "fastibd", "state_dict", "robustbench", "robustness")
 _SHOWN = 4  # keys listed per kind of mismatch
 NORMALIZATION_GAP = 0.15  # accuracy another normalization must add to be "the right one"
-CHANCE_FACTOR = 1.5  # below 1.5x chance: the wrong file
 
 
 @section("teacher", "The robust teacher (distillation modes)")
@@ -66,10 +72,13 @@ def run_teacher(settings: TeacherSettings, mode: str, num_classes: int) -> Tappe
                         "one with loss.mode=pgd_at or trades)")
     if settings.source and not Path(settings.path).is_file():
         raise UserError(f"no teacher checkpoint {settings.path}: {settings.source}")
-    teacher = load_teacher(settings.arch, settings.path, settings.format,
-                           normalization=settings.normalization or None,
-                           width_mult=settings.width_mult, trust_pickle=settings.trust_pickle,
-                           trust_option="--teacher.trust_pickle=true")
+    loaded = load_checkpoint(settings.arch, settings.path, settings.format,
+                             normalization=settings.normalization or None,
+                             width_mult=settings.width_mult, trust_pickle=settings.trust_pickle,
+                             trust_option="--teacher.trust_pickle=true")
+    for note in loaded.notes:
+        print(f"note: teacher: {note}", file=sys.stderr, flush=True)
+    teacher = loaded.model
     if teacher.spec.num_classes != num_classes:
         raise UserError(f"the teacher {settings.path} predicts {teacher.spec.num_classes} "
                         f"classes, the data has {num_classes}")
@@ -77,36 +86,77 @@ def run_teacher(settings: TeacherSettings, mode: str, num_classes: int) -> Tappe
 
 
 @torch.no_grad()
+def accuracy_by_normalization(model: TappedModel,
+                              batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                              alternatives: Iterable[str]) -> dict[str, float]:
+    """Clean accuracy on `batches` (re-iterable) with the model's own normalization (first
+    key) and with each of `alternatives`; the model keeps its own afterwards."""
+    configured = model.spec.normalization
+    candidates = [configured] + [n for n in dict.fromkeys(alternatives)
+                                 if n != configured and n in NORMALIZATIONS]
+    accuracy = {}
+    try:
+        for normalization in candidates:
+            model.set_normalization(normalization)
+            correct = total = 0
+            for x, y in batches:
+                correct += (model(x).argmax(1) == y).sum().item()
+                total += len(y)
+            accuracy[str(normalization)] = correct / max(total, 1)
+    finally:
+        model.set_normalization(configured)
+    return accuracy
+
+
+def better_normalization(accuracy: dict[str, float]) -> str | None:
+    """The normalization of `accuracy_by_normalization`'s result that beats the model's own
+    (its first key) by NORMALIZATION_GAP, if one does."""
+    mine = next(iter(accuracy.values()))
+    best = max(accuracy, key=accuracy.get)
+    return best if accuracy[best] > mine + NORMALIZATION_GAP else None
+
+
 def check_teacher_accuracy(teacher: TappedModel,
                            batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
                            alternatives: Iterable[str], num_classes: int, path: str) -> None:
     """Stop before spending GPU-days when the teacher reads its input with the wrong
-    normalization (one of `alternatives` does clearly better on `batches`), or is near
-    chance whatever the normalization (wrong file). `batches` must be re-iterable."""
+    normalization (one of `alternatives` does clearly better on `batches`), or cannot be
+    told from guessing whatever the normalization (wrong file). `batches` must be
+    re-iterable."""
     configured = teacher.spec.normalization
-    candidates = [configured] + [n for n in dict.fromkeys(alternatives)
-                                 if n != configured and n in NORMALIZATIONS]
-    accuracy = {}
-    for normalization in candidates:
-        teacher.set_normalization(normalization)
-        correct = total = 0
-        for x, y in batches:
-            correct += (teacher(x).argmax(1) == y).sum().item()
-            total += len(y)
-        accuracy[str(normalization)] = correct / max(total, 1)
-    teacher.set_normalization(configured)
-    best = max(accuracy, key=accuracy.get)
-    mine, chance = accuracy[str(configured)], 1 / num_classes
-    if accuracy[best] > mine + NORMALIZATION_GAP:
+    accuracy = accuracy_by_normalization(teacher, batches, alternatives)
+    mine, best = accuracy[str(configured)], better_normalization(accuracy)
+    if best is not None:
         raise UserError(f"the teacher {path} gets {mine:.1%} of the held-out training "
                         f"images right with normalization {configured}, but "
                         f"{accuracy[best]:.1%} with {best}: set teacher.normalization={best}")
-    if mine < CHANCE_FACTOR * chance:
-        raise UserError(f"the teacher {path} gets {mine:.1%} of the held-out training "
-                        f"images right (chance is {chance:.1%}): wrong checkpoint?")
+    total = sum(len(y) for _, y in batches)
+    if mine < chance_bound(total, num_classes):
+        raise UserError(f"the teacher {path} gets {mine:.1%} of {total} held-out training "
+                        f"images right (chance is {1 / num_classes:.1%}): wrong checkpoint?")
 
 
-def load_teacher(
+@dataclass
+class LoadedCheckpoint:
+    """A model loaded from a file, with what the file says about it."""
+
+    model: TappedModel
+    format: str  # the layout it was read as
+    # What a fastibd checkpoint recorded about its training: "holdout" (clean and PGD
+    # accuracy on held-out training images, best.pt), "epoch". Empty for foreign files.
+    recorded: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # worth telling the user (one line each)
+    # The note said when the normalization asked for is not the one the file was saved with.
+    normalization_override: str | None = None
+
+
+def load_teacher(arch: str | None, path: str | Path, format: str = "auto", **kwargs: Any
+                 ) -> TappedModel:
+    """`load_checkpoint(...).model`: the model alone."""
+    return load_checkpoint(arch, path, format, **kwargs).model
+
+
+def load_checkpoint(
     arch: str | None,
     path: str | Path,
     format: str = "auto",
@@ -118,75 +168,95 @@ def load_teacher(
     device: torch.device | str = "cpu",
     trust_option: str = "--trust-pickle",
     **options: Any,
-) -> TappedModel:
+) -> LoadedCheckpoint:
     """Build `arch` and load the weights in `path` into it, strictly.
 
     `arch` may be None for fastibd checkpoints (they name their architecture).
-    `num_classes=None` reads it off the classifier's weights. Returns the model in eval
-    mode with requires_grad off, on `device`.
+    `num_classes=None` reads it off the classifier's weights. `normalization` overrides what
+    the file carries (with a note saying so). The model is in eval mode with requires_grad
+    off, on `device`; its spec's resolution is what the file records (None if nothing).
     """
     if format not in FORMATS:
         raise UserError(f"unknown checkpoint format {format!r}; choose from {', '.join(FORMATS)}")
-    raw = read_checkpoint(path, trust_pickle, trust_option)
+    notes: list[str] = []
+    raw = _unwrap_module(read_checkpoint(path, trust_pickle, trust_option), path, notes)
     fmt = detect_format(raw) if format == "auto" else format
     state, stats, spec = _interpret(raw, fmt, path)
 
+    resolution, recorded = None, {}
     if spec is not None:  # our own checkpoint knows how to build itself
         if arch is not None and arch != spec["arch"]:
             raise UserError(f"{path} holds a {spec['arch']}, not a {arch}")
         arch, width_mult = spec["arch"], spec["width_mult"]
         options = {**spec.get("options", {}), **options}
-        stats = spec["normalization"]
+        stats, resolution = spec["normalization"], spec.get("resolution")
         num_classes = spec["num_classes"] if num_classes is None else num_classes
+        recorded = {key: raw[key] for key in ("holdout", "epoch") if raw.get(key) is not None}
     if arch is None:
         raise UserError(f"say which architecture {path} holds ({', '.join(ARCHITECTURES)})")
     if arch in ("wrn34_10", "wrn28_10", "wrn34_20") and any(k.startswith("sub_block1.")
                                                              for k in state):
         options.setdefault("sub_block1", True)  # TRADES / AWP files carry this unused block
     num_classes = num_classes if num_classes is not None else _infer_num_classes(state, path)
-    normalization = _choose_normalization(normalization, stats, arch, path)
+    normalization, override = _choose_normalization(normalization, stats, arch, path)
+    notes += [override] if override else []
 
     model = build_model(arch, num_classes, normalization, width_mult, **options)
     _check_fit(model, state, f"{path} does not fit {arch} (num_classes={num_classes}, "
                              f"read as format {fmt!r})")
     model.load_state_dict(state, strict=True)
+    model.spec = replace(model.spec, resolution=resolution)
     model.eval().requires_grad_(False)
-    return model.to(device)
+    return LoadedCheckpoint(model.to(device), fmt, recorded, notes, override)
 
 
 def read_checkpoint(path: str | Path, trust_pickle: bool = False,
                     trust_option: str = "--trust-pickle") -> Any:
     """torch.load with weights_only=True; a full pickle only when the user trusts it
     (`trust_option` is how the calling command spells the flag, for the message)."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"no checkpoint file {path}")
+    path = require_file(path, "checkpoint file", suffixes=(".pt", ".pth", ".ckpt", ".tar"))
+    unreadable = f"cannot read {path}: truncated or not a PyTorch checkpoint"
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about odd pickle protocols of bad bytes
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         needs = re.search(r"GLOBAL ([\w.]+)", str(err))
         if needs is None:  # not a question of trust: the bytes are bad (PyTorch's message
             # would suggest loading with weights_only=False: never say that for a bad file)
-            raise UserError(f"cannot read {path}: truncated or not a PyTorch checkpoint"
-                            ) from None
+            raise UserError(unreadable) from None
         if not trust_pickle:
             raise UserError(
                 f"{path} is a full pickle (it needs {needs.group(1)}); loading it can run "
                 "arbitrary code. MadryLab robustness checkpoints are like this. If you trust "
                 f"where it came from, pass {trust_option}") from None
-    except (RuntimeError, EOFError, OSError, ValueError):
-        raise UserError(f"cannot read {path}: truncated or not a PyTorch checkpoint"
-                        ) from None
+    except Exception:  # noqa: BLE001 - foreign bytes fail the unpickler in assorted ways
+        raise UserError(unreadable) from None
     try:  # only reached with trust_pickle=True
         import dill as pickle_module  # the robustness library pickles with dill
     except ImportError:
         pickle_module = pickle
     try:
-        return torch.load(path, map_location="cpu", weights_only=False,
-                          pickle_module=pickle_module)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=False,
+                              pickle_module=pickle_module)
     except Exception as err:  # noqa: BLE001 - any failure of a foreign pickle is the file's
         raise UserError(f"cannot read {path} even as a trusted pickle ({_first_line(err)})"
                         ) from None
+
+
+def _unwrap_module(raw: Any, path: str | Path, notes: list[str]) -> Any:
+    """A trusted pickle of a whole model (torch.save(model)): its weights, as a checkpoint of
+    ours when it is one of our models, else as a state_dict."""
+    if not isinstance(raw, nn.Module):
+        return raw
+    if isinstance(raw, TappedModel) and hasattr(raw, "spec"):
+        notes.append(f"{path} is a whole pickled {type(raw).__name__}; loaded its weights")
+        return {"format": FASTIBD_FORMAT, "spec": asdict(raw.spec), "model": raw.state_dict()}
+    notes.append(f"{path} is a whole pickled {type(raw).__name__} module; loaded its "
+                 "state_dict into the architecture named")
+    return raw.state_dict()
 
 
 def detect_format(raw: Any) -> str:
@@ -259,15 +329,18 @@ def _infer_num_classes(state: Mapping[str, torch.Tensor], path: str | Path) -> i
 
 
 def _choose_normalization(asked: str | Stats | None, carried: str | Stats | None, arch: str,
-                          path: str | Path) -> str | Stats:
+                          path: str | Path) -> tuple[str | Stats, str | None]:
+    """(the normalization to build with, a note when the user's overrides the file's)."""
     carried = _name_stats(carried)
-    if asked is not None and carried is not None and _name_stats(asked) != carried:
-        raise UserError(f"{path} carries normalization {carried} but {asked} was asked for")
     if asked is not None:
-        return asked
+        note = None
+        if carried is not None and _name_stats(asked) != carried:
+            note = (f"{path} was saved with normalization {carried}; using {asked} as asked "
+                    "(accuracy will be wrong unless the file's is)")
+        return asked, note
     if carried is not None:
-        return carried
-    return "imagenet" if is_imagenet_arch(arch) else "none"
+        return carried, None
+    return ("imagenet" if is_imagenet_arch(arch) else "none"), None
 
 
 def _name_stats(normalization: str | Stats | None) -> str | Stats | None:

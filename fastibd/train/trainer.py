@@ -77,7 +77,7 @@ class Trainer:
         self.data = training_data(s.data, runtime.device, s.training.seed, world.distributed)
         classes, place = self.data.num_classes, dict(device=runtime.device,
                                                      memory_format=runtime.memory_format)
-        student = build_student(s.model, classes).to(**place)
+        student = build_student(s.model, classes, self.data.eval_size).to(**place)
         teacher = None
         if MODES[s.loss.mode].teacher:
             teacher = run_teacher(s.teacher, s.loss.mode, classes).to(**place)
