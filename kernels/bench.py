@@ -42,7 +42,7 @@ import torch
 from torch import Tensor
 
 from fastibd.cli import choice_list
-from kernels import fused, reference
+from kernels import common, fused, plan, reference
 
 # ----------------------------------------------------------------------------- configs
 
@@ -230,6 +230,7 @@ class Row:
     copy_fraction: float  # nan on CPU
     peak_extra_mib: float  # nan on CPU
     device: str
+    model_ms: float = math.nan  # fused on CUDA: the plan's bytes at the measured copy bandwidth
 
 
 def time_cpu(fn: Callable[[], object], reps: int) -> float:
@@ -307,9 +308,12 @@ def run_config(config: Config, providers: Sequence[str], modes: Sequence[str], k
                 for s in inputs.student:
                     s.grad = None
             gbps = floor[mode] / (ms * 1e-3) / 1e9
+            model = math.nan
+            if copy_gbps and provider.startswith("fused") and kind == "ops":
+                model = plan.projection_ms(planned_launches(config, dtype, mode), copy_gbps)
             rows.append(Row(config.name, config.description, config.batch, provider, mode, ms,
                             floor[mode], gbps, gbps / copy_gbps if copy_gbps else math.nan,
-                            peak, str(device)))
+                            peak, str(device), model))
             print(f"  {config.name:18s} {provider:14s} {mode:8s} {ms:10.3f} ms", flush=True)
     return rows
 
@@ -318,19 +322,95 @@ def run_config(config: Config, providers: Sequence[str], modes: Sequence[str], k
 
 
 def format_table(rows: Sequence[Row]) -> str:
-    head = ("config", "B", "provider", "mode", "median ms", "floor MB", "GB/s", "% copy BW",
-            "peak extra MiB")
+    head = ("config", "B", "provider", "mode", "median ms", "model ms", "floor MB", "GB/s",
+            "% copy BW", "peak extra MiB")
     lines = [head]
     for r in rows:
         lines.append((r.config, str(r.batch), r.provider, r.mode, f"{r.median_ms:.3f}",
+                      "-" if math.isnan(r.model_ms) else f"{r.model_ms:.3f}",
                       f"{r.floor_bytes / 1e6:.1f}", f"{r.gbps:.3g}",
                       "-" if math.isnan(r.copy_fraction) else f"{100 * r.copy_fraction:.1f}",
                       "-" if math.isnan(r.peak_extra_mib) else f"{r.peak_extra_mib:.0f}"))
-    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
+    return aligned(lines)
+
+
+def aligned(lines: Sequence[Sequence[str]]) -> str:
+    """Right-aligned columns under a header and a rule."""
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
     out = ["  ".join(cell.rjust(w) for cell, w in zip(line, widths, strict=True))
            for line in lines]
     out.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(out)
+
+
+# ------------------------------------------------------------ the plan, without a GPU
+
+FORWARD_KERNELS = ("_pool_fwd_kernel", "_pairs_fwd_kernel")
+
+
+def planned_launches(config: Config, dtype: torch.dtype, mode: str) -> list[plan.Launch]:
+    """The fused loss's launches for `config` at its real batch (meta tensors): the
+    forward ones for "fwd", all of them for "fwd+bwd"."""
+    launches = plan.loss_launches([(c, s, s) for c, s in config.teacher],
+                                  [(c, s, s) for c, s in config.student], config.batch, dtype,
+                                  "channels_last")
+    if mode == "fwd":
+        launches = [x for x in launches if x.kernel.__name__ in FORWARD_KERNELS]
+    return launches
+
+
+def floor_bytes(config: Config, dtype: torch.dtype, mode: str) -> int:
+    """Every tap read once (fwd); plus the student taps read again and their gradients
+    written (fwd+bwd): what any implementation must move."""
+    size = torch.empty((), dtype=dtype).element_size() * config.batch
+    teacher = sum(c * s * s for c, s in config.teacher) * size
+    student = sum(c * s * s for c, s in config.student) * size
+    return teacher + student if mode == "fwd" else teacher + 3 * student
+
+
+def model_report(configs: Sequence[Config], dtype: torch.dtype) -> str:
+    """Per config and mode: launches, bytes planned vs the floor, programs per SM of each
+    kernel, and the bandwidth-bound time on each card of plan.CARDS (a projection)."""
+    cards = list(plan.CARDS)
+    head = ("config", "mode", "kernel", "launches", "MB", "programs", "programs/SM",
+            *(f"{card} ms" for card in cards))
+    blocks = []
+    for config in configs:
+        lines = [head]
+        for mode in MODES:
+            launches = planned_launches(config, dtype, mode)
+            sms = plan.CARDS[cards[0]][0]
+            for k in plan.summarize(launches):
+                spread = (str(k.min_programs) if k.min_programs == k.max_programs
+                          else f"{k.min_programs}-{k.max_programs}")
+                lines.append((config.name, mode, k.kernel, str(k.launches),
+                              f"{k.bytes / 1e6:.1f}", spread,
+                              f"{k.min_programs / sms:.2g}-{k.max_programs / sms:.2g}",
+                              *("" for _ in cards)))
+            planned = sum(plan.launch_bytes(x) for x in launches)
+            floor = floor_bytes(config, dtype, mode)
+            lines.append((config.name, mode, f"all (floor {floor / 1e6:.1f} MB, "
+                          f"{planned / floor:.3f}x)", str(len(launches)),
+                          f"{planned / 1e6:.1f}", "", "",
+                          *(f"{plan.projection_ms(launches, bw):.3f}"
+                            for _, bw in plan.CARDS.values())))
+        blocks.append(aligned(lines))
+    return "\n\n".join(blocks)
+
+
+def host_report(configs: Sequence[Config], dtype: torch.dtype, reps: int) -> str:
+    """Host ms of the fused loss per config with every kernel stubbed out, on this CPU, at
+    the config's tap structure with batch 2 (the host work does not depend on the batch)."""
+    head = ("config", "taps", "launches", "host ms fwd", "host ms fwd+bwd")
+    lines = [head]
+    for config in configs:
+        small = replace(config, batch=2)
+        fwd, both, launches = plan.host_ms(
+            ops_loss(fused), lambda small=small: make_inputs(small, torch.device("cpu"), dtype),
+            reps)
+        lines.append((config.name, f"{len(config.teacher)}+{len(config.student)}",
+                      str(launches), f"{fwd:.3f}", f"{both:.3f}"))
+    return aligned(lines)
 
 
 def write_csv(rows: Sequence[Row], path: Path) -> None:
@@ -416,6 +496,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--cpu-reps", type=int, default=5, help="timed repetitions per row (CPU)")
     p.add_argument("--no-check", dest="check", action="store_false",
                    help="skip the fused-vs-reference check (batch 4) run before timing")
+    p.add_argument("--model", action="store_true",
+                   help="print the launch plan of the GPU configs instead of timing: bytes "
+                   "per kernel vs the floor, programs per SM, and the bandwidth-bound time on "
+                   "an H100 and an H200 (a projection; needs Triton, not a GPU)")
+    p.add_argument("--host", action="store_true",
+                   help="time the host side of the fused loss instead, every kernel stubbed "
+                   "out, at the GPU configs' tap structures on this CPU (needs Triton)")
     return p.parse_args(argv)
 
 
@@ -427,6 +514,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     device = torch.device("cuda" if cuda and args.device != "cpu" else "cpu")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    if args.model or args.host:
+        return plan_main(args, dtype)
     catalog = GPU_CONFIGS if device.type == "cuda" else CPU_CONFIGS
     names = args.configs or list(catalog)
     wrong = [n for n in names if n not in catalog]
@@ -487,6 +576,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"wrote {args.out / 'results.png'}")
     else:
         print("matplotlib is not installed: no plot (the CSV has every number)")
+    return 0
+
+
+def plan_main(args: argparse.Namespace, dtype: torch.dtype) -> int:
+    """--model / --host: what needs Triton but no GPU."""
+    if not common.triton_available():
+        print("error: --model and --host need Triton (pip install triton)", file=sys.stderr)
+        return 2
+    names = args.configs or list(GPU_CONFIGS)
+    wrong = [n for n in names if n not in GPU_CONFIGS]
+    if wrong:
+        print(f"error: --model / --host take GPU configs ({', '.join(GPU_CONFIGS)}), not "
+              f"{', '.join(wrong)}", file=sys.stderr)
+        return 2
+    configs = [GPU_CONFIGS[n] for n in names]
+    if args.model:
+        print(f"PROJECTION (not a measurement): the fused loss's launch plan, {args.dtype} "
+              "channels_last taps; time = bytes / the card's peak HBM bandwidth ("
+              + ", ".join(f"{card} {bw:.0f} GB/s" for card, (_, bw) in plan.CARDS.items())
+              + "), no launch latency; programs/SM on 132 SMs\n")
+        print(model_report(configs, dtype))
+    if args.host:
+        print(f"\nhost side of the fused loss, kernels stubbed out, on this CPU "
+              f"({torch.get_num_threads()} threads), median of {args.cpu_reps * 4} calls:")
+        print(host_report(configs, dtype, args.cpu_reps * 4))
     return 0
 
 

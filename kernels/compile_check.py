@@ -25,15 +25,15 @@ import re
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from fastibd.cli import ArgumentParser, choice_list
-from kernels import common, pairs, pool
+from kernels import common
+from kernels.plan import Launch, loss_launches
 
 MAX_REGISTERS = 128
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -66,14 +66,6 @@ CONFIGS: dict[str, Callable[[], tuple[list, list]]] = {
 
 
 @dataclass
-class Launch:
-    kernel: object  # the JITFunction
-    args: tuple
-    kwargs: dict
-    unit_stride_aligned: bool | None = None  # pool kernels: the streamed axis 16-B aligned
-
-
-@dataclass
 class Result:
     kernel: str
     where: str  # config / dtype / layout of the first launch that needed this compile
@@ -87,53 +79,11 @@ class Result:
     problems: list[str] = field(default_factory=list)
 
 
-@contextmanager
-def intercepted(into: list[Launch]) -> Iterator[None]:
-    """Record every Triton launch instead of running it."""
-    from triton.runtime.jit import JITFunction
-
-    def record(self, *args, grid, warmup, **kwargs):
-        into.append(Launch(self, args, kwargs))
-
-    real = JITFunction.run
-    JITFunction.run = record
-    try:
-        yield
-    finally:
-        JITFunction.run = real
-
-
 def training_launches(config: str, dtype: torch.dtype, layout: str) -> list[Launch]:
     """The kernel launches of one forward and backward of the feature loss, as training makes
-    them (teacher taps detached: no teacher gradient)."""
-    t_shapes, s_shapes = CONFIGS[config]()
-    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
-
-    def tap(c: int, h: int, w: int) -> torch.Tensor:
-        return torch.empty(BATCH, c, h, w, dtype=dtype).contiguous(memory_format=fmt)
-
-    def aligned(c: int, h: int, w: int) -> bool:
-        # The JIT marks an integer argument divisible by 16 only when its value is: so the
-        # unit-stride axis (C or H*W elements) is known aligned exactly then.
-        return (c if layout == "channels_last" else h * w) % 16 == 0
-
-    launches: list[Launch] = []
-    with intercepted(launches):
-        t_maps = []
-        for shape in t_shapes:
-            t_maps.append(pool.pool_fwd(tap(*shape))[0])
-            launches[-1].unit_stride_aligned = aligned(*shape)
-        s_taps, s_maps = [tap(*shape) for shape in s_shapes], []
-        for z, shape in zip(s_taps, s_shapes, strict=True):
-            s_maps.append(pool.pool_fwd(z)[0])
-            launches[-1].unit_stride_aligned = aligned(*shape)
-        _, stats = pairs.pairs_fwd(t_maps, s_maps)
-        grad_d = torch.empty(BATCH, len(t_maps), len(s_maps))
-        _, gs = pairs.pairs_bwd(grad_d, t_maps, s_maps, stats, need_t=False, need_s=True)
-        for z, g_map, shape in zip(s_taps, common.unpack(gs, s_maps), s_shapes, strict=True):
-            pool.pool_bwd(z, g_map, torch.empty(BATCH, z.shape[1]))  # as autograd hands them
-            launches[-1].unit_stride_aligned = aligned(*shape)
-    return launches
+    them (kernels.plan), on CPU tensors of the config's shapes at batch 2."""
+    teacher, student = CONFIGS[config]()
+    return loss_launches(teacher, student, BATCH, dtype, layout, device="cpu")
 
 
 def compile_for(launch: Launch, arch: str):
