@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -102,6 +103,28 @@ def cli_error(main: Callable[[list[str]], int], argv: list[str],
     lines = err.strip().splitlines()
     assert len(lines) == 1, err
     return lines[0]
+
+
+def interrupted_at_step(args: list[str], out: Path, step: int,
+                        monkeypatch: pytest.MonkeyPatch) -> int:
+    """Train in this process and send it a real SIGINT during its `step`-th training step,
+    as Ctrl-C would; the exit code."""
+    from fastibd.method.step import TrainingStep
+    from fastibd.train import main
+
+    calls = 0
+    real_step = TrainingStep.__call__
+
+    def step_then_interrupt(self, x, y):
+        nonlocal calls
+        calls += 1
+        if calls == step:
+            os.kill(os.getpid(), signal.SIGINT)  # handled by the trainer: stop and save
+        return real_step(self, x, y)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(TrainingStep, "__call__", step_then_interrupt)
+        return main([*args, f"--training.out_dir={out}"])
 
 
 # Test processes compute with one thread, as this one does (the `one_thread` fixture): runs

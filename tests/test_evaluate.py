@@ -579,6 +579,8 @@ def test_near_chance_bound_and_flag() -> None:
     assert "chance" in {f["check"] for f in robustness.sanity_flags(results_with(56), None, 10,
                                                                       "fp32")}
     assert robustness.sanity_flags(results_with(300), None, 10, "fp32") == []
+    (tiny,) = robustness.sanity_flags(results_with(5, n=5), None, 10, "fp32")
+    assert tiny["check"] == "chance" and "even a perfect score" in tiny["message"]
     recorded = robustness.sanity_flags(results_with(150), None, 10, "fp32", recorded_clean=0.9)
     assert [f["check"] for f in recorded] == ["recorded_accuracy"]
 

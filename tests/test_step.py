@@ -79,6 +79,7 @@ def test_weight_decay_reaches_the_parameters_it_says(digits_dir: Path, tmp_path:
 
 
 EXPECTED_PARTS = {"ibd": {"kl_nat", "kl_adv", "feat", "total"},
+                  "natural_ibd": {"kl_nat", "kl_adv", "feat", "total"},
                   "rslad": {"kl_nat", "kl_adv", "total"}, "kd": {"kl", "total"},
                   "trades": {"ce", "kl", "total"}, "pgd_at": {"ce", "total"},
                   "fast_at": {"ce", "total"}, "standard": {"ce", "total"}}
@@ -86,8 +87,10 @@ EXPECTED_PARTS = {"ibd": {"kl_nat", "kl_adv", "feat", "total"},
 
 @pytest.mark.parametrize("mode", list(MODES))
 def test_one_real_step_of_every_mode(mode: str) -> None:
-    """The step each mode's registry entry builds: it trains the student (and, for ibd, the
-    attention module), logs its loss parts, and attacks only when the mode does."""
+    """The step each mode's registry entry builds: it trains the student (and, for the two
+    IBD modes, the attention module), logs its loss parts, and attacks only when the mode
+    does."""
+    distils_taps = mode in ("ibd", "natural_ibd")
     torch.manual_seed(0)
     student = build_model("resnet18", 10, "none", 1 / 16)
     teacher = build_model("resnet18", 10, "none", 1 / 16).eval().requires_grad_(False)
@@ -97,7 +100,7 @@ def test_one_real_step_of_every_mode(mode: str) -> None:
                       resolution=8, make_optimizer=lambda m: torch.optim.SGD(m.parameters(),
                                                                              lr=0.1),
                       attack_rng=torch.Generator().manual_seed(0))
-    assert (step.objective.features is not None) == (mode == "ibd")
+    assert (step.objective.features is not None) == distils_taps
     before = [p.detach().clone() for p in step.objective.parameters()]
     attacked = []
     real_adversarial = step.mode.adversarial
@@ -111,9 +114,9 @@ def test_one_real_step_of_every_mode(mode: str) -> None:
     x, y = torch.rand(6, 3, 8, 8), torch.randint(0, 10, (6,))
     loss, parts = step(x, y)
     assert torch.isfinite(loss) and set(parts) == EXPECTED_PARTS[mode]
-    assert attacked == [mode not in ("kd", "standard")]
+    assert attacked == [mode not in ("natural_ibd", "kd", "standard")]
     changed = [not torch.equal(a, b) for a, b in zip(before, step.objective.parameters(),
                                                      strict=True)]
     assert any(changed[:len(list(student.parameters()))])  # the student trained
-    if mode == "ibd":  # and so did the attention module
+    if distils_taps:  # and so did the attention module
         assert any(changed[len(list(student.parameters())):])

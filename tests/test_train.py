@@ -21,7 +21,7 @@ from fastibd.models.checkpoint import atomic_save, model_checkpoint
 from fastibd.run_dir import read_metrics
 from fastibd.train import main
 from fastibd.train.settings import RECIPES, load_settings
-from tests.conftest import ONE_THREAD, REPO, cli_error, data_args
+from tests.conftest import ONE_THREAD, REPO, cli_error, data_args, interrupted_at_step
 
 # Margin of the IBD student's PGD-10 accuracy over the standard student's, on digits val
 # (measured, seed 0, on the 2-core development CPU: 68.9% vs 43.1%; README).
@@ -77,27 +77,6 @@ def killed_after_first_epoch(args: list[str], out: Path) -> int:
         time.sleep(0.05)
     process.kill()
     return process.wait(timeout=300)
-
-
-def interrupted_at_step(args: list[str], out: Path, step: int,
-                        monkeypatch: pytest.MonkeyPatch) -> int:
-    """Run in this process and send it a real SIGINT during its `step`-th training step,
-    as Ctrl-C would; the exit code."""
-    from fastibd.method.step import TrainingStep
-
-    calls = 0
-    real_step = TrainingStep.__call__
-
-    def step_then_interrupt(self, x, y):
-        nonlocal calls
-        calls += 1
-        if calls == step:
-            os.kill(os.getpid(), signal.SIGINT)  # handled by the trainer: stop and save
-        return real_step(self, x, y)
-
-    with monkeypatch.context() as patch:
-        patch.setattr(TrainingStep, "__call__", step_then_interrupt)
-        return main([*args, f"--training.out_dir={out}"])
 
 
 @pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGINT])

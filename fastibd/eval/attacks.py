@@ -1,5 +1,6 @@
 """Evaluation-time Linf attacks: FGSM, PGD-k (cross-entropy) and CW-inf-k (margin loss) with
-restarts, and AutoAttack / APGD / Square through pyautoattack.
+restarts, AutoAttack / APGD / Square through pyautoattack, and two black-box ones: SPSA
+(gradient-free, from the model's logits only) and transfer (examples crafted on another model).
 
 fastibd.method.attacks makes training examples; the attacks here answer, for every example, "is it
 still classified correctly under this attack?". Conventions (docs/method.md):
@@ -27,12 +28,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fastibd.method.attacks import attack_start, check_budget, eval_mode, sign_ascent
+from fastibd.method.attacks import attack_start, check_budget, eval_mode, project, sign_ascent
+from fastibd.seeding import derived_seed
 
 LOSSES = ("ce", "cw")
 AUTOATTACK_NAMES = ("aa", "aa-apgd", "square")
 AA_TARGET_CLASSES = 9  # AutoAttack standard: APGD-T and FAB-T try the 9 most likely targets
 SQUARE_QUERIES = 5000  # AutoAttack standard
+# SPSA as in Uesato et al. 2018 and the IBD paper's Table 3: 128 random directions per
+# iteration (each queried at +delta and -delta), delta 0.01, 10 iterations, Adam with lr 0.01.
+SPSA_SAMPLES, SPSA_DELTA, SPSA_ITERS, SPSA_LR = 128, 0.01, 10, 0.01
+SPSA_BATCH = 16384  # model inputs per SPSA forward pass (fewer after CUDA runs out of memory)
+SPSA_STREAM = 0x5B5A  # SPSA's own random stream, apart from the PGD restarts' (derived_seed)
 
 
 @dataclass
@@ -161,6 +168,138 @@ def zero_gradient(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
 def fgsm(model: nn.Module, x: Tensor, y: Tensor, eps: float) -> AttackResult:
     """FGSM (Goodfellow et al.): one signed cross-entropy step of size eps from x itself."""
     return pgd(model, x, y, eps, step_size=eps, steps=1, loss="ce", random_start=False)
+
+
+# ------------------------------------------------------------------------- black-box
+
+
+def transfer(model: nn.Module, x: Tensor, y: Tensor, x_crafted: Tensor) -> AttackResult:
+    """Score examples crafted on another model (a surrogate) on `model`.
+
+    correct: `model` classifies both the clean x and x_crafted correctly. The clean image
+    counts as a point the attack visited, as in every attack here, so a transfer attack never
+    scores above clean and, crafted on `model` itself, equals the white-box attack exactly.
+    x_adv: x_crafted, except x itself where only the clean image is misclassified."""
+    x, x_crafted = x.detach(), x_crafted.detach()
+    clean, crafted = predict(model, x) == y, predict(model, x_crafted) == y
+    x_adv = torch.where((~clean & crafted).view(-1, *[1] * (x.dim() - 1)), x, x_crafted)
+    return AttackResult(x_adv, clean & crafted)
+
+
+def spsa_generator(seed: int, device: torch.device) -> torch.Generator:
+    """SPSA's random start and directions: its own stream, reproducible from the seed."""
+    return torch.Generator(device=device).manual_seed(derived_seed(seed, SPSA_STREAM))
+
+
+def spsa(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    eps: float,
+    samples: int = SPSA_SAMPLES,
+    delta: float = SPSA_DELTA,
+    iters: int = SPSA_ITERS,
+    lr: float = SPSA_LR,
+    seed: int = 0,
+    max_batch: int = SPSA_BATCH,
+) -> AttackResult:
+    """Linf SPSA (Uesato et al. 2018, "Adversarial Risk and the Dangers of Evaluating Against
+    Weak Attacks"): a gradient-free attack that sees only the logits.
+
+    Follows cleverhans' `spsa` (torch and TF versions) and advertorch's / torchattacks'
+    `LinfSPSAAttack`: a uniform random start in the eps-ball (cleverhans), then `iters`
+    iterations of Adam (lr `lr`) ascending the CW margin along the SPSA estimate of its
+    gradient (`spsa_gradient`: `samples` Rademacher directions, each queried at +-delta, so
+    2 * samples queries per example and iteration), each iterate projected onto the eps-ball
+    and [0, 1]. Every example of the batch is attacked at once (Adam is elementwise, so this is
+    the per-example attack of the references); the queries of all of them go through the model
+    together, `max_batch` inputs per forward pass at most (halved when CUDA runs out of
+    memory). Bookkeeping as PGD's: broken if the clean image, the start or any iterate is
+    misclassified; correct_by_step row k: correct under the first k iterations. The start and
+    directions come from `spsa_generator(seed)`, one direction for every example per draw, so
+    that they do not depend on `max_batch`.
+    """
+    check_budget(eps, positive=True)
+    if samples < 1 or iters < 1 or max_batch < 1:
+        raise ValueError(f"samples, iters and max_batch must be >= 1, got {samples}, {iters}, "
+                         f"{max_batch}")
+    if delta <= 0 or lr <= 0:
+        raise ValueError(f"delta and lr must be > 0, got {delta}, {lr}")
+    x, y = x.detach(), y.detach()
+    generator = spsa_generator(seed, x.device)
+    pieces = _Pieces(max_batch, len(x), samples)
+    with eval_mode(model), torch.no_grad():
+        tally = _Tally(x, y, predict(model, x) == y, iters)
+        tally.new_restart()
+        x_adv = attack_start(x, eps, "uniform", generator)
+        perturbation = x_adv - x  # what Adam moves (the references' parameter)
+        optimizer = torch.optim.Adam([perturbation], lr=lr)
+        tally.visit(x_adv, model(x_adv))
+        for _ in range(iters):
+            # Adam descends: give it the estimated gradient of the negated margin
+            perturbation.grad = -spsa_gradient(model, x_adv, y, samples, delta, generator,
+                                               pieces)
+            optimizer.step()
+            x_adv = project(x + perturbation, x, eps)
+            perturbation.copy_(x_adv - x)
+            tally.visit(x_adv, model(x_adv))
+        tally.keep_unbroken(x_adv)
+    return AttackResult(tally.best, tally.correct, tally.by_step)
+
+
+def spsa_gradient(model: nn.Module, x: Tensor, y: Tensor, samples: int, delta: float,
+                  generator: torch.Generator, pieces: _Pieces | None = None) -> Tensor:
+    """SPSA estimate of the gradient of the CW margin at x [B, C, H, W], per example: the mean
+    over `samples` directions v in {-1, +1}^d of (m(x + delta v) - m(x - delta v)) / (2 delta) v.
+    The queries are not clipped to [0, 1], as in the references (clipping would bias the
+    estimate at saturated pixels); only the iterates must be valid images."""
+    if pieces is None:
+        pieces = _Pieces(SPSA_BATCH, len(x), samples)
+    total, drawn = torch.zeros_like(x, dtype=torch.float32), 0
+    while drawn < samples:
+        # one direction for each example per draw: the stream does not depend on the grouping
+        v = torch.stack([_rademacher(x, generator) for _ in range(min(pieces.samples,
+                                                                       samples - drawn))])
+        drawn += len(v)
+        slopes = pieces.map(lambda part: _margin_slopes(model, x, y, part, delta), v)
+        total += torch.einsum("kb,kb...->b...", slopes, v.float())
+    return (total / samples).to(x.dtype)
+
+
+def _rademacher(x: Tensor, generator: torch.Generator) -> Tensor:
+    """Random signs of x's shape, dtype and device."""
+    bits = torch.randint(0, 2, x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    return 2 * bits - 1
+
+
+def _margin_slopes(model: nn.Module, x: Tensor, y: Tensor, v: Tensor, delta: float) -> Tensor:
+    """[k, B]: (m(x + delta v_i) - m(x - delta v_i)) / (2 delta) for directions v [k, B, ...],
+    all 2 k B queries in one forward pass."""
+    k = len(v)
+    queries = torch.cat([x + delta * v, x - delta * v]).flatten(0, 1)
+    margins = margin_loss(model(queries), y.repeat(2 * k)).view(2, k, len(x))
+    return (margins[0] - margins[1]) / (2 * delta)
+
+
+class _Pieces:
+    """How many SPSA directions (each one query pair per example) go into one forward pass:
+    all `samples` where `max_batch` model inputs allow, halved each time CUDA runs out of
+    memory."""
+
+    def __init__(self, max_batch: int, batch: int, samples: int) -> None:
+        self.samples = max(1, min(samples, max_batch // (2 * batch)))
+
+    def map(self, fn: Callable[[Tensor], Tensor], v: Tensor) -> Tensor:
+        """torch.cat of fn over v's directions, self.samples of them at a time."""
+        while True:
+            try:
+                return torch.cat([fn(part) for part in v.split(self.samples)])
+            except torch.OutOfMemoryError:
+                if self.samples == 1:
+                    raise
+            # out of the except block, so that the failed attempt's tensors are freed
+            self.samples //= 2
+            torch.cuda.empty_cache()
 
 
 # ------------------------------------------------------------------------- pyautoattack

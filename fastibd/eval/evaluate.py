@@ -1,15 +1,18 @@
 """Robustness report of a classifier: `python -m fastibd.evaluate --ckpt PATH --data VAL.beton`.
 
-Runs clean, FGSM, PGD-k, CW-inf-k, AutoAttack (and its cheaper or black-box parts) on the
-first N validation images, keeps every example's correctness under every attack, and reports
-each attack alone and the ensemble "robust accuracy" (correct under every attack run). Checks
-that flag gradient masking are printed and saved with the numbers:
+Runs clean, FGSM, PGD-k, CW-inf-k, AutoAttack (and its cheaper or black-box parts), and the
+black-box SPSA and transfer attacks (crafted on a --surrogate model) on the first N validation
+images, keeps every example's correctness under every attack, and reports each attack alone
+and the ensemble "robust accuracy" (correct under every attack run). Checks that flag gradient
+masking are printed and saved with the numbers:
   - accuracy must not rise with a stronger attack (aa <= pgd100 <= pgd20 <= fgsm <= clean);
   - PGD at a huge eps (0.5) must reach ~0% on a slice of the images;
-  - the black-box Square attack must not beat the white-box attacks.
+  - no black-box attack (square, spsa, transfer-*) may beat the white-box attacks.
 
     python -m fastibd.evaluate --ckpt runs/cifar/best.pt --data data/cifar10/val.beton \\
         --attacks clean,pgd20,cw100,aa --n 1000 --out report.json
+    python -m fastibd.evaluate --ckpt runs/cifar/best.pt --data data/cifar10/val.beton \\
+        --attacks clean,transfer-fgsm,transfer-pgd100,spsa,square --surrogate other/best.pt
 
 Models take [0, 1] images and normalize inside, so eps is always in pixel space.
 """
@@ -35,6 +38,7 @@ from fastibd.cli import ArgumentParser, bounded, parse_budget
 from fastibd.data import LoaderOptions, dataset_labels, dataset_resolution, first_examples
 from fastibd.device import resolve_device
 from fastibd.errors import UserError, exit_on_user_error
+from fastibd.eval import attacks as eval_attacks
 from fastibd.eval.robustness import (
     ATTACK_HELP,
     HUGE_EPS_MAX_ACCURACY,
@@ -44,6 +48,7 @@ from fastibd.eval.robustness import (
     attack_family,
     attack_settings,
     huge_eps_check,
+    needs_surrogate,
     parse_attacks,
     run_attacks,
     sanity_flags,
@@ -143,7 +148,10 @@ def build_report(results: Results, settings: Settings, huge: HugeEpsCheck | None
 DESCRIPTIONS = {"clean": "no attack", "fgsm": "one step of eps, cross-entropy",
                 "pgd": "cross-entropy, random start", "cw": "CW margin, random start",
                 "aa": "AutoAttack standard (APGD-CE, APGD-T, FAB-T, Square)",
-                "aa-apgd": "APGD-CE + APGD-T", "square": "black-box, score-based"}
+                "aa-apgd": "APGD-CE + APGD-T", "square": "black-box, score-based",
+                "spsa": "black-box, SPSA gradient estimate + Adam, CW margin",
+                "transfer-fgsm": "FGSM crafted on the surrogate",
+                "transfer-pgd": "PGD crafted on the surrogate (cross-entropy, random start)"}
 
 
 def format_table(report: dict[str, Any]) -> str:
@@ -162,18 +170,21 @@ def format_table(report: dict[str, Any]) -> str:
         f"{config['step_size']:.5f} ({over_255(config['step_size'])}), restarts "
         f"{config['restarts']}, seed {config['seed']}, {config['precision']} on "
         f"{report['environment']['device']}, batch {config['batch_size']}",
+        *black_box_lines(report),
         "",
-        f"{'attack':<10} {'accuracy':>9} {'correct':>13} {'time':>10} {'img/s':>9}   what",
     ]
+    width = max(10, *map(len, report["attacks"]))  # transfer-pgd100 is longer than pgd100
+    lines.append(f"{'attack':<{width}} {'accuracy':>9} {'correct':>13} {'time':>10} "
+                 f"{'img/s':>9}   what")
     for name, row in report["attacks"].items():
         fraction = f"{row['correct']}/{row['n']}"
         rate = "" if row["examples_per_s"] is None else f"{row['examples_per_s']:.1f}"
-        lines.append(f"{name:<10} {row['accuracy'] * 100:8.2f}% {fraction:>13} "
+        lines.append(f"{name:<{width}} {row['accuracy'] * 100:8.2f}% {fraction:>13} "
                      f"{row['time_s']:8.1f} s {rate:>9}   "
                      f"{DESCRIPTIONS[attack_family(name)[0]]}")
     robust = report["robust"]
     fraction = f"{robust['correct']}/{robust['n']}"
-    lines.append(f"{'robust':<10} {robust['accuracy'] * 100:8.2f}% {fraction:>13} "
+    lines.append(f"{'robust':<{width}} {robust['accuracy'] * 100:8.2f}% {fraction:>13} "
                  f"{'':>10} {'':>9}   correct under every attack above")
     huge = report["sanity"]["huge_eps"]
     lines.append("")
@@ -194,6 +205,25 @@ def format_table(report: dict[str, Any]) -> str:
         lines.append(f"autoattack  {warning.splitlines()[0]}")
     lines.append(f"total       {report['time_s']:.1f} s")
     return "\n".join(lines)
+
+
+def black_box_lines(report: dict[str, Any]) -> list[str]:
+    """The set-up of the black-box attacks run: the surrogate, SPSA's settings."""
+    lines = []
+    surrogate = report.get("surrogate")
+    if surrogate is not None:
+        spec = surrogate["model"]
+        lines.append(f"surrogate   {surrogate['path']}  (sha256 {surrogate['sha256'][:12]}), "
+                     f"{spec['arch']}, width {spec['width_mult']}, normalization "
+                     f"{spec['normalization']}")
+    spsa = report["attacks"].get("spsa")
+    if spsa is not None:
+        config = spsa["settings"]
+        lines.append(f"spsa        {config['samples']} directions "
+                     f"({config['queries_per_iteration']} queries) per iteration, "
+                     f"{config['iterations']} iterations, delta {config['delta']}, Adam lr "
+                     f"{config['lr']}")
+    return lines
 
 
 # ----------------------------------------------------------------------------- data + model
@@ -253,6 +283,43 @@ def check_resolution(spec: ModelSpec, pipeline: str, data: Path, asked: int | No
                            "allowed by --allow-resolution-change"}]
 
 
+def wanted_surrogate(attacks: list[str], surrogate: Path | None) -> bool:
+    """Whether to load --surrogate: a transfer attack without one is refused before any work,
+    a surrogate no attack uses is not loaded (with a note)."""
+    transfer = [name for name in attacks if needs_surrogate(name)]
+    if transfer and surrogate is None:
+        raise UserError(f"{', '.join(transfer)} craft{'s' if len(transfer) == 1 else ''} "
+                        "examples on a surrogate model: pass --surrogate PATH (a checkpoint in "
+                        "any format --ckpt takes)")
+    if surrogate is not None and not transfer:
+        print(f"note: no transfer attack asked for; --surrogate {surrogate} is not used",
+              file=sys.stderr)
+    return bool(transfer)
+
+
+def load_surrogate(args: argparse.Namespace, device: torch.device, labels: np.ndarray,
+                   pipeline: str, resolution: int) -> tuple[TappedModel, dict[str, Any],
+                                                             list[dict[str, str]]]:
+    """The surrogate model, what the report says about it, and its set-up flags. It must
+    predict every label and take the images the evaluated model is fed (as --ckpt must)."""
+    loaded = load_checkpoint(args.surrogate_arch, args.surrogate, args.surrogate_format,
+                             width_mult=args.surrogate_width_mult,
+                             trust_pickle=args.trust_pickle, device=device)
+    for note in loaded.notes:
+        print(f"warning: surrogate: {note}", file=sys.stderr)
+    model = loaded.model.to(memory_format=torch.channels_last)
+    check_classes(labels, model.spec.num_classes, args.data, args.surrogate)
+    # `resolution`: what the evaluated model is fed, so the surrogate is fed the same
+    _, trained_at, flags = check_resolution(model.spec, pipeline, args.data, resolution,
+                                            args.allow_resolution_change, args.surrogate)
+    flags = [{"check": "surrogate_resolution", "message": f"surrogate: {flag['message']}"}
+             for flag in flags]
+    about = {"path": args.surrogate.resolve(), "sha256": sha256(args.surrogate),
+             "bytes": args.surrogate.stat().st_size, "format": loaded.format,
+             "model": asdict(model.spec) | {"trained_resolution": trained_at}}
+    return model, about, flags
+
+
 def normalization_probe(model: TappedModel, x: Tensor, y: Tensor, batch_size: int,
                         device: torch.device) -> tuple[dict[str, float], list[dict[str, str]]]:
     """Clean accuracy on (x, y) with the model's normalization and with every other named
@@ -290,7 +357,17 @@ def build_parser() -> ArgumentParser:
                         help="channel multiplier of a foreign checkpoint's architecture")
     parser.add_argument("--trust-pickle", action="store_true",
                         help="allow full-pickle checkpoints, whole pickled models included "
-                             "(they can run code)")
+                             "(they can run code); for --ckpt and --surrogate")
+    parser.add_argument("--surrogate", type=Path, default=None,
+                        help="checkpoint the transfer-* attacks craft their examples on (any "
+                             "format --ckpt takes; its normalization from the file, else the "
+                             "architecture's convention)")
+    parser.add_argument("--surrogate-arch", choices=sorted(ARCHITECTURES), default=None,
+                        help="the surrogate's architecture (needed unless it is fastibd's)")
+    parser.add_argument("--surrogate-format", choices=FORMATS, default="auto",
+                        help="the surrogate's checkpoint layout")
+    parser.add_argument("--surrogate-width-mult", type=bounded(float, 1e-3, 64), default=1.0,
+                        help="channel multiplier of a foreign surrogate's architecture")
     parser.add_argument("--attacks", type=parse_attacks, default=parse_attacks(DEFAULT_ATTACKS),
                         metavar="LIST", help=ATTACK_HELP)
     parser.add_argument("--eps", type=parse_budget, default=8 / 255,
@@ -299,8 +376,21 @@ def build_parser() -> ArgumentParser:
                         help="PGD / CW step size")
     parser.add_argument("--restarts", type=bounded(int, 1), default=1,
                         help="PGD / CW random restarts (worst case per example)")
-    parser.add_argument("--square-queries", type=bounded(int, 1), default=5000,
+    parser.add_argument("--square-queries", type=bounded(int, 1),
+                        default=eval_attacks.SQUARE_QUERIES,
                         help="queries of the Square attack (aa uses it too)")
+    parser.add_argument("--spsa-samples", type=bounded(int, 1), default=eval_attacks.SPSA_SAMPLES,
+                        help="SPSA: random directions per iteration (each queried at +-delta)")
+    parser.add_argument("--spsa-delta", type=bounded(float, 1e-6, 1),
+                        default=eval_attacks.SPSA_DELTA,
+                        help="SPSA: finite-difference step in pixel space")
+    parser.add_argument("--spsa-iters", type=bounded(int, 1), default=eval_attacks.SPSA_ITERS,
+                        help="SPSA: iterations (Adam steps)")
+    parser.add_argument("--spsa-lr", type=bounded(float, 1e-6, 1), default=eval_attacks.SPSA_LR,
+                        help="SPSA: Adam's learning rate")
+    parser.add_argument("--spsa-batch", type=bounded(int, 1), default=eval_attacks.SPSA_BATCH,
+                        help="SPSA: model inputs per forward pass at most (halved when CUDA "
+                             "runs out of memory; the results do not depend on it)")
     parser.add_argument("--n", type=bounded(int, 1), default=None,
                         help="evaluate the first N examples (default: all)")
     parser.add_argument("--batch-size", type=bounded(int, 1), default=256)
@@ -329,6 +419,7 @@ def build_parser() -> ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     started = time.perf_counter()
+    transfer = wanted_surrogate(args.attacks, args.surrogate)
     check_writable(args.out)  # before the attacks, not after hours of them
     device = resolve_device(args.device, "--device")
     labels = dataset_labels(args.data)  # cheap: fail on bad data before loading anything big
@@ -353,17 +444,27 @@ def main(argv: list[str] | None = None) -> int:
     if loaded.normalization_override:
         setup_flags.append({"check": "normalization_override",
                             "message": loaded.normalization_override})
+    surrogate: nn.Module | None = None
+    surrogate_about: dict[str, Any] | None = None
+    if transfer:
+        surrogate, surrogate_about, surrogate_flags = load_surrogate(args, device, labels,
+                                                                     pipeline, resolution)
+        setup_flags += surrogate_flags
     attacked: nn.Module = model
     if args.precision == "bf16":
         attacked = Autocast(model, torch.bfloat16)
+        if surrogate is not None:  # crafted in the precision the attacks run in
+            surrogate = Autocast(surrogate, torch.bfloat16)
 
     torch.manual_seed(args.seed)
     settings = Settings(args.eps, args.step_size, args.restarts, args.seed, num_classes,
-                        args.square_queries)
+                        args.square_queries, args.spsa_samples, args.spsa_delta,
+                        args.spsa_iters, args.spsa_lr, args.spsa_batch)
     batches = first_examples(args.data, pipeline, n, args.batch_size, device, resolution,
                              args.workers)
     results, kept = run_attacks(attacked, batches, args.attacks, settings, total=n,
-                                progress=not args.no_progress, keep=args.sanity_n)
+                                progress=not args.no_progress, keep=args.sanity_n,
+                                surrogate=surrogate)
     huge = probe = None
     if args.sanity_n and kept is not None:
         huge = huge_eps_check(attacked, *kept, seed=args.seed, device=device,
@@ -389,6 +490,7 @@ def main(argv: list[str] | None = None) -> int:
                        "bytes": args.ckpt.stat().st_size},
         "model": asdict(spec) | {"trained_resolution": trained_at,
                                  "recorded": loaded.recorded},
+        "surrogate": surrogate_about,
         "data": {"path": args.data.resolve(), "num_examples": results.n,
                  "dataset_size": len(labels), "num_classes": num_classes,
                  "resolution": resolution,

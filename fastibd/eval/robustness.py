@@ -1,5 +1,6 @@
 """Robust accuracy, example by example: run a list of attacks (clean, FGSM, PGD-k, CW-k,
-AutoAttack and its parts) over batches, and the checks that flag gradient masking.
+AutoAttack and its parts, and the black-box SPSA, Square and transfer from a surrogate model)
+over batches, and the checks that flag gradient masking.
 `fastibd.evaluate` reports with it; the trainer picks its best checkpoint with the same
 PGD (fastibd.train.trainer)."""
 
@@ -23,10 +24,14 @@ from fastibd.device import synchronize
 from fastibd.eval import attacks as eval_attacks
 from fastibd.seeding import derived_seed
 
-ATTACK_NAME = re.compile(r"^(clean|fgsm|aa|aa-apgd|square|(pgd|cw)([1-9]\d*))$")
+ATTACK_NAME = re.compile(
+    r"^(clean|fgsm|aa|aa-apgd|square|spsa|transfer-fgsm|(pgd|cw|transfer-pgd)([1-9]\d*))$")
 ATTACK_HELP = ("clean, fgsm, pgdK (PGD-K, cross-entropy), cwK (PGD-K on the CW margin), aa "
-               "(AutoAttack standard), aa-apgd (APGD-CE + APGD-T), square (black-box)")
+               "(AutoAttack standard), aa-apgd (APGD-CE + APGD-T), and black-box: square, spsa, "
+               "transfer-fgsm, transfer-pgdK (FGSM / PGD-K crafted on --surrogate)")
 WHITE_BOX = ("fgsm", "pgd", "cw", "aa-apgd")
+TRANSFER = "transfer-"  # transfer-NAME: the white-box NAME run on a surrogate model
+BLACK_BOX = ("square", "spsa", "transfer-fgsm", "transfer-pgd")  # compared with WHITE_BOX
 CE_ATTACKS = ("fgsm", "pgd")  # follow the cross-entropy's gradient
 MARGIN_ATTACKS = ("cw", "aa-apgd", "aa")  # margin losses (CW, APGD-DLR/T), or AutoAttack
 HUGE_EPS, HUGE_STEPS, HUGE_STEP_SIZE = 0.5, 20, 0.05
@@ -55,13 +60,19 @@ def parse_attacks(text: str) -> list[str]:
 
 
 def attack_family(name: str) -> tuple[str, int]:
-    """('pgd', 20) for 'pgd20', ('cw', 100) for 'cw100', (name, 0) for the others."""
+    """('pgd', 20) for 'pgd20', ('cw', 100) for 'cw100', ('transfer-pgd', 100) for
+    'transfer-pgd100', (name, 0) for the others."""
     match = ATTACK_NAME.match(name)
     if match is None:
         raise ValueError(f"unknown attack {name!r}")
     if match.group(2):
         return match.group(2), int(match.group(3))
     return name, 0
+
+
+def needs_surrogate(name: str) -> bool:
+    """Whether `name` crafts its examples on a surrogate model (a transfer attack)."""
+    return name.startswith(TRANSFER)
 
 
 @dataclass(frozen=True)
@@ -74,6 +85,11 @@ class Settings:
     seed: int = 0
     num_classes: int = 10
     square_queries: int = eval_attacks.SQUARE_QUERIES
+    spsa_samples: int = eval_attacks.SPSA_SAMPLES
+    spsa_delta: float = eval_attacks.SPSA_DELTA
+    spsa_iters: int = eval_attacks.SPSA_ITERS
+    spsa_lr: float = eval_attacks.SPSA_LR
+    spsa_batch: int = eval_attacks.SPSA_BATCH  # inputs per forward; results don't depend on it
 
 
 def attack_settings(name: str, settings: Settings) -> dict[str, Any]:
@@ -81,6 +97,18 @@ def attack_settings(name: str, settings: Settings) -> dict[str, Any]:
     family, steps = attack_family(name)
     if family == "clean":
         return {"kind": "clean"}
+    if needs_surrogate(name):
+        crafted = name.removeprefix(TRANSFER)
+        return {"kind": "transfer", "crafted_on": "surrogate", "crafted_with": crafted,
+                "craft": attack_settings(crafted, settings),
+                "correct": "the evaluated model classifies the clean and the crafted example "
+                           "correctly"}
+    if family == "spsa":
+        return {"kind": "black-box", "attacks": ["spsa"], "loss": "cw-margin",
+                "samples": settings.spsa_samples,
+                "queries_per_iteration": 2 * settings.spsa_samples, "delta": settings.spsa_delta,
+                "iterations": settings.spsa_iters, "optimizer": "adam", "lr": settings.spsa_lr,
+                "random_start": True}
     if family == "fgsm":
         return {"kind": "white-box", "loss": "ce", "steps": 1, "step_size": settings.eps,
                 "random_start": False}
@@ -101,21 +129,40 @@ def attack_settings(name: str, settings: Settings) -> dict[str, Any]:
 
 
 def run_attack(model: nn.Module, name: str, x: Tensor, y: Tensor, settings: Settings,
-               seed: int, warnings: set[str] | None = None) -> Tensor:
+               seed: int, warnings: set[str] | None = None,
+               surrogate: nn.Module | None = None) -> Tensor:
     """bool [B]: which examples `name` leaves correctly classified."""
+    return attack(model, name, x, y, settings, seed, warnings, surrogate).correct
+
+
+def attack(model: nn.Module, name: str, x: Tensor, y: Tensor, settings: Settings, seed: int,
+           warnings: set[str] | None = None, surrogate: nn.Module | None = None
+           ) -> eval_attacks.AttackResult:
+    """What `name` finds on the batch (x, y) with the batch's `seed`. A transfer attack runs
+    its white-box attack on `surrogate`, with the same seed (so with the model itself as
+    the surrogate it finds what the white-box attack finds), and scores the result on
+    `model`."""
     family, steps = attack_family(name)
+    if needs_surrogate(name):
+        if surrogate is None:
+            raise ValueError(f"{name} crafts its examples on a surrogate model: pass one")
+        crafted = attack(surrogate, name.removeprefix(TRANSFER), x, y, settings, seed)
+        return eval_attacks.transfer(model, x, y, crafted.x_adv)
     if family == "clean":
-        return eval_attacks.predict(model, x) == y
+        return eval_attacks.AttackResult(x, eval_attacks.predict(model, x) == y)
     if family == "fgsm":
-        return eval_attacks.fgsm(model, x, y, settings.eps).correct
+        return eval_attacks.fgsm(model, x, y, settings.eps)
     if family in ("pgd", "cw"):
         return eval_attacks.pgd(model, x, y, settings.eps, settings.step_size, steps,
                                 loss="ce" if family == "pgd" else "cw",
-                                restarts=settings.restarts, seed=seed).correct
+                                restarts=settings.restarts, seed=seed)
+    if family == "spsa":
+        return eval_attacks.spsa(model, x, y, settings.eps, settings.spsa_samples,
+                                 settings.spsa_delta, settings.spsa_iters, settings.spsa_lr,
+                                 seed=seed, max_batch=settings.spsa_batch)
     return eval_attacks.autoattack(model, x, y, settings.eps, family, seed=seed,
                                    num_classes=settings.num_classes,
-                                   square_queries=settings.square_queries,
-                                   warnings=warnings).correct
+                                   square_queries=settings.square_queries, warnings=warnings)
 
 
 @dataclass
@@ -161,11 +208,17 @@ def run_attacks(
     total: int | None = None,
     progress: bool = True,
     keep: int = 0,
+    surrogate: nn.Module | None = None,
 ) -> tuple[Results, tuple[Tensor, Tensor] | None]:
     """Run every attack on every batch; also return the first `keep` examples (for checks).
+    `surrogate`: the model transfer attacks craft their examples on.
 
     "clean" is always run first (the ensemble is taken over clean and every attack)."""
     names = ["clean", *[a for a in attacks if a != "clean"]]
+    transfer = [name for name in names if needs_surrogate(name)]
+    if transfer and surrogate is None:  # before any work, not after hours of it
+        raise ValueError(f"{', '.join(transfer)} craft their examples on a surrogate model: "
+                         "pass surrogate=")
     results = Results(names, seconds=dict.fromkeys(names, 0.0))
     parts: dict[str, list[Tensor]] = {name: [] for name in names}
     zero_parts: list[Tensor] = []
@@ -182,7 +235,8 @@ def run_attacks(
             bar.set_description(name)
             synchronize(x.device)
             start = time.perf_counter()
-            correct = run_attack(model, name, x, y, settings, seed, results.warnings)
+            correct = run_attack(model, name, x, y, settings, seed, results.warnings,
+                                 surrogate)
             synchronize(x.device)
             results.seconds[name] += time.perf_counter() - start
             parts[name].append(correct.cpu())
@@ -289,15 +343,23 @@ def sanity_flags(results: Results, huge: HugeEpsCheck | None, num_classes: int,
              "correct (expected ~0%): the gradients do not lead to adversarial examples "
              "(gradient masking, or a model that ignores its input)")
     white = [a for a in results.attacks if attack_family(a)[0] in WHITE_BOX]
-    if "square" in results.attacks and white:
+    black = [a for a in results.attacks if attack_family(a)[0] in BLACK_BOX]
+    if black and white:
         best = min(white, key=lambda a: count[a])
-        if count["square"] < count[best]:
-            flag("black_box", f"the black-box square attack ({pct('square')}) beats the best "
-                 f"white-box attack {best} ({pct(best)}): gradient masking is likely")
+        beating = [a for a in black if count[a] < count[best]]
+        if beating:
+            which = ", ".join(f"{a} ({pct(a)})" for a in beating)
+            verb = "attack {} beats" if len(beating) == 1 else "attacks {} beat"
+            flag("black_box", f"the black-box {verb.format(which)} the best white-box attack "
+                 f"{best} ({pct(best)}): gradient masking is likely")
     flags += _loss_masking_flags(results, count)
     if results.n:
         clean, bound = count["clean"] / n, chance_bound(results.n, num_classes)
-        if clean < bound:
+        if clean < bound and bound > 1:  # too few examples for any score to count
+            flag("chance", f"on {results.n} examples even a perfect score could come from "
+                 f"guessing (chance {1 / num_classes:.2%}, one run in a million): evaluate more "
+                 "examples to tell the model from chance")
+        elif clean < bound:
             flag("chance", f"clean accuracy {pct('clean')} on {results.n} examples cannot be "
                  f"told from guessing (chance {1 / num_classes:.2%}; guessing stays below "
                  f"{bound:.2%} but for one run in a million): wrong checkpoint, wrong data, or "

@@ -208,8 +208,9 @@ def _upcast(t: Tensor) -> Tensor:
 
 
 def soft_labels(teacher_logits: Tensor, temperature: float = 1.0) -> Tensor:
-    """Teacher soft label [B, K] = softmax(teacher_logits / T), in fp32, detached."""
-    return F.softmax(teacher_logits.detach().float() / temperature, dim=1)
+    """Teacher soft label [B, K] = softmax(teacher_logits / T), in fp32 (float64 stays),
+    detached."""
+    return F.softmax(_upcast(teacher_logits.detach()) / temperature, dim=1)
 
 
 def soft_label_kl(
@@ -222,8 +223,8 @@ def soft_label_kl(
     so gradient magnitudes do not shrink as 1/T^2; at T = 1 it is exactly the code's value.
     Computed in fp32.
     """
-    log_p = F.log_softmax(student_logits.float() / temperature, dim=1)
-    kl = F.kl_div(log_p, teacher_probs.float(), reduction="batchmean")
+    log_p = F.log_softmax(_upcast(student_logits) / temperature, dim=1)
+    kl = F.kl_div(log_p, _upcast(teacher_probs), reduction="batchmean")
     return kl * temperature**2 if temperature != 1.0 else kl
 
 
@@ -268,7 +269,7 @@ def ibd_loss(
     if feat_loss is not None:
         parts["feat"] = feat_loss
         if beta != 0.0:
-            total = total + beta * feat_loss.float()
+            total = total + beta * _upcast(feat_loss)
     elif beta != 0.0:
         raise ValueError(f"ibd_loss with beta={beta} needs feat_loss (pass beta=0 for RSLAD)")
     return _output(total, **parts)
@@ -307,7 +308,7 @@ def kd_loss(
         return _output(kl, kl=kl)
     if labels is None:
         raise ValueError(f"kd_loss with ce_weight={ce_weight} needs labels")
-    ce = F.cross_entropy(student_logits.float(), labels)
+    ce = F.cross_entropy(_upcast(student_logits), labels)
     return _output((1.0 - ce_weight) * kl + ce_weight * ce, kl=kl, ce=ce)
 
 
@@ -315,14 +316,13 @@ def trades_loss(s_nat: Tensor, s_adv: Tensor, labels: Tensor, *, beta: float = 6
     """TRADES (Zhang et al. 2019): CE(s_nat, y) + beta * kl_div(log_softmax(s_adv),
     softmax(s_nat), batchmean). As in the TRADES code, s_nat is *not* detached inside the
     KL term: the robustness term also pulls the clean output toward the adversarial one."""
-    ce = F.cross_entropy(s_nat.float(), labels)
-    kl = F.kl_div(
-        F.log_softmax(s_adv.float(), dim=1), F.softmax(s_nat.float(), dim=1), reduction="batchmean"
-    )
+    ce = F.cross_entropy(_upcast(s_nat), labels)
+    kl = F.kl_div(F.log_softmax(_upcast(s_adv), dim=1), F.softmax(_upcast(s_nat), dim=1),
+                  reduction="batchmean")
     return _output(ce + beta * kl, ce=ce, kl=kl)
 
 
 def pgd_at_loss(s_adv: Tensor, labels: Tensor) -> LossOutput:
     """PGD adversarial training (Madry et al. 2018): cross-entropy on adversarial logits."""
-    ce = F.cross_entropy(s_adv.float(), labels)
+    ce = F.cross_entropy(_upcast(s_adv), labels)
     return _output(ce, ce=ce)

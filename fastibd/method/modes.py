@@ -2,13 +2,14 @@
 batch it attacks, and what it minimizes. The configuration's choices, the step, the trainer
 and the benchmarks all read `MODES`.
 
-    ibd      the paper: soft labels on natural and adversarial inputs + feature distillation
-    rslad    RSLAD (Zi et al. 2021): the soft-label terms, with RSLAD's own KL scale
-    kd       knowledge distillation on clean inputs
-    trades   TRADES (Zhang et al. 2019): CE + beta KL to the model's own clean output
-    pgd_at   PGD adversarial training (Madry et al. 2018)
-    fast_at  FGSM from a random start (Wong et al. 2020)
-    standard cross-entropy on clean inputs
+    ibd          the paper: soft labels on natural and adversarial inputs + feature distillation
+    natural_ibd  the paper's "natural" IBD: the same loss on clean inputs only, no attack
+    rslad        RSLAD (Zi et al. 2021): the soft-label terms, with RSLAD's own KL scale
+    kd           knowledge distillation on clean inputs
+    trades       TRADES (Zhang et al. 2019): CE + beta KL to the model's own clean output
+    pgd_at       PGD adversarial training (Madry et al. 2018)
+    fast_at      FGSM from a random start (Wong et al. 2020)
+    standard     cross-entropy on clean inputs
 
 `TrainingObjective` is the module the optimizer, DDP and torch.compile see: it owns the
 student and, for IBD, the feature-distillation attention module, so both train together
@@ -70,15 +71,42 @@ class IBD(Mode):
         return attacks.kl_attack(student, x, teacher_probs, attack, generator)
 
     def loss(self, objective, x, x_adv, y, teacher_probs, teacher_feats):
-        s, student = objective.settings, objective.student
-        s_nat = student(x)
-        if objective.features is not None and s.beta != 0:
-            s_adv, s_feats = student(x_adv, features=True)
-            feat = objective.features(teacher_feats, s_feats)
-        else:
-            s_adv, feat = student(x_adv), None
-        return ibd_loss(s_nat, s_adv, teacher_probs, feat, alpha=s.alpha, beta=s.beta,
-                        temperature=s.temperature)
+        s_nat = objective.student(x)
+        s_adv, feat = _distilled_logits(objective, x_adv, teacher_feats)
+        return _weighted_ibd_loss(objective.settings, s_nat, s_adv, teacher_probs, feat)
+
+
+class NaturalIBD(IBD):
+    """The paper's "natural" IBD: IBD's loss with x_adv = x, no adversarial training. The
+    teacher's soft labels and taps still distil; nothing is attacked."""
+
+    name = "natural_ibd"
+    # Mode's own, not an override returning None: what does not override `adversarial` is
+    # a mode without an attack (fastibd.method.awp reads it so).
+    adversarial = Mode.adversarial
+
+    def loss(self, objective, x, x_adv, y, teacher_probs, teacher_feats):
+        # x_adv = x makes IBD's two student passes the same one: run it once, so the BN
+        # running statistics see the batch once, as in any clean training step.
+        logits, feat = _distilled_logits(objective, x, teacher_feats)
+        return _weighted_ibd_loss(objective.settings, logits, logits, teacher_probs, feat)
+
+
+def _distilled_logits(objective: TrainingObjective, x: Tensor,
+                      teacher_feats: Sequence[Tensor] | None) -> tuple[Tensor, Tensor | None]:
+    """The student's logits on `x`, and the feature loss of its taps against the teacher's
+    when the objective distils them (None otherwise: beta = 0 skips the taps)."""
+    if objective.features is None or objective.settings.beta == 0:
+        return objective.student(x), None
+    logits, s_feats = objective.student(x, features=True)
+    return logits, objective.features(teacher_feats, s_feats)
+
+
+def _weighted_ibd_loss(s: LossSettings, s_nat: Tensor, s_adv: Tensor, teacher_probs: Tensor,
+                       feat: Tensor | None) -> LossOutput:
+    """`ibd_loss` with the weights and temperature of the loss settings."""
+    return ibd_loss(s_nat, s_adv, teacher_probs, feat, alpha=s.alpha, beta=s.beta,
+                    temperature=s.temperature)
 
 
 class RSLAD(Mode):
@@ -137,7 +165,8 @@ class Standard(Mode):
 
 
 MODES: dict[str, Mode] = {mode.name: mode for mode in
-                          (IBD(), RSLAD(), KD(), TRADES(), PGDAT(), FastAT(), Standard())}
+                          (IBD(), NaturalIBD(), RSLAD(), KD(), TRADES(), PGDAT(), FastAT(),
+                           Standard())}
 
 
 @section("loss", "Objective")

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from fastibd.device import Runtime
 from fastibd.method.attacks import AttackSettings
+from fastibd.method.awp import AWPSettings, WeightPerturbation
 from fastibd.method.loss import FeatureDistillation, soft_labels
 from fastibd.method.modes import MODES, LossSettings, Mode, TrainingObjective
 from fastibd.models import TappedModel
@@ -43,6 +44,7 @@ class TrainingStep:
     scheduler: Scheduler | None
     dtype: torch.dtype
     attack_rng: torch.Generator | None
+    awp: WeightPerturbation | None = None  # adversarial weight perturbation, if on
 
     @property
     def student(self) -> nn.Module:
@@ -70,10 +72,14 @@ class TrainingStep:
                                           self.attack_rng)
             if taps_from_adv:
                 with torch.no_grad():
-                    _, teacher_feats = self.teacher(x_adv, features=True)
+                    _, teacher_feats = self.teacher(x if x_adv is None else x_adv, features=True)
+            if self.awp is not None:  # the weights move to w + v for this batch's loss
+                self.awp.perturb(x, x_adv, y, teacher_probs, teacher_feats)
             total, parts = self.forward(x, x_adv, y, teacher_probs, teacher_feats)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(total).backward()
+        if self.awp is not None:  # ... and back to w exactly; the update uses their gradient
+            self.awp.restore()
         self.scaler.step(self.optimizer)
         self.scaler.update()
         if self.scheduler is not None:
@@ -94,13 +100,15 @@ def build_step(student: TappedModel, teacher: TappedModel | None, loss: LossSett
                make_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
                make_scheduler: Callable[[torch.optim.Optimizer], Scheduler] | None = None,
                attack_rng: torch.Generator | None = None, ddp: bool = False,
-               device_ids: list[int] | None = None) -> TrainingStep:
+               device_ids: list[int] | None = None,
+               awp: AWPSettings | None = None) -> TrainingStep:
     """The step of `loss.mode` for `student` (and `teacher`), both already on the runtime's
     device and layout. Builds the feature head when the mode distils taps (sized at
     `resolution`), the objective, its optimizer and schedule; wraps the objective in DDP
     when `ddp` (gradients are then all-reduced by its backward), then compiles when the
     runtime says so. The attack calls its own compiled copy of the student, the teacher its
-    own too: three graphs that each stay the same from step to step."""
+    own too: three graphs that each stay the same from step to step. `awp` with gamma > 0
+    adds adversarial weight perturbation (fastibd.method.awp)."""
     mode = MODES[loss.mode]
     if mode.teacher and teacher is None:
         raise ValueError(f"loss.mode={loss.mode} distils from a teacher; none was given")
@@ -122,5 +130,6 @@ def build_step(student: TappedModel, teacher: TappedModel | None, loss: LossSett
         attack_model = torch.compile(student, mode=runtime.compile_mode)
         if teacher_model is not None:
             teacher_model = torch.compile(teacher_model, mode=runtime.compile_mode)
+    perturbation = WeightPerturbation(objective, awp) if awp is not None and awp.gamma else None
     return TrainingStep(objective, forward, attack_model, teacher_model, mode, loss, attack,
-                        optimizer, scaler, scheduler, runtime.dtype, attack_rng)
+                        optimizer, scaler, scheduler, runtime.dtype, attack_rng, perturbation)

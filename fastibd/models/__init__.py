@@ -17,20 +17,32 @@ from torchvision.models.resnet import BasicBlock, Bottleneck
 from fastibd.config import Flag, Number, Text, option, section
 from fastibd.errors import UserError
 from fastibd.models.base import NORMALIZATIONS, ModelSpec, Stats, TappedModel
-from fastibd.models.cifar_resnet import CifarResNet, PreActResNet
+from fastibd.models.cifar_resnet import RESNET34_BLOCKS, CifarResNet, PreActResNet
 from fastibd.models.imagenet_resnet import ImageNetResNet
 from fastibd.models.wide_resnet import WideResNet
 
-__all__ = ["ARCHITECTURES", "NORMALIZATIONS", "ModelSettings", "ModelSpec", "TappedModel",
-           "build_model", "build_student", "conventional_resolution", "is_imagenet_arch"]
+__all__ = ["ARCHITECTURES", "NORMALIZATIONS", "WIDE_RESNETS", "ModelSettings", "ModelSpec",
+           "TappedModel", "build_model", "build_student", "conventional_resolution",
+           "is_imagenet_arch"]
+
+# name -> (depth, widen factor). One list, because loading a checkpoint needs to know which
+# architectures are WideResNets: their TRADES / AWP files carry the unused `sub_block1`.
+WIDE_RESNETS: dict[str, tuple[int, int]] = {
+    "wrn34_10": (34, 10), "wrn28_10": (28, 10), "wrn34_20": (34, 20), "wrn76_10": (76, 10),
+}
+
+
+def _wide_resnet(depth: int, widen_factor: int) -> Callable[..., TappedModel]:
+    # A closure, not functools.partial: an option may not silently change the depth.
+    return lambda **kw: WideResNet(depth=depth, widen_factor=widen_factor, **kw)
+
 
 # name -> (constructor taking num_classes, normalization, width_mult, **options; input size)
 ARCHITECTURES: dict[str, tuple[Callable[..., TappedModel], int]] = {
     "resnet18": (CifarResNet, 32),
+    "resnet34": (lambda **kw: CifarResNet(blocks=RESNET34_BLOCKS, **kw), 32),
     "preact_resnet18": (PreActResNet, 32),
-    "wrn34_10": (lambda **kw: WideResNet(depth=34, widen_factor=10, **kw), 32),
-    "wrn28_10": (lambda **kw: WideResNet(depth=28, widen_factor=10, **kw), 32),
-    "wrn34_20": (lambda **kw: WideResNet(depth=34, widen_factor=20, **kw), 32),
+    **{name: (_wide_resnet(*shape), 32) for name, shape in WIDE_RESNETS.items()},
     "resnet18_imagenet": (lambda **kw: ImageNetResNet(BasicBlock, (2, 2, 2, 2), **kw), 224),
     "resnet50": (lambda **kw: ImageNetResNet(Bottleneck, (3, 4, 6, 3), **kw), 224),
 }

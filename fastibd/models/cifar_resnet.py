@@ -1,4 +1,4 @@
-"""CIFAR ResNet-18 (3x3 stem, no max-pool) and PreAct ResNet-18.
+"""CIFAR ResNet-18 and ResNet-34 (3x3 stem, no max-pool) and PreAct ResNet-18.
 
 Parameter names follow the CIFAR code the robustness literature shares (RSLAD, IBD,
 pyautoattack's example model): conv1, bn1, layerN.i.{conv1,bn1,conv2,bn2,shortcut}, linear.
@@ -14,6 +14,8 @@ from fastibd.models.base import Stats, TappedModel, run_preact_blocks, scaled
 
 STAGE_WIDTHS = (64, 128, 256, 512)
 STAGE_STRIDES = (1, 2, 2, 2)
+RESNET18_BLOCKS = (2, 2, 2, 2)  # basic blocks per stage
+RESNET34_BLOCKS = (3, 4, 6, 3)
 
 
 class BasicBlock(nn.Module):
@@ -86,7 +88,7 @@ class CifarResNet(TappedModel):
     """ResNet for 32x32 inputs; taps are the outputs of every block (after the final ReLU)."""
 
     def __init__(self, num_classes: int = 10, normalization: str | Stats = "cifar10",
-                 width_mult: float = 1.0, blocks: tuple[int, ...] = (2, 2, 2, 2)) -> None:
+                 width_mult: float = 1.0, blocks: tuple[int, ...] = RESNET18_BLOCKS) -> None:
         super().__init__(normalization)
         stem = scaled(STAGE_WIDTHS[0], width_mult)
         self.conv1 = nn.Conv2d(3, stem, 3, 1, 1, bias=False)
@@ -110,7 +112,7 @@ class PreActResNet(TappedModel):
     taps are the BN+ReLU'd inputs of the next block, and the final BN+ReLU output."""
 
     def __init__(self, num_classes: int = 10, normalization: str | Stats = "cifar10",
-                 width_mult: float = 1.0, blocks: tuple[int, ...] = (2, 2, 2, 2)) -> None:
+                 width_mult: float = 1.0, blocks: tuple[int, ...] = RESNET18_BLOCKS) -> None:
         super().__init__(normalization)
         stem = scaled(STAGE_WIDTHS[0], width_mult)
         self.conv1 = nn.Conv2d(3, stem, 3, 1, 1, bias=False)

@@ -39,6 +39,7 @@ from fastibd.errors import UserError, require_file
 from fastibd.models import (
     ARCHITECTURES,
     NORMALIZATIONS,
+    WIDE_RESNETS,
     TappedModel,
     build_model,
     is_imagenet_arch,
@@ -194,8 +195,7 @@ def load_checkpoint(
         recorded = {key: raw[key] for key in ("holdout", "epoch") if raw.get(key) is not None}
     if arch is None:
         raise UserError(f"say which architecture {path} holds ({', '.join(ARCHITECTURES)})")
-    if arch in ("wrn34_10", "wrn28_10", "wrn34_20") and any(k.startswith("sub_block1.")
-                                                             for k in state):
+    if arch in WIDE_RESNETS and any(k.startswith("sub_block1.") for k in state):
         options.setdefault("sub_block1", True)  # TRADES / AWP files carry this unused block
     num_classes = num_classes if num_classes is not None else _infer_num_classes(state, path)
     normalization, override = _choose_normalization(normalization, stats, arch, path)

@@ -15,6 +15,7 @@ from fastibd import config
 from fastibd.config import Choice, Flag, Integer, Text, option, section
 from fastibd.data.options import DataSettings
 from fastibd.method.attacks import AttackSettings
+from fastibd.method.awp import AWPSettings
 from fastibd.method.modes import LossSettings
 from fastibd.models import ModelSettings
 from fastibd.models.teachers import TeacherSettings
@@ -64,6 +65,7 @@ class Settings:
     teacher: TeacherSettings
     attack: AttackSettings
     loss: LossSettings
+    awp: AWPSettings
     optim: OptimSettings
     training: TrainingSettings
     logging: LoggingSettings

@@ -99,7 +99,8 @@ class Trainer:
             make_scheduler=lambda optimizer: build_scheduler(
                 optimizer, s.optim, s.training.epochs, self.steps_per_epoch),
             attack_rng=attack_rng, ddp=world.distributed,
-            device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
+            device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None,
+            awp=s.awp)
         self.state = TrainState(self.step, s.as_dict(), world.size)
         self.stop_signal: int | None = None
         if world.is_main:
@@ -132,6 +133,8 @@ class Trainer:
     def train_epoch(self) -> dict[str, float]:
         state, device = self.state, self.runtime.device
         self.data.train.set_epoch(state.epoch)  # its order, crops and resolution
+        if self.step.awp is not None:
+            self.step.awp.set_epoch(state.epoch)  # on after awp.warmup epochs
         skip, state.step_in_epoch = state.step_in_epoch, 0
         # Resuming mid-epoch: the metrics carry on from what the stopped part measured (its
         # sums were saved with the state; under DDP rank 0's share of that part).

@@ -1,0 +1,241 @@
+"""Sweeps: the cross product of setting overrides, run as ordinary training runs, collected
+into one table and one figure (the paper's Figure 2: accuracy against alpha and beta).
+
+    python -m fastibd.sweep --cfg cifar10_rn18 --grid loss.alpha=0.7,0.8,0.9 \\
+        --grid loss.beta=0.4,0.8,1.2 [--out runs/sweep] [--dry-run] [--section.key=value ...]
+
+Each combination is a run directory of its own under --out (named by its values), trained by
+`python -m fastibd.train` in this process, one after another (a run uses every GPU the
+trainer sees: `--training.nproc` as usual). A finished run (its metrics.jsonl has the final
+record) is skipped, an unfinished one resumes, so rerunning the same command continues the
+sweep. Every combination's settings are checked before the first run starts. At the end
+(and with --collect-only) results.csv and sweep.png are written to --out from the runs'
+final records (validation clean and PGD accuracy of each run's chosen checkpoint).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import itertools
+import re
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fastibd.cli import ArgumentParser, parse_number, writable_directory
+from fastibd.errors import EXIT_INTERRUPTED, UserError, exit_on_user_error
+from fastibd.run_dir import read_metrics
+from fastibd.train.settings import load_settings
+
+PROG = "fastibd.sweep"
+KEY = re.compile(r"^[a-z_]+\.[a-z_0-9]+$")
+
+
+@dataclass(frozen=True)
+class Run:
+    """One combination: its overrides {key: value} and its run directory."""
+
+    values: dict[str, str]  # every setting it overrides
+    directory: Path
+    swept: dict[str, str]  # the grid's keys ('a.b' or 'a.b+c.d') and this run's values
+
+    def argv(self, base: Sequence[str]) -> list[str]:
+        return [*base, *(f"--{k}={v}" for k, v in self.values.items()),
+                f"--training.out_dir={self.directory}"]
+
+    @property
+    def final(self) -> dict[str, Any] | None:
+        """The run's final record, once it has finished."""
+        records = [r for r in read_metrics(self.directory) if r.get("kind") == "final"]
+        return records[-1] if records else None
+
+
+def parse_grid(text: str) -> tuple[str, list[str]]:
+    """'loss.alpha=0.7,0.8' -> ('loss.alpha', ['0.7', '0.8']); values that hold commas
+    themselves (lists such as milestones) are separated by ';' instead. Settings that must
+    change together are joined by '+', and so are their values:
+    'teacher.arch+teacher.path=wrn34_10+a.pt,resnet18+b.pt'."""
+    key, equals, values = text.partition("=")
+    key = key.strip().removeprefix("--")
+    if not equals or not all(KEY.match(k) for k in key.split("+")):
+        raise argparse.ArgumentTypeError(f"{text!r}: write --grid section.key=v1,v2,... (e.g. "
+                                         "loss.alpha=0.7,0.8,0.9)")
+    items = [v.strip() for v in values.split(";" if ";" in values else ",")]
+    if not all(items):
+        raise argparse.ArgumentTypeError(f"{text!r}: an empty value")
+    if len(set(items)) != len(items):
+        raise argparse.ArgumentTypeError(f"{text!r}: a value given twice")
+    width = len(key.split("+"))
+    if any(len(item.split("+")) != width for item in items):
+        raise argparse.ArgumentTypeError(f"{text!r}: each value needs {width} parts joined "
+                                         "by '+', one per setting")
+    return key, items
+
+
+def plan(grid: list[tuple[str, list[str]]], out: Path) -> list[Run]:
+    """Every combination of the grid, in the order given (the last key varies fastest)."""
+    keys = [k for key, _ in grid for k in key.split("+")]
+    if len(set(keys)) != len(keys):
+        raise UserError(f"--grid names {', '.join(k for k in keys if keys.count(k) > 1)} twice")
+    runs = []
+    for combination in itertools.product(*(values for _, values in grid)):
+        chosen = dict(zip([key for key, _ in grid], combination, strict=True))
+        name = ",".join(f"{'+'.join(k.split('.', 1)[1] for k in key.split('+'))}={_safe(v)}"
+                        for key, v in chosen.items())
+        values = {k: v for key, value in chosen.items()
+                  for k, v in zip(key.split("+"), value.split("+"), strict=True)}
+        runs.append(Run(values, out / name, chosen))
+    return runs
+
+
+def _safe(value: str) -> str:
+    """A value as a folder-name part (paths and fractions in values stay readable)."""
+    return re.sub(r"[^\w.+-]", "_", value)
+
+
+def check_settings(runs: list[Run], base: Sequence[str]) -> None:
+    """Every combination must be a valid training command (before hours of the others)."""
+    for run in runs:
+        try:
+            load_settings(run.argv(base))
+        except UserError as err:
+            raise UserError(f"{run.directory.name}: {err}") from None
+
+
+def collect(runs: list[Run], out: Path) -> list[dict[str, Any]]:
+    """One row per run (finished or not) into out/results.csv; the rows."""
+    keys = list(runs[0].swept) if runs else []
+    rows = []
+    for run in runs:
+        final = run.final
+        best = [r for r in read_metrics(run.directory) if "holdout_pgd_acc" in r]
+        rows.append({"run": run.directory.name, **run.swept,
+                     "status": "done" if final else ("started" if best or
+                                                      (run.directory / "last.pt").exists()
+                                                      else "not started"),
+                     "epochs": final["epoch"] if final else "",
+                     "val_clean_acc": final["val_clean_acc"] if final else "",
+                     "val_pgd_acc": final["val_pgd_acc"] if final else "",
+                     "best_holdout_pgd_acc": max((r["holdout_pgd_acc"] for r in best),
+                                                 default="")})
+    with (out / "results.csv").open("w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=["run", *keys, "status", "epochs",
+                                                  "val_clean_acc", "val_pgd_acc",
+                                                  "best_holdout_pgd_acc"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return rows
+
+
+def draw(rows: list[dict[str, Any]], keys: list[str], path: Path) -> bool:
+    """Figure 2: validation PGD (solid) and clean (dashed) accuracy against each swept
+    setting, one panel per setting, one line per value of the others. False when no run
+    has finished (nothing to draw)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    done = [r for r in rows if r["status"] == "done"]
+    if not done:
+        return False
+    figure = Figure(figsize=(4.5 * len(keys), 3.6), layout="constrained")
+    canvas = FigureCanvasAgg(figure)
+    for index, key in enumerate(keys):
+        axes = figure.add_subplot(1, len(keys), index + 1)
+        others = [k for k in keys if k != key]
+        groups: dict[tuple, list[dict[str, Any]]] = {}
+        for row in done:
+            groups.setdefault(tuple(row[k] for k in others), []).append(row)
+        numeric = all(isinstance(_number(r[key]), float) for r in done)
+        for group, members in groups.items():
+            if numeric:  # else categorical, in the order given
+                members.sort(key=lambda r: _number(r[key]))
+            xs = [_number(r[key]) if numeric else r[key] for r in members]
+            label = ", ".join(f"{k.split('.', 1)[1]}={v}" for k, v in zip(others, group,
+                                                                          strict=True))
+            line, = axes.plot(xs, [100 * r["val_pgd_acc"] for r in members], marker="o",
+                              label=f"PGD {label}".strip())
+            axes.plot(xs, [100 * r["val_clean_acc"] for r in members], marker="s",
+                      linestyle="--", color=line.get_color(), label=f"clean {label}".strip())
+        axes.set_xlabel(key)
+        axes.set_ylabel("validation accuracy (%)")
+        axes.grid(alpha=0.3)
+        axes.legend(fontsize=7)
+    figure.suptitle(f"sweep: {len(done)} of {len(rows)} runs finished", fontsize=9)
+    canvas.print_png(str(path))
+    return True
+
+
+def _number(value: str) -> float | str:
+    """A swept value as a number where it is one ('8/255' too), for the x axis."""
+    try:
+        return parse_number(value)
+    except (ValueError, ZeroDivisionError):
+        return value
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog=f"python -m {PROG}", description=__doc__.split("\n\n")[0],
+                            epilog=__doc__.split("\n\n", 1)[1],
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cfg", required=True, help="the recipe every run starts from")
+    parser.add_argument("--grid", type=parse_grid, action="append", required=True,
+                        metavar="KEY=V1,V2", help="a setting and its values (repeat for a "
+                        "cross product; ';' separates values that contain commas)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="folder of the run directories, results.csv and sweep.png "
+                             "(default: runs/sweep-CFG)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the runs and whether each is done; train nothing")
+    parser.add_argument("--collect-only", action="store_true",
+                        help="write results.csv and sweep.png from the runs as they are")
+    return parser
+
+
+@exit_on_user_error(PROG)
+def main(argv: list[str] | None = None,
+         train: Callable[[list[str]], int] | None = None) -> int:
+    """The sweep command; `train` is the training command's main (the real one by default)."""
+    args, overrides = build_parser().parse_known_args(argv)
+    bad = [o for o in overrides if not o.startswith("--") or o in ("--cfg",)]
+    if bad:
+        raise UserError(f"unexpected argument {bad[0]!r}: overrides are --section.key=value")
+    base = ["--cfg", args.cfg, *overrides]
+    out = args.out or Path("runs") / f"sweep-{Path(args.cfg).stem}"
+    runs = plan(args.grid, out)
+    check_settings(runs, base)
+    if args.dry_run:
+        for index, run in enumerate(runs, 1):
+            status = "done" if run.final else "to run"
+            print(f"[{index}/{len(runs)}] {status:<7} python -m fastibd.train "
+                  + " ".join(run.argv(base)))
+        return 0
+    writable_directory(out, "--out")
+    if train is None:
+        from fastibd.train.cli import main as train
+    failed = []
+    if not args.collect_only:
+        for index, run in enumerate(runs, 1):
+            if run.final is not None:
+                print(f"[{index}/{len(runs)}] {run.directory.name}: done, skipped", flush=True)
+                continue
+            print(f"[{index}/{len(runs)}] {run.directory.name}", flush=True)
+            code = train(run.argv(base))
+            if code == EXIT_INTERRUPTED:
+                print(f"{PROG}: interrupted; rerun the same command to continue",
+                      file=sys.stderr)
+                return code
+            if code != 0:
+                failed.append(run.directory.name)
+                print(f"{PROG}: {run.directory.name} failed (exit {code}); going on",
+                      file=sys.stderr)
+    rows = collect(runs, out)
+    drawn = draw(rows, [key for key, _ in args.grid], out / "sweep.png")
+    print(f"wrote {out / 'results.csv'}" + (f" and {out / 'sweep.png'}" if drawn else
+                                             " (no finished run to draw)"))
+    if failed:
+        print(f"{PROG}: {len(failed)} run(s) failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
