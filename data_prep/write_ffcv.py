@@ -5,6 +5,8 @@ Examples:
   python data_prep/write_ffcv.py --dataset digits                  # bundled, offline
   python data_prep/write_ffcv.py --dataset cifar10 --format npz    # no FFCV needed to train
   python data_prep/write_ffcv.py --dataset cifar10 --data-dir ~/data/cifar
+  python data_prep/write_ffcv.py --dataset svhn --data-dir ~/data/svhn
+  python data_prep/write_ffcv.py --dataset tiny-imagenet --data-dir ~/data   # tiny-imagenet-200/
   python data_prep/write_ffcv.py --dataset imagenet --data-dir /data/imagenet \\
       --out-dir /data/ffcv/imagenet --max-resolution 500 --compress-probability 0.5
 """
@@ -27,8 +29,9 @@ from fastibd.data.beton import WRITE_MODES, image_field, write_beton
 from fastibd.data.tensor_loader import write_npz
 from fastibd.errors import UserError, exit_on_user_error
 
-DATASETS = ("cifar10", "cifar100", "imagenet", "folder", "digits")
+DATASETS = ("cifar10", "cifar100", "svhn", "tiny-imagenet", "imagenet", "folder", "digits")
 FOLDER_DATASETS = ("imagenet", "folder")
+DOWNLOADS = Path("data/downloads")  # --data-dir of the datasets that download themselves
 
 # FFCV's ImageNet recipe (ffcv-imagenet, ResNet-50 rows); small datasets are stored raw.
 FOLDER_DEFAULTS = {"write_mode": "proportion", "max_resolution": 500,
@@ -45,19 +48,23 @@ def build_parser() -> ArgumentParser:
         formatter_class=__import__("argparse").RawDescriptionHelpFormatter,
     )
     parser.add_argument("--dataset", choices=DATASETS, default="cifar10",
-                        help="cifar10/cifar100: torchvision's files (downloaded into --data-dir "
-                             "when missing); imagenet/folder: an ImageFolder tree with train/ and "
-                             "val/; digits: scikit-learn's bundled digits, 32x32 RGB, offline "
+                        help="cifar10/cifar100/svhn: torchvision's files (downloaded into "
+                             "--data-dir when missing); tiny-imagenet: tiny-imagenet-200/ as "
+                             "distributed (or its zip, downloaded when missing); imagenet/folder: "
+                             "an ImageFolder tree with train/ and val/ (val's classes a subset of "
+                             "train's); digits: scikit-learn's bundled digits, 32x32 RGB, offline "
                              "(default: %(default)s)")
     parser.add_argument("--data-dir", type=Path, default=None,
-                        help="where the source data is (or is downloaded to, for CIFAR; "
-                             "default data/downloads). Required for imagenet/folder")
+                        help=f"where the source data is (or is downloaded to, for cifar10, "
+                             f"cifar100, svhn and tiny-imagenet; default {DOWNLOADS}). Required "
+                             "for imagenet/folder")
     parser.add_argument("--out-dir", type=Path, default=None,
                         help="where train.beton and val.beton go (default data/DATASET)")
     parser.add_argument("--format", choices=("beton", "npz"), default="beton",
                         help="beton: FFCV files (any dataset); npz: uint8 arrays the trainer "
                              "keeps on the GPU, for machines without FFCV (same-size images "
-                             "only: cifar10, cifar100, digits) (default: %(default)s)")
+                             "only: cifar10, cifar100, svhn, tiny-imagenet, digits) (default: "
+                             "%(default)s)")
     parser.add_argument("--num-workers", type=bounded(int, 1), default=min(16, os.cpu_count() or 1),
                         help="writer processes (default: %(default)s)")
     parser.add_argument("--overwrite", action="store_true",
@@ -66,7 +73,7 @@ def build_parser() -> ArgumentParser:
                         help="write only the first N samples of each split, for quick trials")
     images = parser.add_argument_group(
         "image storage (FFCV RGBImageField); defaults: imagenet/folder use FFCV's ImageNet "
-        "recipe (proportion, 500px, q90, 0.5), cifar/digits are stored raw at full size")
+        "recipe (proportion, 500px, q90, 0.5), the others are stored raw at full size")
     images.add_argument("--write-mode", choices=WRITE_MODES, default=None,
                         help="raw pixels, jpg, a proportion of jpgs, or smart (jpg for big images)")
     images.add_argument("--max-resolution", type=bounded(int, 8), default=None, metavar="PX",
@@ -86,7 +93,11 @@ def load_splits(dataset: str, data_dir: Path | None) -> dict[str, datasets.Image
             raise UserError(f"--dataset {dataset} needs --data-dir pointing at a folder "
                             "with train/ and val/ inside")
         return datasets.folder_splits(data_dir)
-    root = data_dir if data_dir is not None else Path("data/downloads")
+    root = data_dir if data_dir is not None else DOWNLOADS
+    if dataset == "tiny-imagenet":
+        return datasets.tiny_imagenet_splits(root)
+    if dataset == "svhn":
+        return {split: datasets.svhn_dataset(root, split) for split in datasets.SPLITS}
     return {split: datasets.cifar_dataset(dataset, root, split) for split in datasets.SPLITS}
 
 

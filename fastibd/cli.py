@@ -51,13 +51,19 @@ def parse_number(text: str) -> float:
     return float(numerator) / float(denominator) if slash else float(numerator)
 
 
-def parse_budget(text: str) -> float:
-    """An eps or step size in pixel space for argparse: '8/255' or '0.031', in (0, 1]."""
+def parse_budget(text: str, norm: str = "linf") -> float:
+    """An eps or step size in pixel space for argparse: '8/255' or '0.031', in (0, 1]; with
+    norm="l2" any finite number above 0 (an L2 radius: ImageNet's L2 eps is 3.0)."""
     try:
         value = parse_number(text)
     except (ValueError, ZeroDivisionError):
         raise argparse.ArgumentTypeError(f"{text!r} is not a number (write e.g. 8/255 or "
                                          "0.031)") from None
+    if norm == "l2":
+        if not 0.0 < value < float("inf"):
+            raise argparse.ArgumentTypeError(f"{text} is not above 0: an L2 budget is a finite "
+                                             "radius in pixel space on [0, 1] images, e.g. 0.5")
+        return value
     if not 0.0 < value <= 1.0:
         hint = ""
         if value == 255.0:

@@ -1,10 +1,13 @@
-"""Evaluation-time Linf attacks: FGSM, PGD-k (cross-entropy) and CW-inf-k (margin loss) with
+"""Evaluation-time attacks: FGSM, PGD-k (cross-entropy) and CW-inf-k (margin loss) with
 restarts, AutoAttack / APGD / Square through pyautoattack, and two black-box ones: SPSA
 (gradient-free, from the model's logits only) and transfer (examples crafted on another model).
+All but SPSA also run in the L2 threat model (`norm="l2"`): FGM, PGD-L2, CW-L2 (PGD-L2 on the
+margin), AutoAttack and Square with pyautoattack's norm "L2".
 
 fastibd.method.attacks makes training examples; the attacks here answer, for every example, "is it
 still classified correctly under this attack?". Conventions (docs/method.md):
-- eps is in pixel space, images in [0, 1] (models normalize inside);
+- eps is in pixel space, images in [0, 1] (models normalize inside); an Linf budget per
+  pixel, an L2 budget per example;
 - the model runs in eval mode (restored afterwards), gradients only to the input;
 - attack losses in fp32 from the logits.
 
@@ -32,6 +35,7 @@ from fastibd.method.attacks import attack_start, check_budget, eval_mode, projec
 from fastibd.seeding import derived_seed
 
 LOSSES = ("ce", "cw")
+AUTOATTACK_NORMS = {"linf": "Linf", "l2": "L2"}  # fastibd's name -> pyautoattack's
 AUTOATTACK_NAMES = ("aa", "aa-apgd", "square")
 AA_TARGET_CLASSES = 9  # AutoAttack standard: APGD-T and FAB-T try the 9 most likely targets
 SQUARE_QUERIES = 5000  # AutoAttack standard
@@ -100,14 +104,18 @@ def pgd(
     restarts: int = 1,
     random_start: bool = True,
     seed: int = 0,
+    norm: str = "linf",
 ) -> AttackResult:
-    """Linf PGD ascending `loss` ("ce": cross-entropy, PGD-k; "cw": CW margin, CW-inf-k).
+    """PGD ascending `loss` ("ce": cross-entropy, PGD-k; "cw": CW margin, CW-inf-k), in the
+    Linf ball (signed steps) or with norm="l2" the L2 ball (normalized-gradient steps:
+    PGD-L2, CW-L2).
 
-    x: [B, C, H, W] in [0, 1]; y: [B] labels. Each restart starts uniformly in the eps-ball
-    (or at x without random_start) and takes `steps` signed steps of `step_size`, projected
-    onto the ball and [0, 1]. An example is broken if any restart breaks it at any step.
+    x: [B, C, H, W] in [0, 1]; y: [B] labels. Each restart starts at random in the eps-ball
+    (`attack_start`'s "uniform"; or at x without random_start) and takes `steps` steps of
+    `step_size`, projected onto the ball and [0, 1]. An example is broken if any restart
+    breaks it at any step.
     """
-    check_budget(eps, step_size, positive=True)
+    check_budget(eps, step_size, positive=True, norm=norm)
     if loss not in LOSS_FUNCTIONS:
         raise ValueError(f"unknown attack loss {loss!r}; choose one of {LOSSES}")
     if steps < 1 or restarts < 1:
@@ -118,11 +126,12 @@ def pgd(
         tally = _Tally(x, y, predict(model, x) == y, steps)
         for restart in range(restarts):
             generator = restart_generator(seed, restart, x.device)
-            x_adv = attack_start(x, eps, "uniform" if random_start else "none", generator)
+            x_adv = attack_start(x, eps, "uniform" if random_start else "none", generator,
+                                 norm)
             tally.new_restart()
             x_adv = sign_ascent(model, x, x_adv, y, eps, step_size, steps,
                                 lambda logits, labels: loss_fn(logits, labels).sum(),
-                                tally.visit)
+                                tally.visit, norm)
             with torch.no_grad():
                 tally.visit(x_adv, model(x_adv))  # the last point: no gradient needed
             tally.keep_unbroken(x_adv)
@@ -165,9 +174,12 @@ def zero_gradient(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
     return grad.flatten(1).abs().amax(dim=1) == 0
 
 
-def fgsm(model: nn.Module, x: Tensor, y: Tensor, eps: float) -> AttackResult:
-    """FGSM (Goodfellow et al.): one signed cross-entropy step of size eps from x itself."""
-    return pgd(model, x, y, eps, step_size=eps, steps=1, loss="ce", random_start=False)
+def fgsm(model: nn.Module, x: Tensor, y: Tensor, eps: float, norm: str = "linf"
+         ) -> AttackResult:
+    """FGSM (Goodfellow et al.): one signed cross-entropy step of size eps from x itself; with
+    norm="l2" FGM, one step of L2 length eps along the normalized gradient."""
+    return pgd(model, x, y, eps, step_size=eps, steps=1, loss="ce", random_start=False,
+               norm=norm)
 
 
 # ------------------------------------------------------------------------- black-box
@@ -361,8 +373,9 @@ def autoattack(
     num_classes: int | None = None,
     square_queries: int = SQUARE_QUERIES,
     warnings: set[str] | None = None,
+    norm: str = "linf",
 ) -> AttackResult:
-    """Run pyautoattack on one batch.
+    """Run pyautoattack on one batch, in its "Linf" or (norm="l2") "L2" threat model.
 
     name: "aa" = AutoAttack standard (APGD-CE, APGD-T, FAB-T, Square 5000 queries);
     "aa-apgd" = its two gradient attacks only (APGD-CE + APGD-T, as configured in standard:
@@ -372,7 +385,7 @@ def autoattack(
     """
     from pyautoattack import AutoAttack
 
-    check_budget(eps, positive=True)
+    check_budget(eps, positive=True, norm=norm)
     if name not in AUTOATTACK_NAMES:
         raise ValueError(f"unknown pyautoattack attack {name!r}; choose one of "
                          f"{AUTOATTACK_NAMES}")
@@ -382,7 +395,7 @@ def autoattack(
         if num_classes is None:
             with torch.no_grad():
                 num_classes = int(model(x[:1]).shape[1])
-        kwargs = {"norm": "Linf", "eps": eps, "device": x.device, "seed": seed}
+        kwargs = {"norm": AUTOATTACK_NORMS[norm], "eps": eps, "device": x.device, "seed": seed}
         if name == "aa":
             adversary = AutoAttack(wrapped, version="standard", **kwargs)
         else:

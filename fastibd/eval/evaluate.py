@@ -14,7 +14,11 @@ masking are printed and saved with the numbers:
     python -m fastibd.evaluate --ckpt runs/cifar/best.pt --data data/cifar10/val.beton \\
         --attacks clean,transfer-fgsm,transfer-pgd100,spsa,square --surrogate other/best.pt
 
-Models take [0, 1] images and normalize inside, so eps is always in pixel space.
+Models take [0, 1] images and normalize inside, so eps is always in pixel space. --norm l2
+runs every attack in the L2 threat model (FGM, PGD-L2, CW-L2, AutoAttack and Square "L2"):
+
+    python -m fastibd.evaluate --ckpt runs/cifar10_rn18_l2/best.pt \
+        --data data/cifar10/val.beton --norm l2 --eps 0.5 --attacks clean,pgd20,cw100,aa
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ from fastibd.eval.robustness import (
     Settings,
     attack_family,
     attack_settings,
+    check_norm_supported,
     huge_eps_check,
     needs_surrogate,
     parse_attacks,
@@ -71,9 +76,36 @@ from fastibd.models.teachers import (
 PROG = "fastibd.evaluate"
 SCHEMA_VERSION = 1
 DEFAULT_ATTACKS = "clean,fgsm,pgd20,pgd100,cw100,aa"
+# (eps, step) when --eps / --step-size are not given: Linf 8/255 and 2/255; L2 0.5, the
+# RobustBench CIFAR L2 track's eps, and a step of eps/4 as the Linf default's 2/255 = eps/4
+DEFAULT_BUDGETS = {"linf": ("8/255", "2/255"), "l2": ("0.5", None)}
 
 
 # ----------------------------------------------------------------------------- parsing
+
+
+def resolve_budgets(parser: ArgumentParser, args: argparse.Namespace) -> None:
+    """--eps and --step-size as numbers, checked for --norm (parsed after it: an L2 eps such
+    as 3.0 is valid, a Linf one is not), the norm's defaults where they are not given."""
+    eps_default, step_default = DEFAULT_BUDGETS[args.norm]
+    for option, key, default in (("--eps", "eps", eps_default),
+                                 ("--step-size", "step_size", step_default)):
+        text = getattr(args, key) or default
+        try:
+            value = None if text is None else parse_budget(text, args.norm)
+        except argparse.ArgumentTypeError as err:
+            parser.error(f"argument {option}: {err}")
+        setattr(args, key, value)
+    if args.step_size is None:
+        args.step_size = args.eps / 4
+
+
+def budget_line(config: dict[str, Any]) -> str:
+    """How the table shows the budget: Linf in x/255 as people write it, L2 as a radius."""
+    eps, step = config["eps"], config["step_size"]
+    if config.get("norm", "linf") == "l2":
+        return f"L2 eps {eps:.5g}, step {step:.5g}"
+    return f"eps {eps:.5f} ({over_255(eps)}), step {step:.5f} ({over_255(step)})"
 
 
 def over_255(value: float) -> str:
@@ -133,6 +165,7 @@ def build_report(results: Results, settings: Settings, huge: HugeEpsCheck | None
                    "attacks": [a for a in results.attacks if a != "clean"] or ["clean"]},
         "sanity": {"huge_eps": None if huge is None else {
             "eps": huge.eps, "steps": huge.steps, "step_size": huge.step_size, "n": huge.n,
+            "norm": huge.norm,
             "accuracy": huge.accuracy, "correct": huge.correct, "time_s": huge.seconds,
             "max_accuracy": HUGE_EPS_MAX_ACCURACY, "ok": huge.accuracy <= HUGE_EPS_MAX_ACCURACY},
             "zero_gradient": {"count": zero_count, "n": n,
@@ -166,8 +199,7 @@ def format_table(report: dict[str, Any]) -> str:
         f"{model['trained_resolution']})",
         f"examples    first {data['num_examples']} of {data['dataset_size']}, "
         f"{sum(c > 0 for c in data['class_counts'])} of {model['num_classes']} classes",
-        f"settings    eps {config['eps']:.5f} ({over_255(config['eps'])}), step "
-        f"{config['step_size']:.5f} ({over_255(config['step_size'])}), restarts "
+        f"settings    {budget_line(config)}, restarts "
         f"{config['restarts']}, seed {config['seed']}, {config['precision']} on "
         f"{report['environment']['device']}, batch {config['batch_size']}",
         *black_box_lines(report),
@@ -190,8 +222,9 @@ def format_table(report: dict[str, Any]) -> str:
     lines.append("")
     if huge is not None:
         verdict = "ok" if huge["ok"] else "FLAGGED"
-        lines.append(f"sanity      PGD-{huge['steps']} at eps {huge['eps']} (step "
-                     f"{huge['step_size']}) on the first {huge['n']}: "
+        norm = "L2 " if huge.get("norm") == "l2" else ""
+        lines.append(f"sanity      PGD-{huge['steps']} at {norm}eps {huge['eps']:.4g} (step "
+                     f"{huge['step_size']:.4g}) on the first {huge['n']}: "
                      f"{huge['accuracy'] * 100:.2f}% (should be ~0%), {huge['time_s']:.1f} s: "
                      f"{verdict}")
     zero = report["sanity"]["zero_gradient"]
@@ -370,10 +403,16 @@ def build_parser() -> ArgumentParser:
                         help="channel multiplier of a foreign surrogate's architecture")
     parser.add_argument("--attacks", type=parse_attacks, default=parse_attacks(DEFAULT_ATTACKS),
                         metavar="LIST", help=ATTACK_HELP)
-    parser.add_argument("--eps", type=parse_budget, default=8 / 255,
-                        help="Linf budget in pixel space, e.g. 8/255 or 0.031")
-    parser.add_argument("--step-size", type=parse_budget, default=2 / 255,
-                        help="PGD / CW step size")
+    parser.add_argument("--norm", choices=("linf", "l2"), default="linf",
+                        help="threat model of every attack: linf, or l2 (FGM, PGD-L2, CW-L2, "
+                             "AutoAttack and Square L2; no spsa)")
+    # strings here, numbers in resolve_budgets: their range depends on --norm
+    parser.add_argument("--eps", default=None,
+                        help="budget in pixel space: Linf e.g. 8/255 or 0.031 (default 8/255); "
+                             "L2 a radius, e.g. 0.5 (the default) or 3.0")
+    parser.add_argument("--step-size", default=None,
+                        help="PGD / CW step size (L2: the step's L2 length); default 2/255 "
+                             "(Linf), eps/4 (L2)")
     parser.add_argument("--restarts", type=bounded(int, 1), default=1,
                         help="PGD / CW random restarts (worst case per example)")
     parser.add_argument("--square-queries", type=bounded(int, 1),
@@ -417,7 +456,13 @@ def build_parser() -> ArgumentParser:
 
 @exit_on_user_error(PROG)
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    resolve_budgets(parser, args)
+    try:
+        check_norm_supported(args.attacks, args.norm)
+    except ValueError as err:
+        raise UserError(str(err)) from None
     started = time.perf_counter()
     transfer = wanted_surrogate(args.attacks, args.surrogate)
     check_writable(args.out)  # before the attacks, not after hours of them
@@ -459,7 +504,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     settings = Settings(args.eps, args.step_size, args.restarts, args.seed, num_classes,
                         args.square_queries, args.spsa_samples, args.spsa_delta,
-                        args.spsa_iters, args.spsa_lr, args.spsa_batch)
+                        args.spsa_iters, args.spsa_lr, args.spsa_batch, args.norm)
     batches = first_examples(args.data, pipeline, n, args.batch_size, device, resolution,
                              args.workers)
     results, kept = run_attacks(attacked, batches, args.attacks, settings, total=n,
@@ -468,7 +513,7 @@ def main(argv: list[str] | None = None) -> int:
     huge = probe = None
     if args.sanity_n and kept is not None:
         huge = huge_eps_check(attacked, *kept, seed=args.seed, device=device,
-                              batch_size=args.batch_size)
+                              batch_size=args.batch_size, norm=args.norm)
         probe, probe_flags = normalization_probe(model, *kept, args.batch_size, device)
         setup_flags += probe_flags
     else:

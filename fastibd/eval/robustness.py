@@ -7,6 +7,7 @@ PGD (fastibd.train.trainer)."""
 from __future__ import annotations
 
 import argparse
+import math
 import re
 import sys
 import time
@@ -36,6 +37,7 @@ CE_ATTACKS = ("fgsm", "pgd")  # follow the cross-entropy's gradient
 MARGIN_ATTACKS = ("cw", "aa-apgd", "aa")  # margin losses (CW, APGD-DLR/T), or AutoAttack
 HUGE_EPS, HUGE_STEPS, HUGE_STEP_SIZE = 0.5, 20, 0.05
 HUGE_EPS_MAX_ACCURACY = 0.02  # anything clearly above 0% at eps 0.5 means the gradients lie
+LINF_ONLY = ("spsa",)  # attacks with no L2 form here
 # Masking checks. Each threshold leaves room for what honest models show: AutoAttack or CW
 # typically 1-5 points below PGD-20 (TRADES, RSLAD, IBD; the digits student: 0), never an
 # exactly-zero cross-entropy gradient (that needs an fp32 logit margin above ~100).
@@ -90,13 +92,18 @@ class Settings:
     spsa_iters: int = eval_attacks.SPSA_ITERS
     spsa_lr: float = eval_attacks.SPSA_LR
     spsa_batch: int = eval_attacks.SPSA_BATCH  # inputs per forward; results don't depend on it
+    norm: str = "linf"  # the threat model of every attack: "linf" or "l2"
 
 
 def attack_settings(name: str, settings: Settings) -> dict[str, Any]:
     """What `name` does, for the report."""
-    family, steps = attack_family(name)
-    if family == "clean":
+    if attack_family(name)[0] == "clean":
         return {"kind": "clean"}
+    return _attack_settings(name, settings) | {"norm": settings.norm}
+
+
+def _attack_settings(name: str, settings: Settings) -> dict[str, Any]:
+    family, steps = attack_family(name)
     if needs_surrogate(name):
         crafted = name.removeprefix(TRANSFER)
         return {"kind": "transfer", "crafted_on": "surrogate", "crafted_with": crafted,
@@ -109,7 +116,7 @@ def attack_settings(name: str, settings: Settings) -> dict[str, Any]:
                 "queries_per_iteration": 2 * settings.spsa_samples, "delta": settings.spsa_delta,
                 "iterations": settings.spsa_iters, "optimizer": "adam", "lr": settings.spsa_lr,
                 "random_start": True}
-    if family == "fgsm":
+    if family == "fgsm":  # FGM under L2
         return {"kind": "white-box", "loss": "ce", "steps": 1, "step_size": settings.eps,
                 "random_start": False}
     if family in ("pgd", "cw"):
@@ -143,6 +150,7 @@ def attack(model: nn.Module, name: str, x: Tensor, y: Tensor, settings: Settings
     the surrogate it finds what the white-box attack finds), and scores the result on
     `model`."""
     family, steps = attack_family(name)
+    check_norm_supported([name], settings.norm)
     if needs_surrogate(name):
         if surrogate is None:
             raise ValueError(f"{name} crafts its examples on a surrogate model: pass one")
@@ -151,18 +159,27 @@ def attack(model: nn.Module, name: str, x: Tensor, y: Tensor, settings: Settings
     if family == "clean":
         return eval_attacks.AttackResult(x, eval_attacks.predict(model, x) == y)
     if family == "fgsm":
-        return eval_attacks.fgsm(model, x, y, settings.eps)
+        return eval_attacks.fgsm(model, x, y, settings.eps, settings.norm)
     if family in ("pgd", "cw"):
         return eval_attacks.pgd(model, x, y, settings.eps, settings.step_size, steps,
                                 loss="ce" if family == "pgd" else "cw",
-                                restarts=settings.restarts, seed=seed)
+                                restarts=settings.restarts, seed=seed, norm=settings.norm)
     if family == "spsa":
         return eval_attacks.spsa(model, x, y, settings.eps, settings.spsa_samples,
                                  settings.spsa_delta, settings.spsa_iters, settings.spsa_lr,
                                  seed=seed, max_batch=settings.spsa_batch)
     return eval_attacks.autoattack(model, x, y, settings.eps, family, seed=seed,
                                    num_classes=settings.num_classes,
-                                   square_queries=settings.square_queries, warnings=warnings)
+                                   square_queries=settings.square_queries, warnings=warnings,
+                                   norm=settings.norm)
+
+
+def check_norm_supported(attacks: list[str], norm: str) -> None:
+    """Refuse, before any work, an attack that has no form in the threat model `norm`."""
+    unsupported = [name for name in attacks if attack_family(name)[0] in LINF_ONLY]
+    if norm != "linf" and unsupported:
+        raise ValueError(f"{', '.join(unsupported)} is implemented for --norm linf only; drop "
+                         f"it from the attacks to evaluate with --norm {norm}")
 
 
 @dataclass
@@ -216,6 +233,7 @@ def run_attacks(
     "clean" is always run first (the ensemble is taken over clean and every attack)."""
     names = ["clean", *[a for a in attacks if a != "clean"]]
     transfer = [name for name in names if needs_surrogate(name)]
+    check_norm_supported(names, settings.norm)
     if transfer and surrogate is None:  # before any work, not after hours of it
         raise ValueError(f"{', '.join(transfer)} craft their examples on a surrogate model: "
                          "pass surrogate=")
@@ -267,27 +285,40 @@ class HugeEpsCheck:
     n: int
     correct: int
     seconds: float
+    norm: str = "linf"
 
     @property
     def accuracy(self) -> float:
         return self.correct / self.n if self.n else 0.0
 
 
+def huge_budget(x: Tensor, norm: str = "linf") -> tuple[float, float]:
+    """(eps, step) of the huge-eps probe: 0.5 and 0.05 for Linf. For L2 the same times
+    sqrt(d), d the pixels of one image: that L2 ball holds the whole Linf 0.5 ball (whose
+    corners are 0.5 sqrt(d) from x), so it is at least as permissive as the Linf probe at
+    any resolution, and each step is as long as an Linf step of 0.05 (every pixel moved)."""
+    if norm == "linf":
+        return HUGE_EPS, HUGE_STEP_SIZE
+    scale = math.sqrt(x[0].numel())
+    return HUGE_EPS * scale, HUGE_STEP_SIZE * scale
+
+
 def huge_eps_check(model: nn.Module, x: Tensor, y: Tensor, seed: int, device: torch.device,
-                   batch_size: int) -> HugeEpsCheck:
-    """PGD-20 at eps 0.5 (step 0.05) on the given slice."""
+                   batch_size: int, norm: str = "linf") -> HugeEpsCheck:
+    """PGD-20 at eps 0.5 (step 0.05) on the given slice; for L2 `huge_budget`'s."""
+    eps, step_size = huge_budget(x, norm)
     synchronize(device)
     start = time.perf_counter()
     correct = 0
     for begin in range(0, len(y), batch_size):
         xb = x[begin:begin + batch_size].to(device, memory_format=torch.channels_last)
         yb = y[begin:begin + batch_size].to(device)
-        result = eval_attacks.pgd(model, xb, yb, HUGE_EPS, HUGE_STEP_SIZE, HUGE_STEPS,
-                                  seed=derived_seed(seed, begin))
+        result = eval_attacks.pgd(model, xb, yb, eps, step_size, HUGE_STEPS,
+                                  seed=derived_seed(seed, begin), norm=norm)
         correct += int(result.correct.sum())
     synchronize(device)
-    return HugeEpsCheck(HUGE_EPS, HUGE_STEPS, HUGE_STEP_SIZE, len(y), correct,
-                        time.perf_counter() - start)
+    return HugeEpsCheck(eps, HUGE_STEPS, step_size, len(y), correct,
+                        time.perf_counter() - start, norm)
 
 
 def stronger_pairs(attacks: list[str], eps: float = 8 / 255,
@@ -339,7 +370,8 @@ def sanity_flags(results: Results, huge: HugeEpsCheck | None, num_classes: int,
                  f"({pct(weak)}): a stronger attack should never do worse; suspect gradient "
                  "masking or a failing attack")
     if huge is not None and huge.n and huge.accuracy > HUGE_EPS_MAX_ACCURACY:
-        flag("huge_eps", f"PGD-{huge.steps} at eps {huge.eps} leaves {huge.accuracy:.2%} "
+        flag("huge_eps", f"PGD-{huge.steps} at {_norm_name(huge.norm)}eps {huge.eps:.4g} leaves "
+             f"{huge.accuracy:.2%} "
              "correct (expected ~0%): the gradients do not lead to adversarial examples "
              "(gradient masking, or a model that ignores its input)")
     white = [a for a in results.attacks if attack_family(a)[0] in WHITE_BOX]
@@ -416,16 +448,23 @@ def _loss_masking_flags(results: Results, count: dict[str, int]) -> list[dict[st
     return flags
 
 
+def _norm_name(norm: str) -> str:
+    """The prefix messages give a budget: none for Linf (as before L2 existed), "L2 " else."""
+    return "" if norm == "linf" else "L2 "
+
+
 def clean_and_pgd(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], eps: float,
-                  step_size: float, steps: int, seed: int = 0, num_classes: int = 10
-                  ) -> dict[str, Any]:
+                  step_size: float, steps: int, seed: int = 0, num_classes: int = 10,
+                  norm: str = "linf") -> dict[str, Any]:
     """Clean and PGD-`steps` accuracy, exactly as `fastibd.evaluate --attacks pgdK --eps EPS
-    --step-size STEP --seed SEED` reports them (cross-entropy, one random start, fp32)."""
+    --step-size STEP --seed SEED --norm NORM` reports them (cross-entropy, one random start,
+    fp32)."""
     name = f"pgd{steps}"
-    results, _ = run_attacks(model, batches, [name], Settings(eps, step_size, 1, seed,
-                                                              num_classes), progress=False)
+    settings = Settings(eps, step_size, 1, seed, num_classes, norm=norm)
+    results, _ = run_attacks(model, batches, [name], settings, progress=False)
     n = max(results.n, 1)
+    budget = (f"eps {eps * 255:.4g}/255, step {step_size * 255:.4g}/255" if norm == "linf" else
+              f"L2 eps {eps:.4g}, step {step_size:.4g}")
     return {"clean_acc": results.correct["clean"].float().sum().item() / n,
             "pgd_acc": results.correct[name].float().sum().item() / n,
-            "eval_images": results.n,
-            "attack": f"{name}, eps {eps * 255:.4g}/255, step {step_size * 255:.4g}/255"}
+            "eval_images": results.n, "attack": f"{name}, {budget}"}

@@ -17,16 +17,22 @@ pickled model (`torch.save(model)`), whose weights are then read as a state_dict
 Normalization, unless given: what the file carries; else 'imagenet' for ImageNet
 architectures (torchvision's convention) and 'none' for CIFAR ones (RobustBench's). A given
 one overrides the file's, with a note.
+
+`teacher.name` names an entry of the teacher catalog (fastibd.models.catalog): it fills the
+arch, format and normalization settings left at their defaults (a setting given explicitly
+keeps its value, with a note when it differs from the catalog's), and the start-up check then
+also compares the teacher's held-out accuracy with the entry's published clean accuracy.
 """
 
 from __future__ import annotations
 
+import math
 import pickle
 import re
 import sys
 import warnings
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -45,15 +51,26 @@ from fastibd.models import (
     is_imagenet_arch,
 )
 from fastibd.models.base import Stats
+from fastibd.models.catalog import FILE_FORMATS, CatalogEntry, CatalogName, catalog_entry
 from fastibd.models.checkpoint import FORMAT as FASTIBD_FORMAT
 
-FORMATS = ("auto", "fastibd", "state_dict", "robustbench", "robustness")
+FORMATS = ("auto", *FILE_FORMATS)
 _SHOWN = 4  # keys listed per kind of mismatch
 NORMALIZATION_GAP = 0.15  # accuracy another normalization must add to be "the right one"
+# How far below its published clean accuracy a catalog teacher may score before it is
+# refused: 10 points, plus 3 standard errors of the measurement. Published figures are on
+# the test set with the authors' preprocessing; a right file read the right way lands
+# within a few points of them (a different subset, FFCV's JPEG and resize for ImageNet; on
+# held-out *training* images it scores higher, not lower), while a wrong normalization or
+# a wrong file costs tens of points.
+PUBLISHED_DROP = 0.10
 
 
 @section("teacher", "The robust teacher (distillation modes)")
 class TeacherSettings:
+    name: str = option(CatalogName(), "a teacher of the catalog (python -m fastibd.teachers "
+                       "list): fills arch, format and normalization left at their defaults "
+                       "and checks the published clean accuracy", "")
     arch: str = option(Text(), "architecture of the teacher checkpoint", "wrn34_10")
     path: str = option(Text(), "teacher checkpoint file", "")
     source: str = option(Text(), "how to get the teacher file (said when it is missing)", "")
@@ -68,9 +85,11 @@ class TeacherSettings:
 def run_teacher(settings: TeacherSettings, mode: str, num_classes: int) -> TappedModel:
     """The teacher a run's `teacher` section names (on the CPU, eval mode, no gradients),
     checked to predict `num_classes` classes. `mode` is the loss mode that asked for it."""
+    settings = with_catalog(settings)
     if not settings.path:
-        raise UserError(f"loss.mode={mode} distils from a teacher: set teacher.path (train "
-                        "one with loss.mode=pgd_at or trades)")
+        get = (f"get it with {settings.source}" if settings.name
+               else "train one with loss.mode=pgd_at or trades")
+        raise UserError(f"loss.mode={mode} distils from a teacher: set teacher.path ({get})")
     if settings.source and not Path(settings.path).is_file():
         raise UserError(f"no teacher checkpoint {settings.path}: {settings.source}")
     loaded = load_checkpoint(settings.arch, settings.path, settings.format,
@@ -84,6 +103,27 @@ def run_teacher(settings: TeacherSettings, mode: str, num_classes: int) -> Tappe
         raise UserError(f"the teacher {settings.path} predicts {teacher.spec.num_classes} "
                         f"classes, the data has {num_classes}")
     return teacher
+
+
+def with_catalog(settings: TeacherSettings) -> TeacherSettings:
+    """`settings` with what the catalog entry `settings.name` says filled into the arch,
+    format and normalization left at their defaults (and `source`, said when the file is
+    missing). An explicit setting wins; a note says when it differs from the catalog's."""
+    if not settings.name:
+        return settings
+    entry = catalog_entry(settings.name)
+    defaults = {f.name: f.default for f in fields(TeacherSettings)}
+    filled = {}
+    for key, value in (("arch", entry.arch), ("format", entry.format),
+                       ("normalization", entry.normalization),
+                       ("source", entry.how_to_get(settings.path))):
+        mine = getattr(settings, key)
+        if mine == defaults[key]:
+            filled[key] = value
+        elif key != "source" and mine != value:
+            print(f"note: teacher: teacher.{key}={mine} overrides the catalog's {value} for "
+                  f"{entry.name}", file=sys.stderr, flush=True)
+    return replace(settings, **filled)
 
 
 @torch.no_grad()
@@ -119,9 +159,11 @@ def better_normalization(accuracy: dict[str, float]) -> str | None:
 
 def check_teacher_accuracy(teacher: TappedModel,
                            batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-                           alternatives: Iterable[str], num_classes: int, path: str) -> None:
+                           alternatives: Iterable[str], num_classes: int, path: str,
+                           name: str = "") -> None:
     """Stop before spending GPU-days when the teacher reads its input with the wrong
-    normalization (one of `alternatives` does clearly better on `batches`), or cannot be
+    normalization (one of `alternatives` does clearly better on `batches`), scores far below
+    the published clean accuracy of the catalog entry `name` (when given), or cannot be
     told from guessing whatever the normalization (wrong file). `batches` must be
     re-iterable."""
     configured = teacher.spec.normalization
@@ -132,9 +174,37 @@ def check_teacher_accuracy(teacher: TappedModel,
                         f"images right with normalization {configured}, but "
                         f"{accuracy[best]:.1%} with {best}: set teacher.normalization={best}")
     total = sum(len(y) for _, y in batches)
+    below = published_shortfall(mine, total, catalog_entry(name)) if name else None
+    if below:
+        raise UserError(f"the teacher {path} gets {mine:.1%} of {total} held-out training "
+                        f"images right (normalization {configured}); {below}")
     if mine < chance_bound(total, num_classes):
         raise UserError(f"the teacher {path} gets {mine:.1%} of {total} held-out training "
                         f"images right (chance is {1 / num_classes:.1%}): wrong checkpoint?")
+
+
+def lowest_plausible_accuracy(published: float, total: int) -> float:
+    """The lowest clean accuracy (a fraction) on `total` images that a right file, read the
+    right way, may show against `published` (a fraction): PUBLISHED_DROP below it, less 3
+    standard errors of a measurement on `total` images."""
+    spread = 3 * math.sqrt(published * (1 - published) / max(total, 1))
+    return max(published - PUBLISHED_DROP - spread, 0.0)
+
+
+def published_shortfall(measured: float, total: int, entry: CatalogEntry) -> str | None:
+    """Why a clean accuracy of `measured` on `total` images is too far below `entry`'s
+    published one to be that teacher read the right way; None when it is not (or nothing
+    is published)."""
+    if entry.clean_acc is None:
+        return None
+    published = entry.clean_acc / 100
+    lowest = lowest_plausible_accuracy(published, total)
+    if measured >= lowest:
+        return None
+    return (f"{entry.name} is published at {published:.2%} clean ({entry.accuracy_source}), "
+            f"and the right file read the right way scores at least {lowest:.1%} on {total} "
+            f"images ({PUBLISHED_DROP * 100:.0f} points below, less sampling error): a wrong "
+            f"file or a wrong normalization (the catalog's is {entry.normalization})")
 
 
 @dataclass

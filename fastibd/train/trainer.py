@@ -83,7 +83,8 @@ class Trainer:
             teacher = run_teacher(s.teacher, s.loss.mode, classes).to(**place)
             if self.data.holdout is not None:
                 check_teacher_accuracy(teacher, self.data.holdout,
-                                       ("none", s.model.normalization), classes, s.teacher.path)
+                                       ("none", s.model.normalization), classes, s.teacher.path,
+                                       name=s.teacher.name)
         self.steps_per_epoch = len(self.data.train)
         if s.training.max_steps:
             self.steps_per_epoch = min(self.steps_per_epoch, s.training.max_steps)
@@ -218,7 +219,8 @@ class Trainer:
         attack = self.settings.attack
         return clean_and_pgd(self.step.student, loader, attack.eps,
                              attack.eval_step_size or attack.eps / 4, attack.eval_steps,
-                             self.settings.training.seed, self.data.num_classes)
+                             self.settings.training.seed, self.data.num_classes,
+                             norm=attack.norm)
 
     def fit(self) -> int:
         training, state = self.settings.training, self.state
@@ -275,10 +277,8 @@ class Trainer:
                   **{f"val_{k}": v for k, v in val.items()}}
         if self.log is not None:
             self.log.write(record)
-        eps = self.settings.attack.eps * 255
-        print(f"final {chosen}: val clean {val['clean_acc']:.2%}, "
-              f"PGD-{self.settings.attack.eval_steps} (eps {eps:.3g}/255) {val['pgd_acc']:.2%} "
-              f"on {val['eval_images']} images", flush=True)
+        print(f"final {chosen}: val clean {val['clean_acc']:.2%}, {val['attack']}: "
+              f"{val['pgd_acc']:.2%} on {val['eval_images']} images", flush=True)
 
 
 class _Stopped(Exception):
