@@ -68,3 +68,9 @@ def synchronize(device: torch.device) -> None:
     """Wait for the device's queued work (CUDA is asynchronous) before reading a clock."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def device_name(device: torch.device) -> str:
+    """What the run computed on, for records: the GPU's model name (e.g. "NVIDIA H200"), or
+    "cpu"."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type

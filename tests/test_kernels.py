@@ -308,3 +308,25 @@ def test_cuda_pool_matches_float64(shape, channels_last: bool, dtype: torch.dtyp
 def test_cuda_loss_matches_reference_at_bench_shapes(config: str, dtype: torch.dtype) -> None:
     ok, summary = bench.check_fused(bench.GPU_CONFIGS[config], torch.device("cuda"), dtype)
     assert ok, summary
+
+
+@needs_cuda
+def test_cuda_graph_capture_of_the_loss_is_taken() -> None:
+    """torch.compile(mode="reduce-overhead") of the loss forward+backward on the fused ops
+    records a CUDA graph: no op in them forces Inductor to skip the capture (a host sync, a
+    CPU tensor, a data-dependent shape would be counted in cudagraph_skips)."""
+    from torch._dynamo.utils import counters
+
+    config = bench.CPU_CONFIGS["cifar-cpu"]  # the CIFAR tap structure, small channels
+    inputs = bench.make_inputs(config, torch.device("cuda"), torch.bfloat16)
+    loss = bench.ops_loss(fused)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(lambda x: loss(x), mode="reduce-overhead", fullgraph=True)
+    for _ in range(3):  # warm-up, record, replay
+        for s in inputs.student:
+            s.grad = None
+        compiled(inputs).backward()
+    torch.cuda.synchronize()
+    assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
+    assert all(s.grad is not None and torch.isfinite(s.grad).all() for s in inputs.student)

@@ -8,7 +8,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from kernels import bench, plan  # noqa: E402  (after the skip: imports Triton)
+from kernels import bench, pairs, plan  # noqa: E402  (after the skip: imports Triton)
 
 
 def test_launches_of_one_forward_backward_at_the_imagenet_structure() -> None:
@@ -57,3 +57,19 @@ def test_model_and_host_reports(capsys) -> None:
     host = out.split("kernels stubbed out", 1)[1].splitlines()[-1].split()
     assert host[:3] == ["cifar-b128", "15+8", "34"]  # 15 + 8 pool fwd, 3 pairs, 8 pool bwd
     assert bench.main(["--model", "--configs", "cifar-cpu"]) == 2
+
+
+def test_the_host_functions_never_read_the_device() -> None:
+    """What a CUDA-graph capture forbids: every host function of a loss forward + backward
+    runs on meta tensors (loss_launches), where any read of a device value back to the host
+    (.item(), float(t), .tolist(), a tensor's truth value) raises; and the pairs tables are
+    made once per shape signature, then reused (no host-to-device copy per call)."""
+    with pytest.raises(RuntimeError, match="meta"):  # the premise: meta refuses a sync
+        float(torch.empty((), device="meta"))
+    for config in bench.GPU_CONFIGS.values():
+        assert bench.planned_launches(config, torch.bfloat16, "fwd+bwd")
+    t_maps = [torch.empty(2, 8, 8, device="meta"), torch.empty(2, 4, 4, device="meta")]
+    s_maps = [torch.empty(2, 6, 6, device="meta")]
+    plan_a = pairs.plan_for(t_maps, s_maps)
+    assert pairs.plan_for([m.clone() for m in t_maps], s_maps) is plan_a
+    assert plan_a.groups.device.type == "meta"

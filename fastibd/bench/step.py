@@ -41,7 +41,7 @@ from tqdm import tqdm
 
 from fastibd.bench.data import LoadSetup, TorchvisionBatches, prepare
 from fastibd.cli import ArgumentParser, bounded, comma_list
-from fastibd.device import Runtime, resolve_device, resolve_runtime, synchronize
+from fastibd.device import Runtime, device_name, resolve_device, resolve_runtime, synchronize
 from fastibd.errors import UserError, exit_on_user_error
 from fastibd.method.attacks import AttackSettings
 from fastibd.method.modes import LossSettings
@@ -306,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
                                setup))
         finally:
             shutil.rmtree(work_dir, ignore_errors=True)
-    print(f"(device {torch.cuda.get_device_name(device) if on_gpu else 'cpu'}, torch "
+    print(f"(device {device_name(device)}, torch "
           f"{torch.__version__}, {warmup} warm-up + {steps} timed steps, {inputs})")
     return 0
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import signal
 import sys
-import time
 from dataclasses import replace
 from typing import Any
 
@@ -21,8 +20,8 @@ import torch
 from tqdm import tqdm
 
 from fastibd.data import training_data
-from fastibd.device import resolve_runtime
-from fastibd.distributed import all_reduce_sum, barrier, init_world
+from fastibd.device import device_name, resolve_runtime
+from fastibd.distributed import barrier, init_world
 from fastibd.errors import UserError
 from fastibd.eval.robustness import clean_and_pgd
 from fastibd.method.modes import MODES
@@ -31,6 +30,7 @@ from fastibd.models import build_student
 from fastibd.models.checkpoint import atomic_save, model_checkpoint
 from fastibd.models.teachers import check_teacher_accuracy, run_teacher
 from fastibd.run_dir import BEST, LAST, RunDirectory, RunLog
+from fastibd.train.meter import EpochMeter
 from fastibd.train.schedule import build_optimizer, build_scheduler
 from fastibd.train.settings import Settings
 from fastibd.train.state import TrainState
@@ -137,14 +137,12 @@ class Trainer:
         if self.step.awp is not None:
             self.step.awp.set_epoch(state.epoch)  # on after awp.warmup epochs
         skip, state.step_in_epoch = state.step_in_epoch, 0
-        # Resuming mid-epoch: the metrics carry on from what the stopped part measured (its
-        # sums were saved with the state; under DDP rank 0's share of that part).
-        earlier = state.partial if skip and self.world.is_main and state.partial else {}
-        sums = {k: torch.tensor(v, device=device) for k, v in earlier.get("sums", {}).items()}
-        steps, seen = earlier.get("steps", 0), earlier.get("images", 0)
+        # Resuming mid-epoch: the metrics carry on from what the stopped part measured (under
+        # DDP rank 0's share of that part).
+        meter = EpochMeter(device, state.partial if skip and self.world.is_main else None)
         window: list[tuple[int, torch.Tensor]] = []
         check_every = 1 if device.type == "cpu" else 25  # each check syncs the GPU
-        start, resolution = time.perf_counter() - earlier.get("seconds", 0.0), None
+        resolution = None
         show = self.settings.logging.progress and self.world.is_main
         bar = tqdm(total=self.steps_per_epoch, initial=skip, unit="step", leave=False,
                    desc=f"epoch {state.epoch + 1}/{self.settings.training.epochs}",
@@ -156,9 +154,7 @@ class Trainer:
                 continue
             total, parts = self.step(x.contiguous(memory_format=self.runtime.memory_format), y)
             resolution, state.step_in_epoch = x.shape[-1], index + 1
-            steps, seen = steps + 1, seen + len(y)
-            for name, value in parts.items():
-                sums[name] = sums.get(name, 0.0) + value.float()
+            meter.add(parts, len(y))
             window.append((index, total))
             if len(window) >= check_every:
                 self._check_finite(window)
@@ -169,25 +165,14 @@ class Trainer:
                                 lr=f"{self.step.scheduler.get_last_lr()[0]:.4g}")
             if self.stop_signal is not None:
                 self._check_finite(window)
-                state.partial = {"sums": {k: v.item() for k, v in sums.items()},
-                                 "steps": steps, "images": seen,
-                                 "seconds": time.perf_counter() - start}
+                state.partial = meter.partial()
                 self._save_state()
                 bar.close()
                 raise _Stopped(self.stop_signal)
         self._check_finite(window)
         bar.close()
-        elapsed = time.perf_counter() - start
         state.partial = None
-        names = sorted(sums)
-        counts = [float(max(steps, 1)), float(seen)]
-        reduced = all_reduce_sum(torch.stack(
-            [sums[n] for n in names] + [torch.tensor(c, device=device) for c in counts]),
-            self.world)
-        steps_all, seen_all = reduced[-2].item(), reduced[-1].item()
-        metrics = {f"loss_{n}": reduced[i].item() / steps_all for i, n in enumerate(names)}
-        metrics |= {"images": int(seen_all), "images_per_s": seen_all / elapsed,
-                    "epoch_time_s": elapsed}
+        metrics = meter.metrics(self.world)
         if resolution is not None:
             metrics["resolution"] = resolution  # as trained (progressive resizing)
         return metrics
@@ -230,7 +215,9 @@ class Trainer:
                 metrics = self.train_epoch()
                 state.epoch, state.step_in_epoch = state.epoch + 1, 0
                 record = {"kind": "epoch", "epoch": state.epoch,
-                          "lr": self.step.scheduler.get_last_lr()[0], **metrics}
+                          "lr": self.step.scheduler.get_last_lr()[0], **metrics,
+                          "device": device_name(self.runtime.device),
+                          "processes": self.world.size}
                 self._check_weights()
                 due = state.epoch % training.eval_every == 0 or state.epoch == training.epochs
                 if self.data.holdout is not None and due:
