@@ -8,6 +8,7 @@ with `exit_on_user_error`, which prints `prog: error: message` and exits with st
 from __future__ import annotations
 
 import functools
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +22,13 @@ EXIT_INTERRUPTED = 130  # the shell's convention for "killed by SIGINT"
 
 class UserError(Exception):
     """A problem with the user's input, reported as one line without a traceback."""
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an error's text, colour codes removed (some libraries colour their
+    messages), at most 200 characters: for quoting a library's error in a one-line one."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err))
+    return (text.strip().splitlines() or [type(err).__name__])[0][:200]
 
 
 def require_file(path: str | Path, what: str, hint: str = "",

@@ -172,3 +172,8 @@ def _plain(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
     return value
+
+
+def final_record(records: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The last record of kind "final" of a run's metrics (None: it has not finished)."""
+    return next((r for r in reversed(records) if r.get("kind") == "final"), None)

@@ -27,8 +27,8 @@ from fastibd.models.catalog import (
     catalog_entry,
     fetch,
     load_catalog,
-    sha256_of,
 )
+from fastibd.models.checkpoint import sha256_file
 from fastibd.models.teachers import (
     accuracy_by_normalization,
     better_normalization,
@@ -122,7 +122,7 @@ def fetch_teacher(entry: CatalogEntry, directory: Path, progress: bool) -> None:
 
 
 def verify_teacher(args: argparse.Namespace, entry: CatalogEntry) -> None:
-    digest = sha256_of(args.file) if args.file.is_file() else None
+    digest = sha256_file(args.file) if args.file.is_file() else None
     if digest is not None and entry.sha256 is not None and digest != entry.sha256:
         raise UserError(f"{args.file} has sha256 {digest}, not the catalog's {entry.sha256} "
                         f"for {entry.name}: a different or damaged file")
@@ -161,10 +161,10 @@ def measure_clean_accuracy(model: TappedModel, entry: CatalogEntry,
     batches = first_examples(args.data, pipeline, total, args.batch_size, device, resolution,
                              args.workers)
     model = model.to(device)
-    measured = next(iter(accuracy_by_normalization(model, batches, ()).values()))
+    measured = next(iter(accuracy_by_normalization(model, batches, ())[0].values()))
     shortfall = published_shortfall(measured, total, entry)
     if shortfall:
-        accuracy = accuracy_by_normalization(model, batches, NORMALIZATIONS)
+        accuracy, _ = accuracy_by_normalization(model, batches, NORMALIZATIONS)
         best = better_normalization(accuracy)
         hint = f"; with normalization {best} it gets {accuracy[best]:.1%}" if best else ""
         raise UserError(f"{args.file} gets {measured:.1%} of {total} images of {args.data} "

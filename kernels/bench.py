@@ -42,25 +42,12 @@ import torch
 from torch import Tensor
 
 from fastibd.cli import choice_list
+from fastibd.device import device_name
 from kernels import common, fused, plan, reference
 
 # ----------------------------------------------------------------------------- configs
 
-Tap = tuple[int, int]  # (channels, size): a square [B, C, size, size] tap
-
-
-def _taps(*groups: tuple[int, int, int]) -> tuple[Tap, ...]:
-    """(count, channels, size) groups -> the tap list."""
-    return tuple((c, s) for count, c, s in groups for _ in range(count))
-
-
-WRN34_10_CIFAR = _taps((5, 160, 32), (5, 320, 16), (5, 640, 8))
-RESNET18_CIFAR = _taps((2, 64, 32), (2, 128, 16), (2, 256, 8), (2, 512, 4))
-
-
-def _resnet50(px: int) -> tuple[Tap, ...]:
-    s = px // 4  # 56 at 224 px, 40 at 160 px
-    return _taps((3, 256, s), (4, 512, s // 2), (6, 1024, s // 4), (3, 2048, s // 8))
+Tap = plan.Tap
 
 
 @dataclass(frozen=True)
@@ -75,14 +62,14 @@ class Config:
 GPU_CONFIGS = {
     c.name: c
     for c in (
-        Config("cifar-b128", "WRN-34-10 -> ResNet-18, CIFAR 32 px", WRN34_10_CIFAR,
-               RESNET18_CIFAR, 128),
-        Config("cifar-b512", "WRN-34-10 -> ResNet-18, CIFAR 32 px", WRN34_10_CIFAR,
-               RESNET18_CIFAR, 512),
-        Config("imagenet224-b256", "ResNet-50 -> ResNet-50, ImageNet 224 px", _resnet50(224),
-               _resnet50(224), 256),
-        Config("imagenet160-b256", "ResNet-50 -> ResNet-50, ImageNet 160 px", _resnet50(160),
-               _resnet50(160), 256),
+        Config("cifar-b128", "WRN-34-10 -> ResNet-18, CIFAR 32 px", plan.WRN34_10_CIFAR,
+               plan.RESNET18_CIFAR, 128),
+        Config("cifar-b512", "WRN-34-10 -> ResNet-18, CIFAR 32 px", plan.WRN34_10_CIFAR,
+               plan.RESNET18_CIFAR, 512),
+        Config("imagenet224-b256", "ResNet-50 -> ResNet-50, ImageNet 224 px",
+               plan.resnet50_taps(224), plan.resnet50_taps(224), 256),
+        Config("imagenet160-b256", "ResNet-50 -> ResNet-50, ImageNet 160 px",
+               plan.resnet50_taps(160), plan.resnet50_taps(160), 256),
     )
 }
 
@@ -97,9 +84,9 @@ CPU_CONFIGS = {
     c.name: c
     for c in (
         Config("cifar-cpu", "WRN-34-10 -> ResNet-18 taps, channels / 16", _shrink(
-            WRN34_10_CIFAR, 16), _shrink(RESNET18_CIFAR, 16), 8),
+            plan.WRN34_10_CIFAR, 16), _shrink(plan.RESNET18_CIFAR, 16), 8),
         Config("imagenet160-cpu", "ResNet-50 -> ResNet-50 taps at 160 px, channels / 32",
-               _shrink(_resnet50(160), 32), _shrink(_resnet50(160), 32), 2),
+               _shrink(plan.resnet50_taps(160), 32), _shrink(plan.resnet50_taps(160), 32), 2),
     )
 }
 
@@ -118,14 +105,6 @@ class Inputs:
     student: list[Tensor]  # leaves with requires_grad
     attn: Tensor  # [B, n, m]
     probes: list[Tensor]  # one [C] vector per tap, teacher taps first
-
-    @property
-    def teacher_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.teacher)
-
-    @property
-    def student_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.student)
 
 
 def make_inputs(config: Config, device: torch.device, dtype: torch.dtype,
@@ -281,8 +260,10 @@ def run_config(config: Config, providers: Sequence[str], modes: Sequence[str], k
                device: torch.device, dtype: torch.dtype, copy_gbps: float, args) -> list[Row]:
     rows = []
     inputs = make_inputs(config, device, dtype)
-    floor = {"fwd": inputs.teacher_bytes + inputs.student_bytes,
-             "fwd+bwd": inputs.teacher_bytes + 3 * inputs.student_bytes}
+    floor = {mode: floor_bytes(config, dtype, mode) for mode in MODES}
+    # The plan's bytes at this card's copy bandwidth (CUDA only): one capture per mode.
+    model_ms = ({mode: plan.projection_ms(planned_launches(config, dtype, mode), copy_gbps)
+                 for mode in modes} if copy_gbps and kind == "ops" else {})
     for provider in providers:
         if provider.endswith("compile"):
             torch._dynamo.reset()  # one compile per config; no cache-limit surprises
@@ -308,9 +289,7 @@ def run_config(config: Config, providers: Sequence[str], modes: Sequence[str], k
                 for s in inputs.student:
                     s.grad = None
             gbps = floor[mode] / (ms * 1e-3) / 1e9
-            model = math.nan
-            if copy_gbps and provider.startswith("fused") and kind == "ops":
-                model = plan.projection_ms(planned_launches(config, dtype, mode), copy_gbps)
+            model = model_ms.get(mode, math.nan) if provider.startswith("fused") else math.nan
             rows.append(Row(config.name, config.description, config.batch, provider, mode, ms,
                             floor[mode], gbps, gbps / copy_gbps if copy_gbps else math.nan,
                             peak, str(device), model))
@@ -351,9 +330,8 @@ FORWARD_KERNELS = ("_pool_fwd_kernel", "_pairs_fwd_kernel")
 def planned_launches(config: Config, dtype: torch.dtype, mode: str) -> list[plan.Launch]:
     """The fused loss's launches for `config` at its real batch (meta tensors): the
     forward ones for "fwd", all of them for "fwd+bwd"."""
-    launches = plan.loss_launches([(c, s, s) for c, s in config.teacher],
-                                  [(c, s, s) for c, s in config.student], config.batch, dtype,
-                                  "channels_last")
+    launches = plan.loss_launches(plan.shapes(config.teacher), plan.shapes(config.student),
+                                  config.batch, dtype, "channels_last")
     if mode == "fwd":
         launches = [x for x in launches if x.kernel.__name__ in FORWARD_KERNELS]
     return launches
@@ -372,6 +350,7 @@ def model_report(configs: Sequence[Config], dtype: torch.dtype) -> str:
     """Per config and mode: launches, bytes planned vs the floor, programs per SM of each
     kernel, and the bandwidth-bound time on each card of plan.CARDS (a projection)."""
     cards = list(plan.CARDS)
+    sms = plan.CARDS[cards[0]][0]  # programs per SM of the first card
     head = ("config", "mode", "kernel", "launches", "MB", "programs", "programs/SM",
             *(f"{card} ms" for card in cards))
     blocks = []
@@ -379,7 +358,6 @@ def model_report(configs: Sequence[Config], dtype: torch.dtype) -> str:
         lines = [head]
         for mode in MODES:
             launches = planned_launches(config, dtype, mode)
-            sms = plan.CARDS[cards[0]][0]
             for k in plan.summarize(launches):
                 spread = (str(k.min_programs) if k.min_programs == k.max_programs
                           else f"{k.min_programs}-{k.max_programs}")
@@ -535,7 +513,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ImportError:
         versions += ", no triton"
     if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
+        name = device_name(device)
         copy_gbps = copy_bandwidth_gbps(device, args.warmup, args.rep)
         header = f"{name}, {versions}; copy bandwidth {copy_gbps:.0f} GB/s (1 GiB D2D copy)"
         title = header
@@ -595,7 +573,8 @@ def plan_main(args: argparse.Namespace, dtype: torch.dtype) -> int:
         print(f"PROJECTION (not a measurement): the fused loss's launch plan, {args.dtype} "
               "channels_last taps; time = bytes / the card's peak HBM bandwidth ("
               + ", ".join(f"{card} {bw:.0f} GB/s" for card, (_, bw) in plan.CARDS.items())
-              + "), no launch latency; programs/SM on 132 SMs\n")
+              + f"), no launch latency; programs/SM on {plan.CARDS[next(iter(plan.CARDS))][0]} "
+              "SMs\n")
         print(model_report(configs, dtype))
     if args.host:
         print(f"\nhost side of the fused loss, kernels stubbed out, on this CPU "

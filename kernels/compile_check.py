@@ -25,7 +25,6 @@ import re
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,7 +32,15 @@ import torch
 
 from fastibd.cli import ArgumentParser, choice_list
 from kernels import common
-from kernels.plan import Launch, loss_launches
+from kernels.plan import (
+    RESNET18_CIFAR,
+    WRN34_10_CIFAR,
+    Launch,
+    Shape,
+    loss_launches,
+    resnet50_taps,
+    shapes,
+)
 
 MAX_REGISTERS = 128
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -42,26 +49,10 @@ ARCHS = ("80", "90")
 BATCH = 2
 
 
-def cifar_taps() -> tuple[list[tuple[int, int, int]], list[tuple[int, int, int]]]:
-    """(teacher taps, student taps) as (C, H, W): WRN-34-10 -> ResNet-18 at 32 px."""
-    teacher = [(160, 32, 32)] * 5 + [(320, 16, 16)] * 5 + [(640, 8, 8)] * 5
-    student = [(64, 32, 32)] * 2 + [(128, 16, 16)] * 2 + [(256, 8, 8)] * 2 + [(512, 4, 4)] * 2
-    return teacher, student
-
-
-def resnet50_taps(resolution: int) -> list[tuple[int, int, int]]:
-    side = resolution // 4  # the stem's stride 4
-    taps = []
-    for blocks, width, stride in ((3, 256, 1), (4, 512, 2), (6, 1024, 2), (3, 2048, 2)):
-        side = -(-side // stride)
-        taps += [(width, side, side)] * blocks
-    return taps
-
-
-CONFIGS: dict[str, Callable[[], tuple[list, list]]] = {
-    "cifar": cifar_taps,
-    "imagenet160": lambda: (resnet50_taps(160), resnet50_taps(160)),
-    "imagenet224": lambda: (resnet50_taps(224), resnet50_taps(224)),
+CONFIGS: dict[str, tuple[list[Shape], list[Shape]]] = {  # (teacher taps, student taps)
+    "cifar": (shapes(WRN34_10_CIFAR), shapes(RESNET18_CIFAR)),  # WRN-34-10 -> ResNet-18
+    **{f"imagenet{px}": (shapes(resnet50_taps(px)), shapes(resnet50_taps(px)))
+       for px in (160, 224)},  # ResNet-50 -> ResNet-50
 }
 
 
@@ -82,7 +73,7 @@ class Result:
 def training_launches(config: str, dtype: torch.dtype, layout: str) -> list[Launch]:
     """The kernel launches of one forward and backward of the feature loss, as training makes
     them (kernels.plan), on CPU tensors of the config's shapes at batch 2."""
-    teacher, student = CONFIGS[config]()
+    teacher, student = CONFIGS[config]
     return loss_launches(teacher, student, BATCH, dtype, layout, device="cpu")
 
 

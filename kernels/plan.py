@@ -28,6 +28,27 @@ from torch import Tensor
 from kernels import common, pairs, pool
 
 Shape = tuple[int, int, int]  # (C, H, W) of a tap
+Tap = tuple[int, int]  # (channels, size): a square [B, C, size, size] tap
+
+
+def _taps(*groups: tuple[int, int, int]) -> tuple[Tap, ...]:
+    """(count, channels, size) groups -> the tap list."""
+    return tuple((c, s) for count, c, s in groups for _ in range(count))
+
+
+# The tap structures the benchmarks and the compile check use (one per block).
+WRN34_10_CIFAR = _taps((5, 160, 32), (5, 320, 16), (5, 640, 8))
+RESNET18_CIFAR = _taps((2, 64, 32), (2, 128, 16), (2, 256, 8), (2, 512, 4))
+
+
+def resnet50_taps(px: int) -> tuple[Tap, ...]:
+    s = px // 4  # 56 at 224 px, 40 at 160 px
+    return _taps((3, 256, s), (4, 512, s // 2), (6, 1024, s // 4), (3, 2048, s // 8))
+
+
+def shapes(taps: Sequence[Tap]) -> list[Shape]:
+    """(C, H, W) of square taps."""
+    return [(c, s, s) for c, s in taps]
 
 # Cards of the projection: (SMs, HBM bandwidth in GB/s, from the vendors' data sheets).
 CARDS = {"H100 SXM": (132, 3350.0), "H200": (132, 4800.0)}

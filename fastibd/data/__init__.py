@@ -162,9 +162,10 @@ def training_data(settings: DataSettings, device: torch.device, seed: int,
     pipeline = settings.pipeline
     if pipeline == "cifar":  # images as stored: both sets must have the same size
         input_size = eval_size = dataset_resolution(settings.train_path)
-        if dataset_resolution(settings.val_path) != input_size:
-            raise UserError(f"{settings.val_path} holds {dataset_resolution(settings.val_path)}"
-                            f"-px images, {settings.train_path} {input_size}-px ones")
+        val_size = dataset_resolution(settings.val_path)
+        if val_size != input_size:
+            raise UserError(f"{settings.val_path} holds {val_size}-px images, "
+                            f"{settings.train_path} {input_size}-px ones")
     else:
         input_size, eval_size = settings.min_res, settings.val_res
     train = make_loader(settings.train_path, pipeline, "train",

@@ -24,7 +24,6 @@ runs every attack in the L2 threat model (FGM, PGD-L2, CW-L2, AutoAttack and Squ
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import platform
 import sys
@@ -66,6 +65,7 @@ from fastibd.models import (
     conventional_resolution,
     is_imagenet_arch,
 )
+from fastibd.models.checkpoint import sha256_file
 from fastibd.models.teachers import (
     FORMATS,
     accuracy_by_normalization,
@@ -121,14 +121,6 @@ def over_255(value: float) -> str:
 
 
 # ----------------------------------------------------------------------------- the report
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as file:
-        for chunk in iter(lambda: file.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _plain(value: Any) -> Any:
@@ -347,7 +339,7 @@ def load_surrogate(args: argparse.Namespace, device: torch.device, labels: np.nd
                                             args.allow_resolution_change, args.surrogate)
     flags = [{"check": "surrogate_resolution", "message": f"surrogate: {flag['message']}"}
              for flag in flags]
-    about = {"path": args.surrogate.resolve(), "sha256": sha256(args.surrogate),
+    about = {"path": args.surrogate.resolve(), "sha256": sha256_file(args.surrogate),
              "bytes": args.surrogate.stat().st_size, "format": loaded.format,
              "model": asdict(model.spec) | {"trained_resolution": trained_at}}
     return model, about, flags
@@ -359,7 +351,7 @@ def normalization_probe(model: TappedModel, x: Tensor, y: Tensor, batch_size: in
     one; a flag when another is clearly better (the wrong-normalization trap)."""
     batches = [(x[i:i + batch_size].to(device), y[i:i + batch_size].to(device))
                for i in range(0, len(y), batch_size)]
-    accuracy = accuracy_by_normalization(model, batches, NORMALIZATIONS)
+    accuracy, _ = accuracy_by_normalization(model, batches, NORMALIZATIONS)
     best = better_normalization(accuracy)
     if best is None:
         return accuracy, []
@@ -531,7 +523,7 @@ def main(argv: list[str] | None = None) -> int:
         "created_utc": datetime.now(UTC).isoformat(timespec="seconds"),
         "argv": list(sys.argv[1:] if argv is None else argv),
         "config": config,
-        "checkpoint": {"path": args.ckpt.resolve(), "sha256": sha256(args.ckpt),
+        "checkpoint": {"path": args.ckpt.resolve(), "sha256": sha256_file(args.ckpt),
                        "bytes": args.ckpt.stat().st_size},
         "model": asdict(spec) | {"trained_resolution": trained_at,
                                  "recorded": loaded.recorded},

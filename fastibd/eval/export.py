@@ -33,12 +33,12 @@ import torch
 from fastibd.cli import ArgumentParser, parse_number, writable_directory
 from fastibd.errors import UserError, exit_on_user_error, require_file
 from fastibd.eval.evaluate import PROG as EVALUATE_PROG
-from fastibd.eval.evaluate import over_255, sha256
+from fastibd.eval.evaluate import over_255
 from fastibd.eval.robustness import attack_family
 from fastibd.method.modes import MODES
 from fastibd.models import WIDE_RESNETS, ModelSpec, TappedModel, conventional_resolution
 from fastibd.models.base import normalization_stats
-from fastibd.models.checkpoint import atomic_save
+from fastibd.models.checkpoint import atomic_save, sha256_file
 from fastibd.models.teachers import load_checkpoint
 from fastibd.run_dir import BEST, CONFIG_FILE, LAST, METRICS_FILE, read_metrics
 
@@ -223,7 +223,7 @@ def teacher_card(config: dict[str, Any]) -> dict[str, Any] | None:
     if mode is None or not mode.teacher or not teacher.get("path"):
         return None
     path = Path(teacher["path"])
-    return {"path": str(path), "sha256": sha256(path) if path.is_file() else
+    return {"path": str(path), "sha256": sha256_file(path) if path.is_file() else
             f"{NOT_RECORDED}: {path} is not there now",
             "arch": teacher.get("arch"), "format": teacher.get("format"),
             "normalization": teacher.get("normalization") or "from the file",
@@ -267,7 +267,7 @@ def evaluation_card(report: dict[str, Any], path: Path) -> dict[str, Any]:
     attacks = {name: {key: row.get(key) for key in ("accuracy", "correct", "n", "settings")}
                for name, row in (report.get("attacks") or {}).items()}
     eps = config.get("eps")
-    return {"report": str(path), "report_sha256": sha256(path),
+    return {"report": str(path), "report_sha256": sha256_file(path),
             "created_utc": report.get("created_utc"),
             "checkpoint": report["checkpoint"], "data": data.get("path"),
             "num_examples": data.get("num_examples"), "dataset_size": data.get("dataset_size"),
@@ -453,7 +453,7 @@ def export_run(run_dir: Path, out: Path, report_path: Path | None,
     loaded = load_checkpoint(None, checkpoint, "fastibd")
     spec = loaded.model.spec
     counterpart = counterpart_of(spec, checkpoint, wrap_normalization)
-    checkpoint_sha = sha256(checkpoint)
+    checkpoint_sha = sha256_file(checkpoint)
     report = None if report_path is None else read_report(report_path, checkpoint, checkpoint_sha)
     wrap = wrapped(counterpart, wrap_normalization)
 
@@ -488,7 +488,7 @@ def export_card(out: Path, counterpart: Counterpart, spec: ModelSpec,
         notes.append(f"normalization {spec.normalization}: RobustBench's own ImageNet loader "
                      "normalizes with ImageNet's statistics; a strict load_state_dict, as "
                      "below, takes this file's")
-    return {"path": str(out), "sha256": sha256(out), "bytes": out.stat().st_size,
+    return {"path": str(out), "sha256": sha256_file(out), "bytes": out.stat().st_size,
             "format": "state_dict", "layout": "normalize_model" if wrap else "plain",
             "robustbench": {"module": counterpart.module, "class": counterpart.name,
                             "constructor": counterpart.constructor(spec),

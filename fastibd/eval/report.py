@@ -32,7 +32,7 @@ from fastibd.errors import UserError, exit_on_user_error, require_file
 from fastibd.eval import attacks as eval_attacks
 from fastibd.models import TappedModel, is_imagenet_arch
 from fastibd.models.teachers import load_teacher
-from fastibd.run_dir import BEST, LAST, read_metrics
+from fastibd.run_dir import BEST, LAST, final_record, read_metrics
 
 PROG = "fastibd.report"
 DEFAULT_EPS_255 = (0, 1, 2, 4, 6, 8, 10, 12, 16)
@@ -69,7 +69,7 @@ def plot_curves(records: list[dict[str, Any]], path: Path) -> dict[str, Any] | N
 
     loss_keys = sorted({k for r in epochs for k in r if k.startswith("loss_")})
     acc_keys = [k for k in ("holdout_clean_acc", "holdout_pgd_acc") if any(k in r for r in epochs)]
-    final = next((r for r in reversed(records) if r.get("kind") == "final"), None)
+    final = final_record(records)
 
     fig = _figure(15, 4.2)
     ax_loss, ax_acc, ax_lr = fig.subplots(1, 3)

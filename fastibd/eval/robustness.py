@@ -226,9 +226,12 @@ def run_attacks(
     progress: bool = True,
     keep: int = 0,
     surrogate: nn.Module | None = None,
+    gradient_check: bool = True,
 ) -> tuple[Results, tuple[Tensor, Tensor] | None]:
     """Run every attack on every batch; also return the first `keep` examples (for checks).
-    `surrogate`: the model transfer attacks craft their examples on.
+    `surrogate`: the model transfer attacks craft their examples on. `gradient_check`: also
+    find where the cross-entropy gradient is exactly zero (`Results.zero_gradient`, one more
+    forward + backward per batch; the masking checks read it, model selection does not).
 
     "clean" is always run first (the ensemble is taken over clean and every attack)."""
     names = ["clean", *[a for a in attacks if a != "clean"]]
@@ -248,7 +251,8 @@ def run_attacks(
         x, y = x.clone(), y.clone()  # FFCV reuses its buffers
         seed = derived_seed(settings.seed, index)
         everything = torch.ones_like(y, dtype=torch.bool)
-        zero_parts.append(eval_attacks.zero_gradient(model, x, y).cpu())
+        if gradient_check:
+            zero_parts.append(eval_attacks.zero_gradient(model, x, y).cpu())
         for name in names:
             bar.set_description(name)
             synchronize(x.device)
@@ -270,7 +274,9 @@ def run_attacks(
     bar.close()
     results.correct = {name: torch.cat(parts[name]) if parts[name] else torch.zeros(0, dtype=bool)
                        for name in names}
-    results.zero_gradient = torch.cat(zero_parts) if zero_parts else torch.zeros(0, dtype=bool)
+    if gradient_check:
+        results.zero_gradient = (torch.cat(zero_parts) if zero_parts
+                                 else torch.zeros(0, dtype=bool))
     kept = (torch.cat(kept_x)[:keep], torch.cat(kept_y)[:keep]) if kept_y else None
     return results, kept
 
@@ -461,7 +467,8 @@ def clean_and_pgd(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], ep
     fp32)."""
     name = f"pgd{steps}"
     settings = Settings(eps, step_size, 1, seed, num_classes, norm=norm)
-    results, _ = run_attacks(model, batches, [name], settings, progress=False)
+    results, _ = run_attacks(model, batches, [name], settings, progress=False,
+                             gradient_check=False)
     n = max(results.n, 1)
     budget = (f"eps {eps * 255:.4g}/255, step {step_size * 255:.4g}/255" if norm == "linf" else
               f"L2 eps {eps:.4g}, step {step_size:.4g}")

@@ -76,8 +76,14 @@ class WeightPerturbation:
         self.proxy.requires_grad_(False)
         self.proxy.student.requires_grad_(True)  # only the student is perturbed
         self.names = perturbed_names(objective.student)
+        # The parameter objects stay the same for the run (load_state_dict copies in place):
+        # looked up once, not per step.
+        weights = dict(objective.student.named_parameters())
+        proxies = dict(self.proxy.student.named_parameters())
+        self.weights = [weights[name] for name in self.names]
+        self.proxies = [proxies[name] for name in self.names]
         self.active = settings.warmup == 0
-        self._saved: dict[str, Tensor] | None = None
+        self._saved: list[Tensor] | None = None
 
     def set_epoch(self, epoch: int) -> None:
         """Epochs count from 0: AWP runs from epoch `warmup` on (the AWP code's
@@ -92,16 +98,12 @@ class WeightPerturbation:
         self.proxy.load_state_dict(self.objective.state_dict())
         self.proxy.train()
         loss = self.proxy(x, x_adv, y, teacher_probs, teacher_feats)[0]
-        proxies = dict(self.proxy.student.named_parameters())
-        grads = torch.autograd.grad(loss, [proxies[name] for name in self.names],
-                                    allow_unused=True)
-        weights = dict(self.objective.student.named_parameters())
+        grads = torch.autograd.grad(loss, self.proxies, allow_unused=True)
         with torch.no_grad():
             directions = {}
-            for name, g in zip(self.names, grads, strict=True):
+            for name, w, g in zip(self.names, self.weights, grads, strict=True):
                 if g is None:  # a layer the loss does not reach (e.g. an unused block)
                     continue
-                w = weights[name]
                 directions[name] = self.settings.gamma * w.norm() / (g.norm() + EPS) * g
         return directions
 
@@ -113,17 +115,16 @@ class WeightPerturbation:
             return
         with torch.enable_grad():
             directions = self.direction(x, x_adv, y, teacher_probs, teacher_feats)
-        weights = dict(self.objective.student.named_parameters())
-        self._saved = {name: weights[name].detach().clone() for name in self.names}
-        for name, v in directions.items():
-            weights[name].add_(v)
+        self._saved = [w.detach().clone() for w in self.weights]
+        for name, w in zip(self.names, self.weights, strict=True):
+            if name in directions:
+                w.add_(directions[name])
 
     @torch.no_grad()
     def restore(self) -> None:
         """Put back exactly the weights `perturb` moved (their gradients stay)."""
         if self._saved is None:
             return
-        weights = dict(self.objective.student.named_parameters())
-        for name, saved in self._saved.items():
-            weights[name].copy_(saved)
+        for w, saved in zip(self.weights, self._saved, strict=True):
+            w.copy_(saved)
         self._saved = None

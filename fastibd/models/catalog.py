@@ -15,7 +15,6 @@ says how otherwise. The sha256 of what it got is printed and written to `<file>.
 from __future__ import annotations
 
 import difflib
-import hashlib
 import http.client
 import os
 import re
@@ -31,8 +30,9 @@ from typing import Any
 from fastargs.validation import Checker
 
 from fastibd.cli import parse_number, writable_directory
-from fastibd.errors import UserError
+from fastibd.errors import UserError, first_line
 from fastibd.models import ARCHITECTURES, NORMALIZATIONS
+from fastibd.models.checkpoint import sha256_file
 
 DEFAULT_CATALOG = Path(__file__).with_name("catalog.yaml")
 # The layouts a teacher file comes in. fastibd.models.teachers reads each (its FORMATS adds
@@ -238,18 +238,13 @@ class Fetched:
     already_there: bool  # nothing was downloaded
 
 
-def sha256_of(path: Path) -> str:
-    with path.open("rb") as file:
-        return hashlib.file_digest(file, "sha256").hexdigest()
-
-
 def fetch(entry: CatalogEntry, directory: Path, progress: bool = True,
           tries: int = TRIES) -> Fetched:
     """Get `entry`'s file into `directory` (at `entry.file`), checked against the catalog's
     size and sha256 when it states them; a file already there is checked, not fetched."""
     target = directory / entry.file
     if target.is_file():
-        digest = sha256_of(target)
+        digest = sha256_file(target)
         _check_digest(entry, digest, target, "is already there but")
         return Fetched(target, digest, target.stat().st_size, already_there=True)
     writable_directory(target.parent, "--to", create=False)  # made once there is a file
@@ -257,7 +252,7 @@ def fetch(entry: CatalogEntry, directory: Path, progress: bool = True,
         digest = _download(entry, target, progress, tries)
     else:
         _fetch_with_robustbench(entry, directory, target)
-        digest = sha256_of(target)
+        digest = sha256_file(target)
         _check_digest(entry, digest, target, "was downloaded by RobustBench but", remove=True)
     _write_atomically(target.with_name(target.name + ".sha256"), f"{digest}  {target.name}\n")
     return Fetched(target, digest, target.stat().st_size, already_there=False)
@@ -355,7 +350,7 @@ def _append(response: Any, part: Path, have: int, total: int | None, progress: b
 
 def _finish(entry: CatalogEntry, part: Path, target: Path) -> str:
     """Check the whole download against the catalog, then rename it into place."""
-    size, digest = part.stat().st_size, sha256_of(part)
+    size, digest = part.stat().st_size, sha256_file(part)
     if entry.bytes is not None and size != entry.bytes:
         part.unlink()
         raise UserError(f"the download of {entry.name} has {size} bytes, the catalog says "
@@ -392,8 +387,8 @@ def _fetch_with_robustbench(entry: CatalogEntry, directory: Path, target: Path) 
         load_model(model_name=entry.robustbench.model, dataset=entry.dataset,
                    threat_model=entry.threat_model, model_dir=str(directory))
     except Exception as err:  # noqa: BLE001 - network, Drive quota, a RobustBench version
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-        raise UserError(f"RobustBench could not get {entry.name} ({first}); {yourself}"
+        raise UserError(f"RobustBench could not get {entry.name} ({first_line(err)}); "
+                        f"{yourself}"
                         ) from None
     if not target.is_file():
         raise UserError(f"RobustBench did not write {target}; {yourself}")

@@ -7,6 +7,7 @@ reads it: {"format": "fastibd", "version": 1, "spec": ModelSpec fields, "model":
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from dataclasses import asdict
@@ -25,6 +26,12 @@ def model_checkpoint(model: TappedModel, **extra: Any) -> dict[str, Any]:
     """The checkpoint dict for `model` (which must come from `build_model`)."""
     return {"format": FORMAT, "version": VERSION, "spec": asdict(model.spec),
             "model": model.state_dict(), **extra}
+
+
+def sha256_file(path: str | Path) -> str:
+    """The file's sha256, hex (read in chunks: checkpoints are gigabytes)."""
+    with Path(path).open("rb") as file:
+        return hashlib.file_digest(file, "sha256").hexdigest()
 
 
 def atomic_save(obj: Any, path: str | Path) -> Path:

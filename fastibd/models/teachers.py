@@ -41,7 +41,7 @@ from torch import nn
 
 from fastibd.chance import chance_bound
 from fastibd.config import Choice, Flag, Number, Text, option, section
-from fastibd.errors import UserError, require_file
+from fastibd.errors import UserError, first_line, require_file
 from fastibd.models import (
     ARCHITECTURES,
     NORMALIZATIONS,
@@ -129,9 +129,10 @@ def with_catalog(settings: TeacherSettings) -> TeacherSettings:
 @torch.no_grad()
 def accuracy_by_normalization(model: TappedModel,
                               batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-                              alternatives: Iterable[str]) -> dict[str, float]:
-    """Clean accuracy on `batches` (re-iterable) with the model's own normalization (first
-    key) and with each of `alternatives`; the model keeps its own afterwards."""
+                              alternatives: Iterable[str]) -> tuple[dict[str, float], int]:
+    """(clean accuracy on `batches` (re-iterable) with the model's own normalization (first
+    key) and with each of `alternatives`, the number of examples); the model keeps its own
+    normalization afterwards."""
     configured = model.spec.normalization
     candidates = [configured] + [n for n in dict.fromkeys(alternatives)
                                  if n != configured and n in NORMALIZATIONS]
@@ -146,7 +147,7 @@ def accuracy_by_normalization(model: TappedModel,
             accuracy[str(normalization)] = correct / max(total, 1)
     finally:
         model.set_normalization(configured)
-    return accuracy
+    return accuracy, total
 
 
 def better_normalization(accuracy: dict[str, float]) -> str | None:
@@ -167,13 +168,12 @@ def check_teacher_accuracy(teacher: TappedModel,
     told from guessing whatever the normalization (wrong file). `batches` must be
     re-iterable."""
     configured = teacher.spec.normalization
-    accuracy = accuracy_by_normalization(teacher, batches, alternatives)
+    accuracy, total = accuracy_by_normalization(teacher, batches, alternatives)
     mine, best = accuracy[str(configured)], better_normalization(accuracy)
     if best is not None:
         raise UserError(f"the teacher {path} gets {mine:.1%} of the held-out training "
                         f"images right with normalization {configured}, but "
                         f"{accuracy[best]:.1%} with {best}: set teacher.normalization={best}")
-    total = sum(len(y) for _, y in batches)
     below = published_shortfall(mine, total, catalog_entry(name)) if name else None
     if below:
         raise UserError(f"the teacher {path} gets {mine:.1%} of {total} held-out training "
@@ -312,7 +312,7 @@ def read_checkpoint(path: str | Path, trust_pickle: bool = False,
             return torch.load(path, map_location="cpu", weights_only=False,
                               pickle_module=pickle_module)
     except Exception as err:  # noqa: BLE001 - any failure of a foreign pickle is the file's
-        raise UserError(f"cannot read {path} even as a trusted pickle ({_first_line(err)})"
+        raise UserError(f"cannot read {path} even as a trusted pickle ({first_line(err)})"
                         ) from None
 
 
@@ -444,8 +444,3 @@ def _check_fit(model: TappedModel, state: Mapping[str, torch.Tensor], context: s
         elif conflicts:
             hint = " (is the architecture or width_mult right?)"
         raise UserError(f"{context}: " + "; ".join(problems) + hint)
-
-
-def _first_line(err: BaseException) -> str:
-    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err))  # some libraries colour their messages
-    return (text.strip().splitlines() or [type(err).__name__])[0][:200]

@@ -27,7 +27,7 @@ from typing import Any
 
 from fastibd.cli import ArgumentParser, parse_number, writable_directory
 from fastibd.errors import EXIT_INTERRUPTED, UserError, exit_on_user_error
-from fastibd.run_dir import read_metrics
+from fastibd.run_dir import LAST, final_record, read_metrics
 from fastibd.train.settings import load_settings
 
 PROG = "fastibd.sweep"
@@ -49,8 +49,7 @@ class Run:
     @property
     def final(self) -> dict[str, Any] | None:
         """The run's final record, once it has finished."""
-        records = [r for r in read_metrics(self.directory) if r.get("kind") == "final"]
-        return records[-1] if records else None
+        return final_record(read_metrics(self.directory))
 
 
 def parse_grid(text: str) -> tuple[str, list[str]]:
@@ -110,11 +109,12 @@ def collect(runs: list[Run], out: Path) -> list[dict[str, Any]]:
     keys = list(runs[0].swept) if runs else []
     rows = []
     for run in runs:
-        final = run.final
-        best = [r for r in read_metrics(run.directory) if "holdout_pgd_acc" in r]
+        records = read_metrics(run.directory)  # once per run
+        final = final_record(records)
+        best = [r for r in records if "holdout_pgd_acc" in r]
         rows.append({"run": run.directory.name, **run.swept,
                      "status": "done" if final else ("started" if best or
-                                                      (run.directory / "last.pt").exists()
+                                                      (run.directory / LAST).exists()
                                                       else "not started"),
                      "epochs": final["epoch"] if final else "",
                      "val_clean_acc": final["val_clean_acc"] if final else "",
