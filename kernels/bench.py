@@ -104,7 +104,7 @@ class Inputs:
     teacher: list[Tensor]
     student: list[Tensor]  # leaves with requires_grad
     attn: Tensor  # [B, n, m]
-    probes: list[Tensor]  # one [C] vector per tap, teacher taps first
+    probe: Tensor  # [sum C]: one vector over all GAPs, teacher taps first
 
 
 def make_inputs(config: Config, device: torch.device, dtype: torch.dtype,
@@ -121,23 +121,22 @@ def make_inputs(config: Config, device: torch.device, dtype: torch.dtype,
     student = [tap(c, s, True) for c, s in config.student]
     logits = torch.randn((config.batch, len(teacher), len(student)), generator=gen,
                          device=device)
-    probes = [torch.randn((c,), generator=gen, device=device) / c
-              for c, _ in (*config.teacher, *config.student)]
-    return Inputs(teacher, student, logits.softmax(-1), probes)
+    channels = sum(c for c, _ in (*config.teacher, *config.student))
+    probe = torch.randn((channels,), generator=gen, device=device) / channels
+    return Inputs(teacher, student, logits.softmax(-1), probe)
 
 
 def ops_loss(ops) -> Callable[[Inputs], Tensor]:
     """The hot path on a kernel module with the reference signatures (reference or fused)."""
 
     def loss(x: Inputs) -> Tensor:
-        t_pooled = [ops.pool(z.detach()) for z in x.teacher]
-        s_pooled = [ops.pool(z) for z in x.student]
-        d = ops.pair_distances([mp for mp, _ in t_pooled], [mp for mp, _ in s_pooled])
-        value = ops.weighted_sum(d, x.attn)
-        gaps = [g for _, g in t_pooled] + [g for _, g in s_pooled]
-        for gap, probe in zip(gaps, x.probes, strict=True):
-            value = value + (gap @ probe).mean()
-        return value
+        t_maps, t_gaps = ops.pool_taps([z.detach() for z in x.teacher])
+        s_maps, s_gaps = ops.pool_taps(x.student)
+        d = ops.packed_pair_distances(t_maps, s_maps, [z.shape[2:] for z in x.teacher],
+                                      [z.shape[2:] for z in x.student])
+        # every GAP reaches the loss (as the attention's inputs do), through one probe
+        gaps = torch.cat([t_gaps, s_gaps], dim=1)
+        return ops.weighted_sum(d, x.attn) + (gaps @ x.probe).mean()
 
     return loss
 
@@ -324,7 +323,7 @@ def aligned(lines: Sequence[Sequence[str]]) -> str:
 
 # ------------------------------------------------------------ the plan, without a GPU
 
-FORWARD_KERNELS = ("_pool_fwd_kernel", "_pairs_fwd_kernel")
+FORWARD_KERNELS = ("_pool_fwd_kernel", "_gap_reduce_kernel", "_pairs_fwd_kernel")
 
 
 def planned_launches(config: Config, dtype: torch.dtype, mode: str) -> list[plan.Launch]:
@@ -376,18 +375,37 @@ def model_report(configs: Sequence[Config], dtype: torch.dtype) -> str:
     return "\n\n".join(blocks)
 
 
+def ops_only(ops) -> Callable[[Inputs], tuple[list[Tensor], list[Tensor]]]:
+    """The three op calls alone (pool per side, the pair distances) and the backward of
+    their outputs: the ops' own host work, without the loss terms around them."""
+
+    def run(x: Inputs) -> tuple[list[Tensor], list[Tensor]]:
+        t_maps, _ = ops.pool_taps([z.detach() for z in x.teacher])
+        s_maps, s_gaps = ops.pool_taps(x.student)
+        d = ops.packed_pair_distances(t_maps, s_maps, [z.shape[2:] for z in x.teacher],
+                                      [z.shape[2:] for z in x.student])
+        return [d, s_gaps], [x.attn, torch.ones_like(s_gaps)]
+
+    return run
+
+
 def host_report(configs: Sequence[Config], dtype: torch.dtype, reps: int) -> str:
     """Host ms of the fused loss per config with every kernel stubbed out, on this CPU, at
-    the config's tap structure with batch 2 (the host work does not depend on the batch)."""
-    head = ("config", "taps", "launches", "host ms fwd", "host ms fwd+bwd")
+    the config's tap structure with batch 2 (the host work does not depend on the batch):
+    the loss (ops_loss), and the ops alone (ops_only)."""
+    head = ("config", "taps", "launches", "host ms fwd", "host ms fwd+bwd",
+            "ops alone fwd+bwd")
     lines = [head]
     for config in configs:
         small = replace(config, batch=2)
-        fwd, both, launches = plan.host_ms(
-            ops_loss(fused), lambda small=small: make_inputs(small, torch.device("cpu"), dtype),
-            reps)
+
+        def inputs(small=small):
+            return make_inputs(small, torch.device("cpu"), dtype)
+
+        fwd, both, launches = plan.host_ms(ops_loss(fused), inputs, reps)
+        _, alone, _ = plan.host_ms(ops_only(fused), inputs, reps)
         lines.append((config.name, f"{len(config.teacher)}+{len(config.student)}",
-                      str(launches), f"{fwd:.3f}", f"{both:.3f}"))
+                      str(launches), f"{fwd:.3f}", f"{both:.3f}", f"{alone:.3f}"))
     return aligned(lines)
 
 

@@ -1,5 +1,5 @@
 """What the fused ops share: Triton (or a stand-in where it is not installed, so every op
-module imports and falls back to the reference), the dispatch rule, buffers, packing.
+module imports and falls back to the reference), the dispatch rule, buffers.
 
 Output poisoning: with FASTIBD_POISON_OUTPUTS=1 every buffer a host function allocates for a
 kernel to fill (outputs and intermediates) starts as NaN instead of uninitialized memory, so
@@ -53,15 +53,12 @@ def interpreting() -> bool:
     return os.environ.get(INTERPRET_ENV, "") == "1"
 
 
-def new_buffer(
-    shape: tuple[int, ...],
-    dtype: torch.dtype,
-    device: torch.device,
-    memory_format: torch.memory_format = torch.contiguous_format,
-) -> Tensor:
-    """An uninitialized buffer for a kernel to fill, or NaN-filled when poisoning is on."""
-    out = torch.empty(shape, dtype=dtype, device=device, memory_format=memory_format)
-    if poison_enabled():
+def new_buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
+               poison: bool | None = None) -> Tensor:
+    """An uninitialized buffer for a kernel to fill, or NaN-filled when poisoning is on
+    (`poison`: poison_enabled(), read once by a caller that allocates several)."""
+    out = torch.empty(shape, dtype=dtype, device=device)
+    if poison_enabled() if poison is None else poison:
         out.fill_(float("nan"))
     return out
 
@@ -71,17 +68,12 @@ def next_pow2(x: int) -> int:
     return 1 if x <= 1 else 1 << (int(x) - 1).bit_length()
 
 
-def unpack(packed: Tensor, like: Sequence[Tensor],
-           needed: Sequence[bool] | None = None) -> list[Tensor | None]:
-    """Per-map views [B, H_i, W_i] of a packed [B, sum H_i*W_i] gradient (no copy), cast to
-    each map's dtype; None where `needed` says the map needs none."""
-    out, offset = [], 0
-    for i, x in enumerate(like):
-        size = x.shape[-2] * x.shape[-1]
-        keep = needed is None or needed[i]
-        out.append(packed[:, offset:offset + size].view(x.shape).to(x.dtype) if keep else None)
-        offset += size
-    return out
+def eager_triton(tensors: Sequence[Tensor]) -> bool:
+    """use_triton, outside torch.compile's tracing: the ops then skip torch.library's Python
+    dispatch (an autograd.Function runs the same host functions); traced code keeps the
+    registered custom ops, which torch.compile needs."""
+    # is_compiling first: dynamo then traces nothing of the dispatch rule
+    return not torch.compiler.is_compiling() and use_triton(tensors)
 
 
 def triton_available() -> bool:
@@ -98,9 +90,3 @@ def use_triton(tensors: Sequence[Tensor]) -> bool:
     if device != "cuda" and not (device == "cpu" and interpreting()):
         return False
     return triton_available()
-
-
-def packed_len(maps: Sequence[Tensor]) -> int:
-    """Length of a packed row of `maps`: the sum of their H*W."""
-    return sum(x.shape[-2] * x.shape[-1] for x in maps)
-

@@ -10,10 +10,11 @@ so one pass over the maps that accumulates the three sums tt = |t|^2, rr = |r|^2
 gives d exactly as the reference defines it (|a t|^2 is 1 for a map with |t| > eps and
 tt/eps^2 otherwise, i.e. 0 for an all-zero map; d is clamped at 0 against round-off).
 
-Launch plan (forward: ONE launch for all n*m pairs, plus a torch.cat per side that packs the
-maps; backward: two launches).
-  * Maps are packed per side into [B, L] fp32 rows (L = sum of the maps' H*W): a single base
-    pointer plus int32 offset tables stands in for a list of tensors.
+Launch plan (forward: ONE launch for all n*m pairs; backward: two launches).
+  * Maps come packed per side as [B, L] fp32 rows (L = sum of the maps' H*W), exactly as
+    kernels.pool.pool_taps writes them: a single base pointer plus int32 offset tables
+    stands in for a list of tensors, and nothing is concatenated (`pair_distances` of
+    separate maps packs them with one torch.cat per side).
   * Teacher maps are grouped by size (ResNets have 3-4 distinct sizes for 8-16 taps). One
     program owns (sample b, size group g): it walks the group's positions in blocks of BLOCK,
     loads the block of all teacher maps of the group as one [MAX_GROUP, BLOCK] tile, and for
@@ -33,12 +34,13 @@ maps; backward: two launches).
 
 Everything here is O(map size), ~1/C of the feature bytes that `pool` moves.
 
-The op is two torch.library custom ops, `fastibd::pair_distances` -> (d, stats) and
-`fastibd::pair_distances_backward` (its autograd formula) -> packed gradients [B, sum H*W]
-per side (custom-op outputs may not alias each other, so the per-map views are cut in the
-traceable autograd formula). They dispatch as kernels/pool.py's do; `stats` (the three sums
-per pair, saved for the backward) is empty on the reference path. Use `pair_distances`,
-which returns d only, with the reference's signature. Double backward is not supported.
+The op is two torch.library custom ops on packed maps, `fastibd::pair_distances` -> (d, stats)
+and `fastibd::pair_distances_backward` (its autograd formula) -> packed gradients
+[B, sum H*W] per side. They dispatch as kernels/pool.py's do; `stats` (the three sums per
+pair, saved for the backward) is empty on the reference path. Use `packed_pair_distances`
+(or `pair_distances` of separate maps), which return d only; outside torch.compile they
+run the same host functions through a plain autograd.Function (kernels.common.eager_triton).
+Double backward is not supported.
 """
 
 import functools
@@ -48,9 +50,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from kernels import reference
-from kernels.common import new_buffer, next_pow2, packed_len, tl, triton, unpack, use_triton
-from kernels.reference import NORMALIZE_EPS
+from kernels import common, reference
+from kernels.common import eager_triton, new_buffer, next_pow2, tl, triton, use_triton
+from kernels.reference import NORMALIZE_EPS, Sizes
 
 # ------------------------------------------------------------------------ device helpers
 
@@ -359,32 +361,46 @@ def pair_plan(t_sizes: tuple[tuple[int, int], ...], s_sizes: tuple[tuple[int, in
     )
 
 
-def _sizes(maps: Sequence[Tensor]) -> tuple[tuple[int, int], ...]:
+def _pairs(flat: Sequence[int]) -> Sizes:
+    """[h0, w0, h1, w1, ...] (a custom op's int[]) -> ((h0, w0), (h1, w1), ...)."""
+    return tuple(zip(flat[::2], flat[1::2], strict=True))
+
+
+def _flat(sizes: Sizes) -> list[int]:
+    return [int(v) for size in sizes for v in size]
+
+
+def sizes_of(maps: Sequence[Tensor]) -> Sizes:
     return tuple((int(x.shape[-2]), int(x.shape[-1])) for x in maps)
 
 
 def pack(maps: Sequence[Tensor]) -> Tensor:
-    """n maps [B, H_i, W_i] -> one [B, sum_i H_i W_i] fp32 tensor (one torch.cat)."""
-    batch = maps[0].shape[0]
-    return torch.cat([x.reshape(batch, -1).to(torch.float32) for x in maps], dim=1)
+    """n maps [B, H_i, W_i] -> one [B, sum_i H_i W_i] tensor in the accumulation dtype (one
+    torch.cat, differentiable)."""
+    batch, dtype = maps[0].shape[0], reference.accumulation_dtype(*maps)
+    return torch.cat([x.reshape(batch, -1).to(dtype) for x in maps], dim=1)
 
 
-def plan_for(t_maps: Sequence[Tensor], s_maps: Sequence[Tensor]) -> PairPlan:
-    return pair_plan(_sizes(t_maps), _sizes(s_maps), t_maps[0].device)
+def _packed_rows(x: Tensor) -> Tensor:
+    """fp32 [B, L] with contiguous rows, as the kernels index it (a no-op for pool's maps)."""
+    x = x.to(torch.float32)
+    return x if x.shape[1] <= 1 or x.stride(1) == 1 else x.contiguous()
 
 
-def pairs_fwd(t_maps: Sequence[Tensor], s_maps: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
-    """Triton forward. t_maps: n maps [B, Ht_i, Wt_i]; s_maps: m maps [B, Hs_j, Ws_j]; any
-    float dtype except float64, on CUDA (or CPU under TRITON_INTERPRET=1).
+def pairs_fwd(t_packed: Tensor, s_packed: Tensor, t_sizes: Sizes, s_sizes: Sizes
+              ) -> tuple[Tensor, Tensor]:
+    """Triton forward. t_packed: [B, sum Ht_i Wt_i] (n teacher maps of sizes t_sizes, packed
+    as kernels.pool.pool_taps packs them); s_packed likewise; any float dtype except float64,
+    on CUDA (or CPU under TRITON_INTERPRET=1).
 
     Returns (d [B, n, m] fp32, stats [3, B, n, m] fp32 = |t|^2, |r|^2, <t, r> per pair),
     stats being what `pairs_bwd` needs."""
-    plan = plan_for(t_maps, s_maps)
-    batch = t_maps[0].shape[0]
-    device = t_maps[0].device
-    t_packed, s_packed = pack(t_maps), pack(s_maps)
-    d = new_buffer((batch, plan.n, plan.m), torch.float32, device)
-    stats = new_buffer((3, batch, plan.n, plan.m), torch.float32, device)
+    plan = pair_plan(tuple(t_sizes), tuple(s_sizes), t_packed.device)
+    batch, device = t_packed.shape[0], t_packed.device
+    t_packed, s_packed = _packed_rows(t_packed), _packed_rows(s_packed)
+    poison = common.poison_enabled()
+    d = new_buffer((batch, plan.n, plan.m), torch.float32, device, poison)
+    stats = new_buffer((3, batch, plan.n, plan.m), torch.float32, device, poison)
     if batch > 0:
         _pairs_fwd_kernel[(batch, plan.num_groups)](
             t_packed, s_packed, d, stats, plan.groups, plan.members, plan.t_offsets,
@@ -395,26 +411,28 @@ def pairs_fwd(t_maps: Sequence[Tensor], s_maps: Sequence[Tensor]) -> tuple[Tenso
     return d, stats
 
 
-def pairs_bwd(grad_d: Tensor, t_maps: Sequence[Tensor], s_maps: Sequence[Tensor],
-              stats: Tensor, need_t: bool, need_s: bool) -> tuple[Tensor, Tensor]:
+def pairs_bwd(grad_d: Tensor, t_packed: Tensor, s_packed: Tensor, t_sizes: Sizes,
+              s_sizes: Sizes, stats: Tensor, need_t: bool, need_s: bool
+              ) -> tuple[Tensor, Tensor]:
     """Triton backward. grad_d: [B, n, m]; stats: from `pairs_fwd`.
 
-    Returns (gt [B, LT], gs [B, LS]): fp32 gradients w.r.t. the packed teacher / student maps
-    (`pack` order; map i is columns sum_{k<i} H_k W_k onward), each an empty [0] tensor when
-    not asked for. The teacher gradient costs one extra store per teacher position."""
-    plan = plan_for(t_maps, s_maps)
-    batch = t_maps[0].shape[0]
-    device = t_maps[0].device
+    Returns (gt [B, LT], gs [B, LS]): fp32 gradients w.r.t. the packed teacher / student maps,
+    each an empty [0] tensor when not asked for. The teacher gradient costs one extra store
+    per teacher position."""
+    plan = pair_plan(tuple(t_sizes), tuple(s_sizes), t_packed.device)
+    batch, device = t_packed.shape[0], t_packed.device
     empty = torch.empty((0,), dtype=torch.float32, device=device)
     if batch == 0 or not (need_t or need_s):
         gt = torch.zeros((batch, plan.t_len), device=device) if need_t else empty
         gs = torch.zeros((batch, plan.s_len), device=device) if need_s else empty
         return gt, gs
-    t_packed, s_packed = pack(t_maps), pack(s_maps)
+    t_packed, s_packed = _packed_rows(t_packed), _packed_rows(s_packed)
     gd = grad_d.to(torch.float32).contiguous()
     stats = stats.contiguous()
-    gt = new_buffer((batch, plan.t_len), torch.float32, device) if need_t else empty
-    gr = new_buffer((batch, plan.m, plan.g_len), torch.float32, device) if need_s else empty
+    poison = common.poison_enabled()
+    gt = new_buffer((batch, plan.t_len), torch.float32, device, poison) if need_t else empty
+    gr = (new_buffer((batch, plan.m, plan.g_len), torch.float32, device, poison) if need_s
+          else empty)
     _pairs_bwd_resized_kernel[(batch, plan.num_groups)](
         t_packed, s_packed, stats, gd, gr if need_s else t_packed, gt if need_t else t_packed,
         plan.groups, plan.members, plan.t_offsets, plan.s_table, batch * plan.n * plan.m,
@@ -425,7 +443,7 @@ def pairs_bwd(grad_d: Tensor, t_maps: Sequence[Tensor], s_maps: Sequence[Tensor]
     )
     if not need_s:
         return gt, empty
-    gs = new_buffer((batch, plan.s_len), torch.float32, device)
+    gs = new_buffer((batch, plan.s_len), torch.float32, device, poison)
     _pairs_bwd_student_kernel[(batch, plan.m)](
         gr, gs, plan.groups, plan.s_table, plan.num_groups, plan.m, plan.g_len, plan.s_len,
         BLOCK=plan.block_s, num_warps=4,
@@ -439,47 +457,47 @@ def pairs_bwd(grad_d: Tensor, t_maps: Sequence[Tensor], s_maps: Sequence[Tensor]
 @torch.library.custom_op(
     "fastibd::pair_distances",
     mutates_args=(),
-    schema="(Tensor[] t_maps, Tensor[] s_maps) -> (Tensor, Tensor)",
+    schema="(Tensor t_packed, Tensor s_packed, int[] t_sizes, int[] s_sizes) -> (Tensor, Tensor)",
 )
-def pair_distances_op(t_maps: list[Tensor], s_maps: list[Tensor]) -> tuple[Tensor, Tensor]:
-    """(d [B, n, m], stats); d as kernels.reference.pair_distances. stats is [3, B, n, m] on
-    the Triton path (saved for its backward) and an empty tensor on the reference path."""
-    if use_triton([*t_maps, *s_maps]):
-        return pairs_fwd(t_maps, s_maps)
-    d = reference.pair_distances(t_maps, s_maps)
+def pair_distances_op(t_packed: Tensor, s_packed: Tensor, t_sizes: list[int],
+                      s_sizes: list[int]) -> tuple[Tensor, Tensor]:
+    """(d [B, n, m], stats) of packed maps; sizes flattened as [h0, w0, h1, w1, ...]. d as
+    kernels.reference.packed_pair_distances; stats is [3, B, n, m] on the Triton path (saved
+    for its backward) and an empty tensor on the reference path."""
+    if use_triton([t_packed, s_packed]):
+        return pairs_fwd(t_packed, s_packed, _pairs(t_sizes), _pairs(s_sizes))
+    d = reference.packed_pair_distances(t_packed, s_packed, _pairs(t_sizes), _pairs(s_sizes))
     return d, d.new_empty((0,))
 
 
 @pair_distances_op.register_fake
-def _pair_distances_fake(t_maps: list[Tensor], s_maps: list[Tensor]) -> tuple[Tensor, Tensor]:
-    dtype = reference.accumulation_dtype(*t_maps, *s_maps)
-    batch, n, m = t_maps[0].shape[0], len(t_maps), len(s_maps)
-    d = t_maps[0].new_empty((batch, n, m), dtype=dtype)
-    if use_triton([*t_maps, *s_maps]):
-        return d, t_maps[0].new_empty((3, batch, n, m), dtype=torch.float32)
-    return d, t_maps[0].new_empty((0,), dtype=dtype)
+def _pair_distances_fake(t_packed: Tensor, s_packed: Tensor, t_sizes: list[int],
+                         s_sizes: list[int]) -> tuple[Tensor, Tensor]:
+    dtype = reference.accumulation_dtype(t_packed, s_packed)
+    batch, n, m = t_packed.shape[0], len(t_sizes) // 2, len(s_sizes) // 2
+    d = t_packed.new_empty((batch, n, m), dtype=dtype)
+    if use_triton([t_packed, s_packed]):
+        return d, t_packed.new_empty((3, batch, n, m), dtype=torch.float32)
+    return d, t_packed.new_empty((0,), dtype=dtype)
 
 
-def pairs_backward_torch(
-    grad_d: Tensor, t_maps: Sequence[Tensor], s_maps: Sequence[Tensor], need_t: bool,
-    need_s: bool,
-) -> tuple[Tensor, Tensor]:
+def pairs_backward_torch(grad_d: Tensor, t_packed: Tensor, s_packed: Tensor, t_sizes: Sizes,
+                         s_sizes: Sizes, need_t: bool, need_s: bool) -> tuple[Tensor, Tensor]:
     """The backward of kernels.reference.pair_distances in plain torch (the reference path of
     fastibd::pair_distances_backward; a custom op runs below autograd, so it cannot call
     autograd on the reference). Same formula as the Triton kernels (kernels/pairs.py), per
     teacher size group, with the adjoint of adaptive pooling done by ATen's own backward op.
     Returns packed gradients like pairs_bwd, in the accumulation dtype."""
-    dtype = reference.accumulation_dtype(*t_maps, *s_maps)
+    dtype = reference.accumulation_dtype(t_packed, s_packed)
     eps = reference.NORMALIZE_EPS
-    batch = t_maps[0].shape[0]
-    t_list = [x.to(dtype) for x in t_maps]
-    s_list = [x.to(dtype) for x in s_maps]
+    batch = t_packed.shape[0]
+    t_list = reference.unpack_maps(t_packed.to(dtype), t_sizes)
+    s_list = reference.unpack_maps(s_packed.to(dtype), s_sizes)
     g_t = [torch.zeros_like(x) for x in t_list]
     g_s = [torch.zeros_like(x) for x in s_list]
     grad_d = grad_d.to(dtype)
-    sizes = list(dict.fromkeys((x.shape[-2], x.shape[-1]) for x in t_list))
-    for size in sizes:
-        idx = [i for i, x in enumerate(t_list) if (x.shape[-2], x.shape[-1]) == size]
+    for size in dict.fromkeys(t_sizes):
+        idx = [i for i, x in enumerate(t_sizes) if tuple(x) == tuple(size)]
         hw = size[0] * size[1]
         t = torch.stack([t_list[i] for i in idx], dim=1).flatten(2)  # [B, k, HW]
         r = torch.stack(
@@ -513,72 +531,109 @@ def pairs_backward_torch(
 @torch.library.custom_op(
     "fastibd::pair_distances_backward",
     mutates_args=(),
-    schema="(Tensor grad_d, Tensor[] t_maps, Tensor[] s_maps, Tensor stats, bool need_t, "
-    "bool need_s) -> (Tensor, Tensor)",
+    schema="(Tensor grad_d, Tensor t_packed, Tensor s_packed, int[] t_sizes, int[] s_sizes, "
+    "Tensor stats, bool need_t, bool need_s) -> (Tensor, Tensor)",
 )
-def pair_distances_backward_op(
-    grad_d: Tensor,
-    t_maps: list[Tensor],
-    s_maps: list[Tensor],
-    stats: Tensor,
-    need_t: bool,
-    need_s: bool,
-) -> tuple[Tensor, Tensor]:
+def pair_distances_backward_op(grad_d: Tensor, t_packed: Tensor, s_packed: Tensor,
+                               t_sizes: list[int], s_sizes: list[int], stats: Tensor,
+                               need_t: bool, need_s: bool) -> tuple[Tensor, Tensor]:
     """Packed gradients (gt [B, sum Ht*Wt], gs [B, sum Hs*Ws]) in the accumulation dtype;
     a side not asked for is an empty [0] tensor."""
-    if use_triton([*t_maps, *s_maps]):
-        return pairs_bwd(grad_d, t_maps, s_maps, stats, need_t, need_s)
-    return pairs_backward_torch(grad_d, t_maps, s_maps, need_t, need_s)
+    if use_triton([t_packed, s_packed]):
+        return pairs_bwd(grad_d, t_packed, s_packed, _pairs(t_sizes), _pairs(s_sizes), stats,
+                         need_t, need_s)
+    return pairs_backward_torch(grad_d, t_packed, s_packed, _pairs(t_sizes), _pairs(s_sizes),
+                                need_t, need_s)
 
 
 @pair_distances_backward_op.register_fake
-def _pair_distances_backward_fake(grad_d: Tensor, t_maps: list[Tensor], s_maps: list[Tensor],
-                                  stats: Tensor, need_t: bool, need_s: bool
-                                  ) -> tuple[Tensor, Tensor]:
-    dtype = reference.accumulation_dtype(*t_maps, *s_maps)
-    if use_triton([*t_maps, *s_maps]):
+def _pair_distances_backward_fake(grad_d: Tensor, t_packed: Tensor, s_packed: Tensor,
+                                  t_sizes: list[int], s_sizes: list[int], stats: Tensor,
+                                  need_t: bool, need_s: bool) -> tuple[Tensor, Tensor]:
+    dtype = reference.accumulation_dtype(t_packed, s_packed)
+    if use_triton([t_packed, s_packed]):
         dtype = torch.float32
-    batch = t_maps[0].shape[0]
     empty = grad_d.new_empty((0,), dtype=dtype)
-    gt = grad_d.new_empty((batch, packed_len(t_maps)), dtype=dtype) if need_t else empty
-    gs = grad_d.new_empty((batch, packed_len(s_maps)), dtype=dtype) if need_s else empty
+    gt = t_packed.new_empty(t_packed.shape, dtype=dtype) if need_t else empty
+    gs = s_packed.new_empty(s_packed.shape, dtype=dtype) if need_s else empty
     return gt, gs
 
 
 def _pairs_setup_context(ctx, inputs, output) -> None:
-    t_maps, s_maps = inputs
+    t_packed, s_packed, t_sizes, s_sizes = inputs
     _, stats = output
-    ctx.n = len(t_maps)
-    ctx.save_for_backward(*t_maps, *s_maps, stats)
+    ctx.sizes = (t_sizes, s_sizes)
+    ctx.save_for_backward(t_packed, s_packed, stats)
     ctx.set_materialize_grads(False)
 
 
-def _pairs_backward(ctx, grad_d: Tensor | None, _grad_stats: Tensor | None):
-    saved = ctx.saved_tensors
-    t_maps, s_maps, stats = saved[: ctx.n], saved[ctx.n : -1], saved[-1]
-    t_needed, s_needed = ctx.needs_input_grad  # one list of bools per list input
-    need_t, need_s = any(t_needed), any(s_needed)
+def _map_grads(backward, grad_d: Tensor | None, t_packed: Tensor, s_packed: Tensor,
+               sizes: tuple, stats: Tensor, need_t: bool, need_s: bool) -> tuple:
+    """The autograd formula of the pair distances, for both wirings: the packed gradients,
+    in the inputs' dtypes (fp32 from pool_taps; fp16/bf16 packed by a caller)."""
     if grad_d is None or not (need_t or need_s):
-        return [None] * len(t_maps), [None] * len(s_maps)
-    gt, gs = pair_distances_backward_op(grad_d, list(t_maps), list(s_maps), stats, need_t,
-                                        need_s)
-    t_grads = unpack(gt, t_maps, t_needed) if need_t else [None] * len(t_maps)
-    s_grads = unpack(gs, s_maps, s_needed) if need_s else [None] * len(s_maps)
-    return t_grads, s_grads
+        return None, None, None, None
+    gt, gs = backward(grad_d, t_packed, s_packed, *sizes, stats, need_t, need_s)
+    return (gt.to(t_packed.dtype) if need_t else None,
+            gs.to(s_packed.dtype) if need_s else None, None, None)
+
+
+def _pairs_backward(ctx, grad_d: Tensor | None, _grad_stats: Tensor | None):
+    return _map_grads(pair_distances_backward_op, grad_d, *ctx.saved_tensors[:2], ctx.sizes,
+                      ctx.saved_tensors[2], *ctx.needs_input_grad[:2])
 
 
 pair_distances_op.register_autograd(_pairs_backward, setup_context=_pairs_setup_context)
 
 
-# ------------------------------------------------------------------------ the public op
+class _EagerPairDistances(torch.autograd.Function):
+    """pair_distances_op's Triton path with the same autograd formula, minus torch.library's
+    Python dispatch (see kernels.common.eager_triton); returns d only."""
+
+    @staticmethod
+    def forward(ctx, t_packed: Tensor, s_packed: Tensor, t_sizes: Sizes, s_sizes: Sizes
+                ) -> Tensor:
+        d, stats = pairs_fwd(t_packed, s_packed, t_sizes, s_sizes)
+        ctx.save_for_backward(t_packed, s_packed, stats)
+        ctx.sizes = (t_sizes, s_sizes)
+        return d
+
+    @staticmethod
+    def backward(ctx, grad_d: Tensor | None):
+        t_packed, s_packed, stats = ctx.saved_tensors
+        return _map_grads(pairs_bwd, grad_d, t_packed, s_packed, ctx.sizes, stats,
+                          *ctx.needs_input_grad[:2])
+
+
+# ----------------------------------------------------------------------- the public ops
+
+
+def packed_pair_distances(t_packed: Tensor, s_packed: Tensor, t_sizes: Sizes, s_sizes: Sizes
+                          ) -> Tensor:
+    """Distances between every teacher map and every student map (one launch on CUDA), from
+    packed maps: t_packed [B, sum Ht_i Wt_i] holding n maps of the (H, W) sizes t_sizes (the
+    `maps` of kernels.pool.pool_taps), s_packed likewise. Returns d [B, n, m] fp32 (float64
+    for float64 maps); see kernels.reference.packed_pair_distances. Differentiable w.r.t. both
+    sides (the teacher gradient is only computed when asked)."""
+    if len(t_sizes) == 0 or len(s_sizes) == 0:
+        raise ValueError("pair_distances needs at least one teacher map and one student map")
+    for packed, sizes in ((t_packed, t_sizes), (s_packed, s_sizes)):
+        if packed.dim() != 2 or packed.shape[1] != sum(h * w for h, w in sizes) or \
+                packed.shape[0] != t_packed.shape[0]:
+            raise ValueError(
+                f"pair_distances expects packed [B, sum H*W] maps with one batch size, got "
+                f"{tuple(packed.shape)} for sizes {list(sizes)}")
+    if eager_triton([t_packed, s_packed]):
+        return _EagerPairDistances.apply(t_packed, s_packed, tuple(map(tuple, t_sizes)),
+                                         tuple(map(tuple, s_sizes)))
+    d, _stats = pair_distances_op(t_packed, s_packed, _flat(t_sizes), _flat(s_sizes))
+    return d
 
 
 def pair_distances(t_maps: Sequence[Tensor], s_maps: Sequence[Tensor]) -> Tensor:
-    """Distances between every teacher map and every student map (one launch on CUDA).
-
-    t_maps: n maps [B, Ht_i, Wt_i]; s_maps: m maps [B, Hs_j, Ws_j] (any sizes). Returns
-    d [B, n, m] fp32 (float64 for float64 maps); see kernels.reference.pair_distances.
-    Differentiable w.r.t. both sides (the teacher gradient is only computed when asked)."""
+    """packed_pair_distances of separate maps [B, H, W] (packed here with one torch.cat per
+    side): t_maps n maps [B, Ht_i, Wt_i], s_maps m maps [B, Hs_j, Ws_j], any sizes. Returns
+    d [B, n, m]; see kernels.reference.pair_distances."""
     if len(t_maps) == 0 or len(s_maps) == 0:
         raise ValueError("pair_distances needs at least one teacher map and one student map")
     maps = [*t_maps, *s_maps]
@@ -587,5 +642,4 @@ def pair_distances(t_maps: Sequence[Tensor], s_maps: Sequence[Tensor]) -> Tensor
             "pair_distances expects [B, H, W] maps with one batch size, got shapes "
             f"{[tuple(x.shape) for x in maps]}"
         )
-    d, _stats = pair_distances_op(list(t_maps), list(s_maps))
-    return d
+    return packed_pair_distances(pack(t_maps), pack(s_maps), sizes_of(t_maps), sizes_of(s_maps))

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from kernels import common, pairs, pool
+from kernels import pairs, pool
 
 Shape = tuple[int, int, int]  # (C, H, W) of a tap
 Tap = tuple[int, int]  # (channels, size): a square [B, C, size, size] tap
@@ -60,7 +60,6 @@ class Launch:
     args: tuple
     kwargs: dict
     grid: tuple = ()
-    unit_stride_aligned: bool | None = None  # pool kernels: the streamed axis 16-B aligned
 
 
 @contextmanager
@@ -81,44 +80,44 @@ def intercepted(into: list[Launch]) -> Iterator[None]:
 
 def loss_launches(teacher: Sequence[Shape], student: Sequence[Shape], batch: int,
                   dtype: torch.dtype, layout: str, device: str = "meta") -> list[Launch]:
-    """The launches of one forward and backward of the feature loss: a pool forward per tap,
-    the pair distances, their backward, a pool backward per student tap."""
+    """The launches of one forward and backward of the feature loss: pool forward of all
+    teacher taps and of all student taps (each with its GAP reduction when a tap spans
+    several spatial blocks), the pair distances, their backward, and the pool backward of
+    the student taps (the teacher's are detached)."""
     fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
 
-    def tap(c: int, h: int, w: int) -> Tensor:
-        return torch.empty(batch, c, h, w, dtype=dtype, device=device).contiguous(
-            memory_format=fmt)
+    def taps(shapes: Sequence[Shape]) -> list[Tensor]:
+        return [torch.empty(batch, c, h, w, dtype=dtype, device=device).contiguous(
+            memory_format=fmt) for c, h, w in shapes]
 
-    def aligned(c: int, h: int, w: int) -> bool:
-        # The JIT marks an integer argument divisible by 16 only when its value is: so the
-        # unit-stride axis (C or H*W elements) is known aligned exactly then.
-        return (c if layout == "channels_last" else h * w) % 16 == 0
-
+    t_sizes = [(h, w) for _, h, w in teacher]
+    s_sizes = [(h, w) for _, h, w in student]
     launches: list[Launch] = []
     with intercepted(launches):
-        t_maps = []
-        for shape in teacher:
-            t_maps.append(pool.pool_fwd(tap(*shape))[0])
-            launches[-1].unit_stride_aligned = aligned(*shape)
-        s_taps, s_maps = [tap(*shape) for shape in student], []
-        for z, shape in zip(s_taps, student, strict=True):
-            s_maps.append(pool.pool_fwd(z)[0])
-            launches[-1].unit_stride_aligned = aligned(*shape)
-        _, stats = pairs.pairs_fwd(t_maps, s_maps)
-        grad_d = torch.empty(batch, len(t_maps), len(s_maps), device=device)
-        _, gs = pairs.pairs_bwd(grad_d, t_maps, s_maps, stats, need_t=False, need_s=True)
-        for z, g_map, shape in zip(s_taps, common.unpack(gs, s_maps), student, strict=True):
-            pool.pool_bwd(z, g_map, torch.empty(batch, z.shape[1], device=device))
-            launches[-1].unit_stride_aligned = aligned(*shape)
+        t_maps, _ = pool.pool_fwd(taps(teacher))
+        s_taps = taps(student)
+        s_maps, s_gaps = pool.pool_fwd(s_taps)
+        _, stats = pairs.pairs_fwd(t_maps, s_maps, t_sizes, s_sizes)
+        grad_d = torch.empty(batch, len(teacher), len(student), device=device)
+        _, gs = pairs.pairs_bwd(grad_d, t_maps, s_maps, t_sizes, s_sizes, stats,
+                                need_t=False, need_s=True)
+        pool.pool_bwd(s_taps, gs, torch.empty_like(s_gaps))
     return launches
+
+
+def tensor_args(launch: Launch) -> Iterator[Tensor]:
+    """The launch's tensor arguments, the tuples of taps unpacked."""
+    for arg in launch.args:
+        yield from (x for x in (arg if isinstance(arg, tuple) else (arg,))
+                    if isinstance(x, Tensor))
 
 
 def launch_bytes(launch: Launch) -> int:
     """Bytes one launch moves: each distinct tensor argument once (a placeholder passed for
     an absent gradient is the same tensor as z, so it is not counted twice)."""
     seen, total = set(), 0
-    for arg in launch.args:
-        if isinstance(arg, Tensor) and id(arg) not in seen:
+    for arg in tensor_args(launch):
+        if id(arg) not in seen:
             seen.add(id(arg))
             total += arg.numel() * arg.element_size()
     return total
@@ -169,18 +168,24 @@ def stubbed_kernels(counter: list[int]) -> Iterator[None]:
     def nothing(self, *args, grid, warmup, **kwargs):
         counter[0] += 1
 
-    saved = JITFunction.run, pool.use_triton, pairs.use_triton
+    routes = [(module, name) for module in (pool, pairs) for name in ("use_triton",
+                                                                       "eager_triton")]
+    saved = JITFunction.run, [getattr(module, name) for module, name in routes]
     JITFunction.run = nothing
-    pool.use_triton = pairs.use_triton = lambda tensors: True
+    for module, name in routes:
+        setattr(module, name, lambda tensors: True)
     try:
         yield
     finally:
-        JITFunction.run, pool.use_triton, pairs.use_triton = saved
+        JITFunction.run = saved[0]
+        for (module, name), real in zip(routes, saved[1], strict=True):
+            setattr(module, name, real)
 
 
 def host_ms(loss, make_inputs, reps: int = 20) -> tuple[float, float, int]:
     """(median host ms of loss(inputs), of loss(inputs).backward(), launches per forward +
-    backward) with the kernels stubbed; `make_inputs()` gives fresh CPU inputs."""
+    backward) with the kernels stubbed; `make_inputs()` gives fresh CPU inputs. `loss` may
+    also return (outputs, gradients) for torch.autograd.backward instead of a scalar."""
     counter = [0]
     with stubbed_kernels(counter):
         inputs = make_inputs()
@@ -192,7 +197,10 @@ def host_ms(loss, make_inputs, reps: int = 20) -> tuple[float, float, int]:
             start = time.perf_counter()
             value = loss(inputs)
             middle = time.perf_counter()
-            value.backward()
+            if isinstance(value, tuple):
+                torch.autograd.backward(*value)
+            else:
+                value.backward()
             end = time.perf_counter()
             if rep:  # the first call pays one-time costs (plans, caches)
                 forward.append((middle - start) * 1e3)

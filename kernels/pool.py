@@ -1,40 +1,105 @@
-"""Triton kernels of the `pool` op: channel-pooled energy map and GAP in one pass over z.
+"""Triton kernels of the `pool` op: channel-pooled energy map and GAP of every tap of a model,
+in one pass over each tap and one launch for all of them.
 
-    forward   z [B, C, H, W]  ->  map [B, H, W] = mean_c z^2,  gap [B, C] = mean_hw z
-    backward  dz = 2 z / C * g_map[:, None] + g_gap[:, :, None, None] / (H W)
+    forward   taps z_t [B, C_t, H_t, W_t]  ->  maps [B, sum_t H_t W_t]  (map_t = mean_c z_t^2)
+                                                gaps [B, sum_t C_t]      (gap_t = mean_hw z_t)
+    backward  dz_t = 2 z_t / C_t * g_map_t[:, None] + g_gap_t[:, :, None, None] / (H_t W_t)
 
-Both read z exactly once (the backward also writes dz once); the only other traffic is the
-fp32 map / gap (1/C and 1/HW of z) and a small per-block GAP partial (see below).
+The maps come out packed per sample in tap order: exactly the [B, L] rows kernels/pairs.py
+reads, so nothing is concatenated forward or backward. Every tap is read once (the backward
+also writes dz once); the only other traffic is the fp32 maps / gaps (1/C and 1/HW of z) and
+a small per-block GAP partial (see below).
 
-Blocking. One program owns one sample b and one block of BLOCK_HW spatial positions and
-loops over the channels in blocks of BLOCK_C, loading [BLOCK_HW, BLOCK_C] tiles. Its map
-entries are therefore complete when the loop ends (no cross-program reduction for the map);
-the GAP needs a sum over all spatial blocks, so each program writes its block's partial
-channel sums to gap_part [B, n_hw_blocks, C] and the host adds them (a view, no work, when
-one block covers H*W). This keeps the result deterministic (no atomics).
+Blocking. One program owns one sample b and one block of BLOCK_HW spatial positions of one
+tap, and loops over the tap's channels in blocks of BLOCK_C, loading [BLOCK_HW, BLOCK_C]
+tiles. Its map entries are complete when the loop ends (no cross-program reduction for the
+map). The GAP needs a sum over all spatial blocks of a tap: each program writes its block's
+partial channel sums to a packed partials row, and one small launch (`_gap_reduce_kernel`,
+all taps at once) adds them up. No atomics: the result is deterministic. When every tap fits
+one spatial block the partials already are the GAP and that launch is skipped.
+
+Grouping. The work items (tap, spatial block) of all taps form the second grid axis; a table
+on the device gives each tap's channels, size, batch stride and offsets in the packed rows,
+and the taps themselves are passed as one tuple of pointers (Triton specializes a tuple
+argument like separate ones: each pointer keeps its 16-byte alignment). A launch covers the
+taps of one dtype and one memory format whose alignment is alike (ALIGNED below), so mixed
+dtypes or layouts cost one launch each (training, channels_last on CUDA, makes one). The
+tables are built once per shape signature and kept on the device (`pool_plan`): no
+host-to-device copy per step, nothing that stops a CUDA graph. Small maps share the grid
+with the large ones: no launch of a few hundred programs is left to starve the GPU.
 
 Memory formats. Within a sample, z must be NCHW-dense (offset c*HW + hw) or channels_last-
 dense (offset hw*C + c); the batch stride is free (a batch slice is read in place). The
 CHANNELS_LAST constexpr picks the offset formula, so the unit-stride axis is known at compile
-time and loads along it coalesce (C for channels_last, H*W for NCHW). Any other layout is
-copied once to the nearest dense format. dz is written in z's format.
+time and loads along it coalesce (C for channels_last, H*W for NCHW). ALIGNED says that
+axis's length and every batch stride of the launch are multiples of 16 elements, so the
+loads are vectorized as the JIT would vectorize them with the sizes as arguments. Any other
+layout is copied once to the nearest dense format. dz is written in z's format.
 
 All arithmetic is fp32 after the load (bf16/fp16 inputs), as the reference does.
 
-The op is two torch.library custom ops, `fastibd::pool` and `fastibd::pool_backward` (its
-autograd formula), with fake functions, so torch.compile(fullgraph=True) traces through
+The op is two torch.library custom ops, `fastibd::pool_taps` and `fastibd::pool_taps_backward`
+(its autograd formula), with fake functions, so torch.compile(fullgraph=True) traces through
 them. Each dispatches inside (kernels.common.use_triton): these kernels for fp32/fp16/bf16
 tensors on CUDA (or on the CPU under TRITON_INTERPRET=1), the eager reference otherwise.
+Outside torch.compile, a call that takes the kernels runs the same host functions and
+formula through a plain autograd.Function (kernels.common.eager_triton): torch.library's
+Python dispatch costs more host time than everything else the op does.
 Autocast passes inputs through unchanged; outputs are fp32 (float64 stays float64).
 """
+
+import functools
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from kernels import reference
-from kernels.common import new_buffer, next_pow2, tl, triton, use_triton
+from kernels.common import (
+    eager_triton,
+    new_buffer,
+    next_pow2,
+    poison_enabled,
+    tl,
+    triton,
+    use_triton,
+)
+
+TAP_COLUMNS = 6  # channels, H*W, batch stride, map offset, partials offset, gap offset
+REDUCE_BLOCK = 256  # channels per program of the GAP reduction
+REDUCE_COLUMNS = 5  # partials offset, spatial blocks, channels, first channel, gap offset
 
 # --------------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _select(ptrs, i, N_TAPS: tl.constexpr):
+    """ptrs[i] for a runtime index i (a tuple is indexed by constants only)."""
+    p = ptrs[0]
+    for k in tl.static_range(1, N_TAPS):
+        if i == k:
+            p = ptrs[k]
+    return p
+
+
+@triton.jit
+def _work_item(taps_ptr, work_ptr, CHANNELS_LAST: tl.constexpr, ALIGNED: tl.constexpr):
+    """The (tap, spatial block) this program owns and that tap's row of the table."""
+    item = tl.program_id(1)
+    t = tl.load(work_ptr + 2 * item)
+    blk = tl.load(work_ptr + 2 * item + 1)
+    row = taps_ptr + t * 6
+    C = tl.load(row)
+    HW = tl.load(row + 1)
+    stride_b = tl.load(row + 2)
+    if ALIGNED:  # what the JIT would know of C, H*W and the strides as integer arguments
+        stride_b = tl.multiple_of(stride_b, 16)
+        if CHANNELS_LAST:
+            C = tl.multiple_of(C, 16)
+        else:
+            HW = tl.multiple_of(HW, 16)
+    return t, blk, C, HW, stride_b, tl.load(row + 3), tl.load(row + 4), tl.load(row + 5)
 
 
 @triton.jit
@@ -52,63 +117,89 @@ def _tile(hw, hw_mask, c0, C, HW, CHANNELS_LAST: tl.constexpr, BLOCK_C: tl.const
 
 @triton.jit
 def _pool_fwd_kernel(
-    z_ptr,  # [B, C, H, W], per-sample dense (NCHW or channels_last)
-    map_ptr,  # [B, H*W] fp32, contiguous
-    part_ptr,  # [B, n_hw_blocks, C] fp32: per-block GAP partials, already divided by H*W
-    C,
-    HW,
-    stride_zb,
-    n_hw_blocks,
-    inv_hw,
+    zs,  # tuple of N_TAPS taps [B, C, H, W], each per-sample dense (NCHW or channels_last)
+    taps_ptr,  # [N_TAPS, 6] int32: the TAP_COLUMNS
+    work_ptr,  # [n_work, 2] int32: (tap, spatial block) per program
+    maps_ptr,  # [B, L] fp32: packed maps
+    parts_ptr,  # [B, P] fp32: packed per-block GAP partials, already divided by H*W
+    L,
+    P,
+    N_TAPS: tl.constexpr,
     CHANNELS_LAST: tl.constexpr,
+    ALIGNED: tl.constexpr,
     BLOCK_HW: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    pid_b = tl.program_id(0)
-    pid_hw = tl.program_id(1)
-    hw = pid_hw * BLOCK_HW + tl.arange(0, BLOCK_HW)
+    # int64 batch offsets: B*C*H*W exceeds 2**31 for large ImageNet batches.
+    b = tl.program_id(0).to(tl.int64)
+    t, blk, C, HW, stride_b, map_off, part_off, _ = _work_item(taps_ptr, work_ptr,
+                                                               CHANNELS_LAST, ALIGNED)
+    z_row = _select(zs, t, N_TAPS) + b * stride_b
+    hw = blk * BLOCK_HW + tl.arange(0, BLOCK_HW)
     hw_mask = hw < HW
-    # int64 batch offset: B*C*H*W exceeds 2**31 for large ImageNet batches.
-    z_row = z_ptr + pid_b.to(tl.int64) * stride_zb
-    part_row = part_ptr + (pid_b.to(tl.int64) * n_hw_blocks + pid_hw) * C
+    inv_hw = 1.0 / HW.to(tl.float32)
+    part_row = parts_ptr + b * P + part_off + blk * C
     energy = tl.zeros([BLOCK_HW], dtype=tl.float32)
     for c0 in range(0, C, BLOCK_C):
         c, c_mask, offs, mask = _tile(hw, hw_mask, c0, C, HW, CHANNELS_LAST, BLOCK_C)
         x = tl.load(z_row + offs, mask=mask, other=0.0).to(tl.float32)
         energy += tl.sum(x * x, axis=1)
         tl.store(part_row + c, tl.sum(x, axis=0) * inv_hw, mask=c_mask)
-    tl.store(map_ptr + pid_b.to(tl.int64) * HW + hw, energy / C, mask=hw_mask)
+    tl.store(maps_ptr + b * L + map_off + hw, energy / C.to(tl.float32), mask=hw_mask)
+
+
+@triton.jit
+def _gap_reduce_kernel(
+    parts_ptr,  # [B, P] fp32 from the forward
+    gaps_ptr,  # [B, CG] fp32 out: packed GAPs
+    items_ptr,  # [n_items, 5] int32: the REDUCE_COLUMNS
+    P,
+    CG,
+    BLOCK: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    row = items_ptr + tl.program_id(1) * 5
+    part_off = tl.load(row)
+    n_blocks = tl.load(row + 1)
+    C = tl.load(row + 2)
+    c = tl.load(row + 3) + tl.arange(0, BLOCK)
+    mask = c < C
+    src = parts_ptr + b * P + part_off + c
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for k in range(0, n_blocks):  # in block order: deterministic
+        acc += tl.load(src + k * C, mask=mask, other=0.0)
+    tl.store(gaps_ptr + b * CG + tl.load(row + 4) + c, acc, mask=mask)
 
 
 @triton.jit
 def _pool_bwd_kernel(
-    z_ptr,  # [B, C, H, W] as in the forward
-    gmap_ptr,  # [B, H*W] (rows contiguous, batch stride stride_gmb), any float dtype
-    ggap_ptr,  # [B, C] (rows contiguous, batch stride stride_ggb), any float dtype
-    dz_ptr,  # like z (same within-sample layout, batch stride stride_dzb)
-    C,
-    HW,
-    stride_zb,
-    stride_dzb,
+    zs,  # tuple of taps, as in the forward
+    dzs,  # tuple of dz, one per tap: z's shape, dtype and within-sample layout, dense
+    taps_ptr,
+    work_ptr,
+    gmap_ptr,  # [B, L] (rows contiguous, batch stride stride_gmb), any float dtype
+    ggap_ptr,  # [B, CG] (rows contiguous, batch stride stride_ggb), any float dtype
     stride_gmb,
     stride_ggb,
-    map_scale,  # 2 / C
-    inv_hw,
+    N_TAPS: tl.constexpr,
     CHANNELS_LAST: tl.constexpr,
+    ALIGNED: tl.constexpr,
     HAS_GMAP: tl.constexpr,
     HAS_GGAP: tl.constexpr,
     BLOCK_HW: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    pid_b = tl.program_id(0).to(tl.int64)
-    pid_hw = tl.program_id(1)
-    hw = pid_hw * BLOCK_HW + tl.arange(0, BLOCK_HW)
+    b = tl.program_id(0).to(tl.int64)
+    t, blk, C, HW, stride_b, map_off, _, gap_off = _work_item(taps_ptr, work_ptr,
+                                                              CHANNELS_LAST, ALIGNED)
+    z_row = _select(zs, t, N_TAPS) + b * stride_b
+    dz_row = _select(dzs, t, N_TAPS) + b * (C * HW).to(tl.int64)
+    hw = blk * BLOCK_HW + tl.arange(0, BLOCK_HW)
     hw_mask = hw < HW
-    z_row = z_ptr + pid_b * stride_zb
-    dz_row = dz_ptr + pid_b * stride_dzb
+    inv_hw = 1.0 / HW.to(tl.float32)
     if HAS_GMAP:  # loaded once, reused for every channel block
-        gm = tl.load(gmap_ptr + pid_b * stride_gmb + hw, mask=hw_mask, other=0.0)
-        gm = gm.to(tl.float32) * map_scale
+        gm = tl.load(gmap_ptr + b * stride_gmb + map_off + hw, mask=hw_mask, other=0.0)
+        gm = gm.to(tl.float32) * (2.0 / C.to(tl.float32))
     for c0 in range(0, C, BLOCK_C):
         c, c_mask, offs, mask = _tile(hw, hw_mask, c0, C, HW, CHANNELS_LAST, BLOCK_C)
         grad = tl.zeros([BLOCK_HW, BLOCK_C], dtype=tl.float32)
@@ -116,9 +207,9 @@ def _pool_bwd_kernel(
             x = tl.load(z_row + offs, mask=mask, other=0.0).to(tl.float32)
             grad += x * gm[:, None]
         if HAS_GGAP:
-            gg = tl.load(ggap_ptr + pid_b * stride_ggb + c, mask=c_mask, other=0.0)
+            gg = tl.load(ggap_ptr + b * stride_ggb + gap_off + c, mask=c_mask, other=0.0)
             grad += gg.to(tl.float32)[None, :] * inv_hw
-        tl.store(dz_row + offs, grad.to(dz_ptr.dtype.element_ty), mask=mask)
+        tl.store(dz_row + offs, grad.to(dz_row.dtype.element_ty), mask=mask)
 
 
 # ---------------------------------------------------------------------------- host side
@@ -154,7 +245,8 @@ def dense_sample_layout(z: Tensor) -> tuple[Tensor, bool]:
 
 
 def pool_blocks(channels: int, hw: int, channels_last: bool) -> tuple[int, int, int]:
-    """(BLOCK_HW, BLOCK_C, num_warps) for a [B, C, H, W] map.
+    """(BLOCK_HW, BLOCK_C, num_warps) for taps of up to `channels` channels and `hw`
+    positions.
 
     The tile's unit-stride axis gets at least 32 elements (>= 64 contiguous bytes in bf16,
     two full 32-byte sectors), the tile holds <= 4096 elements (16 fp32 registers per
@@ -170,137 +262,300 @@ def pool_blocks(channels: int, hw: int, channels_last: bool) -> tuple[int, int, 
     return block_hw, block_c, num_warps
 
 
-def pool_fwd(z: Tensor, block_hw: int | None = None, block_c: int | None = None
+@dataclass(frozen=True)
+class PoolGroup:
+    """One launch: the taps of one dtype, memory format and alignment."""
+
+    taps: tuple[int, ...]  # indices into the tap list
+    channels_last: bool
+    aligned: bool  # ALIGNED: see the module docstring
+    block_hw: int
+    block_c: int
+    num_warps: int
+    n_work: int  # programs per sample
+    tap_table: Tensor  # [len(taps), TAP_COLUMNS] int32 (a sample's size fits; b * stride
+    # is formed in int64 in the kernels)
+    work: Tensor  # [n_work, 2] int32
+
+
+@dataclass(frozen=True)
+class PoolPlan:
+    """The launches and packed-row layout of one tap signature (cached by `pool_plan`)."""
+
+    maps_len: int  # L = sum H*W
+    parts_len: int  # P = sum (spatial blocks * C)
+    gaps_len: int  # CG = sum C
+    copy: tuple[int, ...]  # taps the kernels cannot index in place (copied each call)
+    # per tap, the memory format dz is allocated in; None: like z (z is dense)
+    dz_formats: tuple[torch.memory_format | None, ...]
+    groups: tuple[PoolGroup, ...]
+    reduce: Tensor | None  # [n_items, REDUCE_COLUMNS] int32; None: the partials are the GAP
+
+
+def _signature(taps: Sequence[Tensor]) -> tuple:
+    return tuple([(z.shape, z.stride(), z.dtype) for z in taps])
+
+
+@functools.lru_cache(maxsize=64)
+def _plan(signature: tuple, device: torch.device, block_hw: int | None,
+          block_c: int | None) -> PoolPlan:
+    # Per tap: (copied, channels_last, batch stride) once the kernels can index it, and
+    # whether its unit-stride axis and batch stride are multiples of 16 elements.
+    layouts, kinds = [], {}
+    for i, (shape, stride, dtype) in enumerate(signature):
+        z = torch.empty_strided(shape, stride, dtype=dtype, device="meta")
+        dense, channels_last = dense_sample_layout(z)
+        _, c, h, w = shape
+        aligned = (c if channels_last else h * w) % 16 == 0 and dense.stride(0) % 16 == 0
+        layouts.append((dense is not z, channels_last, dense.stride(0)))
+        # one launch per kind: the constexprs (and the tuple's pointer type) are shared
+        kinds.setdefault((dtype, channels_last, aligned), []).append(i)
+    blocks_of = {}
+    for (_, channels_last, _), members in kinds.items():
+        auto = pool_blocks(max(signature[i][0][1] for i in members),
+                           max(signature[i][0][2] * signature[i][0][3] for i in members),
+                           channels_last)
+        blocks_of.update({i: (block_hw or auto[0], block_c or auto[1], auto[2])
+                          for i in members})
+    offsets, reduce_rows = [], []  # per tap: (map, partials, gap) offsets in packed rows
+    maps_len = parts_len = gaps_len = 0
+    for i, ((_, c, h, w), _, _) in enumerate(signature):
+        n_blocks = triton.cdiv(h * w, blocks_of[i][0])
+        offsets.append((maps_len, parts_len, gaps_len))
+        reduce_rows += [(parts_len, n_blocks, c, c0, gaps_len)
+                        for c0 in range(0, c, REDUCE_BLOCK)]
+        maps_len, parts_len, gaps_len = maps_len + h * w, parts_len + n_blocks * c, gaps_len + c
+    groups = []
+    for (_, channels_last, aligned), members in kinds.items():
+        rows, work = [], []
+        for local, i in enumerate(members):
+            (_, c, h, w), _, _ = signature[i]
+            rows.append((c, h * w, layouts[i][2], *offsets[i]))
+            work += [(local, k) for k in range(triton.cdiv(h * w, blocks_of[i][0]))]
+        block_hw, block_c, num_warps = blocks_of[members[0]]
+        groups.append(PoolGroup(
+            taps=tuple(members), channels_last=channels_last, aligned=aligned,
+            block_hw=block_hw, block_c=block_c, num_warps=num_warps, n_work=len(work),
+            tap_table=torch.tensor(rows, dtype=torch.int32).to(device),
+            work=torch.tensor(work, dtype=torch.int32).reshape(-1, 2).to(device)))
+    one_block = parts_len == gaps_len  # every tap fits one spatial block: partials = GAPs
+    return PoolPlan(
+        maps_len=maps_len, parts_len=parts_len, gaps_len=gaps_len,
+        copy=tuple(i for i, (copied, _, _) in enumerate(layouts) if copied),
+        dz_formats=tuple(
+            None if stride_b == shape[1] * shape[2] * shape[3] else
+            torch.channels_last if channels_last else torch.contiguous_format
+            for (shape, _, _), (_, channels_last, stride_b) in zip(signature, layouts,
+                                                                   strict=True)),
+        groups=tuple(groups),
+        reduce=None if one_block else torch.tensor(reduce_rows, dtype=torch.int32).to(device))
+
+
+def pool_plan(taps: Sequence[Tensor], block_hw: int | None = None,
+              block_c: int | None = None) -> PoolPlan:
+    """The plan of these taps' shapes, strides and dtypes, built once and kept on the device."""
+    return _plan(_signature(taps), taps[0].device, block_hw, block_c)
+
+
+def _dense(taps: Sequence[Tensor], plan: PoolPlan) -> list[Tensor]:
+    taps = list(taps)
+    for i in plan.copy:
+        taps[i] = dense_sample_layout(taps[i])[0]
+    return taps
+
+
+def pool_fwd(taps: Sequence[Tensor], block_hw: int | None = None, block_c: int | None = None
              ) -> tuple[Tensor, Tensor]:
-    """Triton forward of pool. z: [B, C, H, W] fp32/fp16/bf16, NCHW or channels_last, on CUDA
-    (or CPU under TRITON_INTERPRET=1). Returns (map [B, H, W], gap [B, C]), both fp32 and
-    contiguous. block_hw / block_c override the heuristic (tuning, tests)."""
-    batch, channels, h, w = z.shape
-    hw = h * w
-    z, channels_last = dense_sample_layout(z)
-    auto_hw, auto_c, num_warps = pool_blocks(channels, hw, channels_last)
-    block_hw, block_c = block_hw or auto_hw, block_c or auto_c
-    n_blocks = triton.cdiv(hw, block_hw)
-    channel_map = new_buffer((batch, h, w), torch.float32, z.device)
-    parts = new_buffer((batch, n_blocks, channels), torch.float32, z.device)
-    if batch * channels * hw > 0:
-        _pool_fwd_kernel[(batch, n_blocks)](
-            z, channel_map, parts, channels, hw, z.stride(0), n_blocks, 1.0 / hw,
-            CHANNELS_LAST=channels_last, BLOCK_HW=block_hw, BLOCK_C=block_c,
-            num_warps=num_warps,
+    """Triton forward of pool_taps. taps: [B, C_t, H_t, W_t] fp32/fp16/bf16, NCHW or
+    channels_last, on CUDA (or CPU under TRITON_INTERPRET=1). Returns (maps [B, sum H*W],
+    gaps [B, sum C]), fp32, contiguous, in tap order. block_hw / block_c override the
+    heuristic (tuning, tests)."""
+    plan = pool_plan(taps, block_hw, block_c)
+    taps = _dense(taps, plan)
+    batch, device = taps[0].shape[0], taps[0].device
+    poison = poison_enabled()
+    maps = new_buffer((batch, plan.maps_len), torch.float32, device, poison)
+    parts = new_buffer((batch, plan.parts_len), torch.float32, device, poison)
+    if batch == 0:
+        return maps, parts[:, :plan.gaps_len]
+    for group in plan.groups:
+        _pool_fwd_kernel[(batch, group.n_work)](
+            tuple(taps[i] for i in group.taps), group.tap_table, group.work, maps, parts,
+            plan.maps_len, plan.parts_len, N_TAPS=len(group.taps),
+            CHANNELS_LAST=group.channels_last, ALIGNED=group.aligned,
+            BLOCK_HW=group.block_hw, BLOCK_C=group.block_c, num_warps=group.num_warps,
         )
-    # One block: the partials already are the GAP (a free view). Else one small reduction.
-    gap = parts[:, 0] if n_blocks == 1 else parts.sum(dim=1)
-    return channel_map, gap
+    if plan.reduce is None:
+        return maps, parts
+    gaps = new_buffer((batch, plan.gaps_len), torch.float32, device, poison)
+    _gap_reduce_kernel[(batch, plan.reduce.shape[0])](
+        parts, gaps, plan.reduce, plan.parts_len, plan.gaps_len, BLOCK=REDUCE_BLOCK,
+        num_warps=4)
+    return maps, gaps
 
 
-def _rows(t: Tensor, batch: int, width: int) -> Tensor:
-    """t viewed as [batch, width] with contiguous rows (batch stride free); copies if not."""
-    t2 = t.reshape(batch, width)
-    if width > 1 and t2.stride(1) != 1:
-        t2 = t2.contiguous()
-    return t2
+def _like(z: Tensor, fmt: torch.memory_format | None) -> Tensor:
+    """An uninitialized dz for z: dense (batch stride C*H*W), in z's within-sample layout."""
+    if fmt is None:  # z is dense itself: empty_like keeps its strides (the cheap case)
+        return torch.empty_like(z)
+    return torch.empty(tuple(z.shape), dtype=z.dtype, device=z.device, memory_format=fmt)
 
 
-def pool_bwd(z: Tensor, g_map: Tensor | None, g_gap: Tensor | None,
-             block_hw: int | None = None, block_c: int | None = None) -> Tensor:
-    """Triton backward of pool: dz [B, C, H, W] in z's dtype and memory format.
+def _rows(t: Tensor) -> Tensor:
+    """t [B, width] with contiguous rows (batch stride free); copies if not."""
+    return t if t.shape[1] <= 1 or t.stride(1) == 1 else t.contiguous()
 
-    g_map: [B, H, W] or None (then that term is skipped); g_gap: [B, C] or None. Both may be
-    views with any batch stride (e.g. slices of a packed gradient)."""
-    batch, channels, h, w = z.shape
-    hw = h * w
-    z, channels_last = dense_sample_layout(z)
-    auto_hw, auto_c, num_warps = pool_blocks(channels, hw, channels_last)
-    block_hw, block_c = block_hw or auto_hw, block_c or auto_c
-    # dz in the layout the kernel indexes (z may have a free batch stride; dz is dense).
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    dz = new_buffer(tuple(z.shape), z.dtype, z.device, memory_format=fmt)
-    if batch * channels * hw == 0:
-        return dz
-    gm = _rows(g_map, batch, hw) if g_map is not None else z
-    gg = _rows(g_gap, batch, channels) if g_gap is not None else z
-    _pool_bwd_kernel[(batch, triton.cdiv(hw, block_hw))](
-        z, gm, gg, dz, channels, hw, z.stride(0), dz.stride(0), gm.stride(0), gg.stride(0),
-        2.0 / channels, 1.0 / hw,
-        CHANNELS_LAST=channels_last, HAS_GMAP=g_map is not None, HAS_GGAP=g_gap is not None,
-        BLOCK_HW=block_hw, BLOCK_C=block_c, num_warps=num_warps,
-    )
-    return dz
+
+def pool_bwd(taps: Sequence[Tensor], g_maps: Tensor | None, g_gaps: Tensor | None,
+             block_hw: int | None = None, block_c: int | None = None) -> list[Tensor]:
+    """Triton backward of pool_taps: dz per tap, in the tap's dtype and memory format.
+
+    g_maps: [B, sum H*W] or None (then that term is skipped); g_gaps: [B, sum C] or None.
+    Both may have any batch stride (e.g. slices of a larger gradient)."""
+    plan = pool_plan(taps, block_hw, block_c)
+    taps = _dense(taps, plan)
+    dzs = [_like(z, fmt) for z, fmt in zip(taps, plan.dz_formats, strict=True)]
+    if poison_enabled():
+        for dz in dzs:
+            dz.fill_(float("nan"))
+    batch = taps[0].shape[0]
+    if batch == 0:
+        return dzs
+    gm = _rows(g_maps) if g_maps is not None else taps[0]
+    gg = _rows(g_gaps) if g_gaps is not None else taps[0]
+    for group in plan.groups:
+        _pool_bwd_kernel[(batch, group.n_work)](
+            tuple(taps[i] for i in group.taps), tuple(dzs[i] for i in group.taps),
+            group.tap_table, group.work, gm, gg, gm.stride(0), gg.stride(0),
+            N_TAPS=len(group.taps), CHANNELS_LAST=group.channels_last, ALIGNED=group.aligned,
+            HAS_GMAP=g_maps is not None, HAS_GGAP=g_gaps is not None,
+            BLOCK_HW=group.block_hw, BLOCK_C=group.block_c, num_warps=group.num_warps,
+        )
+    return dzs
 
 
 # ------------------------------------------------------------- the op: dispatch, autograd
 
 
-@torch.library.custom_op("fastibd::pool", mutates_args=(), schema="(Tensor z) -> (Tensor, Tensor)")
-def pool_op(z: Tensor) -> tuple[Tensor, Tensor]:
-    """(map [B, H, W], gap [B, C]) of z [B, C, H, W]; see kernels.reference.pool."""
-    if use_triton([z]):
-        return pool_fwd(z)
-    return reference.pool(z)
+@torch.library.custom_op("fastibd::pool_taps", mutates_args=(),
+                         schema="(Tensor[] taps) -> (Tensor, Tensor)")
+def pool_taps_op(taps: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """(maps [B, sum H*W], gaps [B, sum C]) of the taps; see kernels.reference.pool_taps."""
+    if use_triton(taps):
+        return pool_fwd(taps)
+    return reference.pool_taps(taps)
 
 
-@pool_op.register_fake
-def _pool_fake(z: Tensor) -> tuple[Tensor, Tensor]:
-    dtype = reference.accumulation_dtype(z)
-    batch, channels, h, w = z.shape
-    return z.new_empty((batch, h, w), dtype=dtype), z.new_empty((batch, channels), dtype=dtype)
+@pool_taps_op.register_fake
+def _pool_taps_fake(taps: list[Tensor]) -> tuple[Tensor, Tensor]:
+    dtype = reference.accumulation_dtype(*taps)
+    batch = taps[0].shape[0]
+    maps_len = sum(z.shape[2] * z.shape[3] for z in taps)
+    gaps_len = sum(z.shape[1] for z in taps)
+    return (taps[0].new_empty((batch, maps_len), dtype=dtype),
+            taps[0].new_empty((batch, gaps_len), dtype=dtype))
+
+
+def pool_backward_torch(taps: Sequence[Tensor], g_maps: Tensor | None, g_gaps: Tensor | None
+                        ) -> list[Tensor]:
+    """The reference's autograd formula, written out (a custom op must not call autograd):
+    dz per tap in the tap's dtype and memory format, like the Triton path."""
+    dzs, map_off, gap_off = [], 0, 0
+    for z in taps:
+        dtype = reference.accumulation_dtype(z)
+        batch, channels, h, w = z.shape
+        grad = torch.zeros((), dtype=dtype, device=z.device)
+        if g_maps is not None:
+            g_map = g_maps[:, map_off:map_off + h * w].reshape(batch, 1, h, w)
+            grad = z.to(dtype) * (2.0 / channels) * g_map.to(dtype)
+        if g_gaps is not None:
+            g_gap = g_gaps[:, gap_off:gap_off + channels]
+            grad = grad + (g_gap.to(dtype) / (h * w))[:, :, None, None]
+        dz = torch.empty_like(z)  # same memory format as z
+        dz.copy_(grad.expand(z.shape))
+        dzs.append(dz)
+        map_off, gap_off = map_off + h * w, gap_off + channels
+    return dzs
 
 
 @torch.library.custom_op(
-    "fastibd::pool_backward",
+    "fastibd::pool_taps_backward",
     mutates_args=(),
-    schema="(Tensor z, Tensor? g_map, Tensor? g_gap) -> Tensor",
+    schema="(Tensor[] taps, Tensor? g_maps, Tensor? g_gaps) -> Tensor[]",
 )
-def pool_backward_op(z: Tensor, g_map: Tensor | None, g_gap: Tensor | None) -> Tensor:
-    """dz = 2 z / C * g_map + g_gap / (H W), in z's dtype and memory format (None = 0)."""
-    if use_triton([z]):
-        return pool_bwd(z, g_map, g_gap)
-    # The reference's autograd formula, written out (the op must not call autograd itself).
-    dtype = reference.accumulation_dtype(z)
-    _, channels, h, w = z.shape
-    grad = torch.zeros((), dtype=dtype, device=z.device)
-    if g_map is not None:
-        grad = z.to(dtype) * (2.0 / channels) * g_map.to(dtype).unsqueeze(1)
-    if g_gap is not None:
-        grad = grad + (g_gap.to(dtype) / (h * w))[:, :, None, None]
-    dz = torch.empty_like(z)  # same memory format as z, like the Triton path
-    dz.copy_(grad.expand(z.shape))
-    return dz
+def pool_taps_backward_op(taps: list[Tensor], g_maps: Tensor | None, g_gaps: Tensor | None
+                          ) -> list[Tensor]:
+    """dz_t = 2 z_t / C_t * g_map_t + g_gap_t / (H_t W_t) per tap, in its dtype and memory
+    format (a None gradient counts as 0)."""
+    if use_triton(taps):
+        return pool_bwd(taps, g_maps, g_gaps)
+    return pool_backward_torch(taps, g_maps, g_gaps)
 
 
-@pool_backward_op.register_fake
-def _pool_backward_fake(z: Tensor, g_map: Tensor | None, g_gap: Tensor | None) -> Tensor:
-    return torch.empty_like(z)
+@pool_taps_backward_op.register_fake
+def _pool_taps_backward_fake(taps: list[Tensor], g_maps: Tensor | None,
+                             g_gaps: Tensor | None) -> list[Tensor]:
+    return [torch.empty_like(z) for z in taps]
 
 
 def _pool_setup_context(ctx, inputs, output) -> None:
-    (z,) = inputs
-    ctx.save_for_backward(z)
-    # An output that does not reach the loss (e.g. gap when the caller ignores it) then
+    (taps,) = inputs
+    ctx.save_for_backward(*taps)
+    # An output that does not reach the loss (e.g. gaps when the caller ignores them) then
     # arrives as None and the kernel skips that term instead of reading a zero tensor.
     ctx.set_materialize_grads(False)
 
 
-def _pool_backward(ctx, g_map: Tensor | None, g_gap: Tensor | None):
-    (z,) = ctx.saved_tensors
-    if not ctx.needs_input_grad[0] or (g_map is None and g_gap is None):
-        return None
-    return pool_backward_op(z, g_map, g_gap)
+def _tap_grads(backward, taps: Sequence[Tensor], needed: Sequence[bool],
+               g_maps: Tensor | None, g_gaps: Tensor | None) -> list[Tensor | None]:
+    """The autograd formula of pool_taps, for both wirings: dz where a tap needs one."""
+    if not any(needed) or (g_maps is None and g_gaps is None):
+        return [None] * len(taps)
+    dzs = backward(list(taps), g_maps, g_gaps)
+    return [dz if need else None for dz, need in zip(dzs, needed, strict=True)]
 
 
-pool_op.register_autograd(_pool_backward, setup_context=_pool_setup_context)
+def _pool_backward(ctx, g_maps: Tensor | None, g_gaps: Tensor | None):
+    (needed,) = ctx.needs_input_grad  # one bool per tap
+    return (_tap_grads(pool_taps_backward_op, ctx.saved_tensors, needed, g_maps, g_gaps),)
 
 
-# ------------------------------------------------------------------------ the public op
+pool_taps_op.register_autograd(_pool_backward, setup_context=_pool_setup_context)
+
+
+class _EagerPoolTaps(torch.autograd.Function):
+    """pool_taps_op's Triton path with the same autograd formula, minus torch.library's
+    Python dispatch (~50 us of host time per call, more than all the kernels' host work):
+    what an eager call runs. torch.compile traces pool_taps_op instead."""
+
+    @staticmethod
+    def forward(ctx, *taps: Tensor) -> tuple[Tensor, Tensor]:
+        ctx.save_for_backward(*taps)
+        ctx.set_materialize_grads(False)
+        return pool_fwd(taps)
+
+    @staticmethod
+    def backward(ctx, g_maps: Tensor | None, g_gaps: Tensor | None):
+        return tuple(_tap_grads(pool_bwd, ctx.saved_tensors, ctx.needs_input_grad, g_maps,
+                                g_gaps))
+
+
+# ----------------------------------------------------------------------- the public ops
+
+
+def pool_taps(taps: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+    """Channel-pooled energy maps and GAPs of every tap of a model, one pass over each tap.
+
+    taps: [B, C_t, H_t, W_t] (one batch size), NCHW or channels_last, fp32/fp16/bf16
+    (float64 runs the reference). Returns (maps [B, sum H_t W_t], gaps [B, sum C_t]), fp32,
+    packed in tap order, differentiable; see kernels.reference.pool_taps."""
+    reference.check_taps(taps)
+    if eager_triton(taps):
+        return _EagerPoolTaps.apply(*taps)
+    return pool_taps_op(list(taps))
 
 
 def pool(z: Tensor) -> tuple[Tensor, Tensor]:
-    """Channel-pooled energy map and GAP of a feature map, in one pass over z.
-
-    z: [B, C, H, W], NCHW or channels_last, fp32/fp16/bf16 (float64 runs the reference).
-    Returns (map [B, H, W] = mean_c z^2, gap [B, C] = mean_hw z), fp32, differentiable."""
-    if z.dim() != 4:
-        raise ValueError(f"pool expects a [B, C, H, W] feature map, got shape {tuple(z.shape)}")
-    channel_map, gap = pool_op(z)
-    return channel_map, gap
+    """pool_taps of one tap, unpacked: (map [B, H, W] = mean_c z^2, gap [B, C] = mean_hw z)."""
+    maps, gaps = pool_taps([z])
+    return maps.view(z.shape[0], z.shape[2], z.shape[3]), gaps

@@ -11,6 +11,13 @@ The three ops, composed by `feature_distillation`:
                                               L2-normalize both, mean squared difference)
     weighted_sum(d, attn)      -> scalar     mean_b sum_ij attn[b,i,j] * d[b,i,j]
 
+and the packed forms the loss calls (one call per side for all taps, the fused kernels' unit):
+
+    pool_taps(taps)            -> (maps [B, sum H*W], gaps [B, sum C]): every tap's pool,
+                                  concatenated per sample in tap order
+    packed_pair_distances(t, s, t_sizes, s_sizes)
+                               -> pair_distances of the maps cut out of the packed rows
+
 Accumulation dtype: float64 inputs stay float64 (for gradcheck); every other float dtype
 (fp16, bf16, fp32) is computed and returned in fp32.
 """
@@ -46,6 +53,41 @@ def pool(z: Tensor) -> tuple[Tensor, Tensor]:
         raise ValueError(f"pool expects a [B, C, H, W] feature map, got shape {tuple(z.shape)}")
     zf = z.to(accumulation_dtype(z))
     return zf.square().mean(dim=1), zf.mean(dim=(2, 3))
+
+
+def check_taps(taps: Sequence[Tensor]) -> None:
+    """ValueError unless taps is a non-empty list of [B, C, H, W] maps of one batch size."""
+    batch = taps[0].shape[:1] if len(taps) else None
+    if batch is None or any(z.dim() != 4 or z.shape[:1] != batch for z in taps):
+        raise ValueError("pool expects [B, C, H, W] feature maps with one batch size, got "
+                         f"shapes {[tuple(z.shape) for z in taps]}")
+
+
+def pool_taps(taps: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+    """pool of every tap, packed: (maps [B, sum H_t W_t], gaps [B, sum C_t]) in tap order."""
+    check_taps(taps)
+    pooled = [pool(z) for z in taps]
+    batch = taps[0].shape[0]
+    maps = torch.cat([mp.reshape(batch, -1) for mp, _ in pooled], dim=1)
+    return maps, torch.cat([gap for _, gap in pooled], dim=1)
+
+
+Sizes = Sequence[tuple[int, int]]  # (H, W) of each map in a packed row
+
+
+def unpack_maps(packed: Tensor, sizes: Sizes) -> list[Tensor]:
+    """Views [B, H_i, W_i] of the maps in a packed [B, sum H_i W_i] tensor (no copy)."""
+    if packed.dim() != 2 or packed.shape[1] != sum(h * w for h, w in sizes):
+        raise ValueError(f"a packed [B, {sum(h * w for h, w in sizes)}] tensor was expected "
+                         f"for map sizes {list(sizes)}, got shape {tuple(packed.shape)}")
+    chunks = packed.split([h * w for h, w in sizes], dim=1)
+    return [x.reshape(packed.shape[0], h, w) for x, (h, w) in zip(chunks, sizes, strict=True)]
+
+
+def packed_pair_distances(t_packed: Tensor, s_packed: Tensor, t_sizes: Sizes,
+                          s_sizes: Sizes) -> Tensor:
+    """pair_distances of packed maps (the `maps` of pool_taps) with the given (H, W) sizes."""
+    return pair_distances(unpack_maps(t_packed, t_sizes), unpack_maps(s_packed, s_sizes))
 
 
 def normalized_flat(maps: Tensor) -> Tensor:

@@ -18,8 +18,9 @@ def test_every_kernel_compiles_for_sm80_and_sm90_within_budget() -> None:
     table = compile_check.format_table(results)
     assert not [r for r in results if r.problems], table
     kernels = {r.kernel for r in results}
-    assert kernels == {"_pool_fwd_kernel", "_pool_bwd_kernel", "_pairs_fwd_kernel",
-                       "_pairs_bwd_resized_kernel", "_pairs_bwd_student_kernel"}
+    assert kernels == {"_pool_fwd_kernel", "_gap_reduce_kernel", "_pool_bwd_kernel",
+                       "_pairs_fwd_kernel", "_pairs_bwd_resized_kernel",
+                       "_pairs_bwd_student_kernel"}
     assert {r.arch for r in results} == {"80", "90"}
     # the bandwidth-bound pool kernels stream bf16 channels_last taps with vector accesses
     # (128-bit for all but one small-tile compile, which gets 64-bit ones)
@@ -30,24 +31,33 @@ def test_every_kernel_compiles_for_sm80_and_sm90_within_budget() -> None:
 
 
 def test_an_unaligned_axis_is_not_required_to_vectorize() -> None:
-    """The 7x7 ImageNet taps in NCHW: H*W = 49 is not divisible by 16, so the JIT cannot know
-    the rows are aligned and scalar loads are right (a check that demanded vectors there
-    would fail on correct code)."""
+    """The ImageNet taps in NCHW: H*W = 196 and 49 are not divisible by 16, so those taps go
+    to a launch of their own with ALIGNED off (the JIT could not know their rows aligned and
+    scalar loads are right: a check that demanded vectors there would fail on correct code),
+    while 56x56 = 3136 = 16 * 196 and 28x28 = 784 = 16 * 49 keep vectorized loads."""
     launches = compile_check.training_launches("imagenet224", compile_check.DTYPES["bf16"],
                                                "nchw")
     pooled = [launch for launch in launches if launch.kernel.__name__ == "_pool_fwd_kernel"]
-    assert [launch.unit_stride_aligned for launch in pooled][-3:] == [False] * 3
-    assert pooled[0].unit_stride_aligned  # 56x56 = 3136 = 16 * 196
+    assert [(x.kwargs["ALIGNED"], x.kwargs["N_TAPS"]) for x in pooled] == \
+        [(True, 7), (False, 9)] * 2  # teacher, student
+    # channels_last: every C is a multiple of 16, one launch per side
+    launches = compile_check.training_launches("imagenet224", compile_check.DTYPES["bf16"],
+                                               "channels_last")
+    pooled = [launch for launch in launches if launch.kernel.__name__ == "_pool_fwd_kernel"]
+    assert [(x.kwargs["ALIGNED"], x.kwargs["N_TAPS"]) for x in pooled] == [(True, 16)] * 2
 
 
 def test_the_rules_fire_on_real_sass(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The checks read the compiled code, not the launch: the 7x7 NCHW pool compile has scalar
-    loads, so claiming its axis aligned must fail, and so must a register budget below what
-    ptxas allocated."""
+    """The checks read the compiled code, not the launch: the unaligned NCHW pool compile has
+    scalar loads, so claiming its axis aligned (in the launch record only: the compile keeps
+    ALIGNED off) must fail, and so must a register budget below what ptxas allocated."""
     launch = [launch for launch in
               compile_check.training_launches("imagenet224", compile_check.DTYPES["bf16"], "nchw")
               if launch.kernel.__name__ == "_pool_fwd_kernel"][-1]
-    launch.unit_stride_aligned = True
+    assert not launch.kwargs["ALIGNED"]
+    key, build = compile_check.compile_for(launch, "90")
+    monkeypatch.setattr(compile_check, "compile_for", lambda launch, arch: (key, build))
+    launch.kwargs["ALIGNED"] = True
     monkeypatch.setattr(compile_check, "MAX_REGISTERS", 8)
     results: dict = {}
     compile_check.check(results, launch, "90", "test")

@@ -71,11 +71,11 @@ def test_fused_imports_and_runs_without_triton() -> None:
 
 def test_backend_resolves_to_the_fused_ops_and_survives_deepcopy() -> None:
     ops_fused = kernel_backend("fused")
-    assert ops_fused.pool is fused.pool
-    assert ops_fused.pair_distances is fused.pair_distances
+    assert ops_fused.pool_taps is fused.pool_taps
+    assert ops_fused.packed_pair_distances is fused.packed_pair_distances
     assert ops_fused.weighted_sum is fused.weighted_sum
     assert copy.deepcopy(ops_fused) == ops_fused
-    assert kernel_backend("auto", "cpu").pool is reference.pool
+    assert kernel_backend("auto", "cpu").pool_taps is reference.pool_taps
     # the dispatch rule: no Triton for CPU tensors (outside the interpreter) or float64
     assert not common.use_triton([torch.zeros(1)])
     assert not common.use_triton([torch.zeros(1, dtype=torch.float64)])
@@ -172,26 +172,34 @@ def test_autocast_keeps_fp32_outputs() -> None:
 def test_opcheck_all_ops() -> None:
     gen = torch.Generator().manual_seed(3)
     z = torch.randn(2, 5, 3, 4, generator=gen)
-    torch.library.opcheck(pool.pool_op, (z.requires_grad_(),))
     z_cl = torch.randn(2, 5, 3, 4, generator=gen).bfloat16()
-    torch.library.opcheck(pool.pool_op, (z_cl.to(memory_format=torch.channels_last),))
-    torch.library.opcheck(pool.pool_backward_op, (z.detach(), torch.randn(2, 3, 4), None))
-    torch.library.opcheck(pool.pool_backward_op, (z_cl, None, torch.randn(2, 5)))
+    z_cl = z_cl.to(memory_format=torch.channels_last)
+    torch.library.opcheck(pool.pool_taps_op, ([z.requires_grad_()],))
+    torch.library.opcheck(pool.pool_taps_op, ([z.detach(), z_cl, torch.randn(2, 3, 1, 2)],))
+    torch.library.opcheck(pool.pool_taps_backward_op, ([z.detach()], torch.randn(2, 12), None))
+    torch.library.opcheck(pool.pool_taps_backward_op,
+                          ([z_cl, z.detach()], None, torch.randn(2, 10)))
     t_maps = positive_maps(2, [(4, 4), (3, 5)], gen)
-    s_maps = [m.requires_grad_() for m in positive_maps(2, [(3, 3), (8, 8), (1, 1)], gen)]
-    torch.library.opcheck(pairs.pair_distances_op, (t_maps, s_maps))
-    plain = [m.detach() for m in s_maps]
+    s_maps = positive_maps(2, [(3, 3), (8, 8), (1, 1)], gen)
+    t_sizes = [v for m in t_maps for v in m.shape[1:]]
+    s_sizes = [v for m in s_maps for v in m.shape[1:]]
+    t_packed, s_packed = pairs.pack(t_maps), pairs.pack(s_maps)
+    torch.library.opcheck(pairs.pair_distances_op,
+                          (t_packed, s_packed.requires_grad_(), t_sizes, s_sizes))
     for need_t, need_s in ((True, True), (False, True), (True, False)):
-        args = (torch.rand(2, 2, 3), t_maps, plain, torch.empty(0), need_t, need_s)
+        args = (torch.rand(2, 2, 3), t_packed, s_packed.detach(), t_sizes, s_sizes,
+                torch.empty(0), need_t, need_s)
         torch.library.opcheck(pairs.pair_distances_backward_op, args)
 
 
 def _hot_path(t_feats, s_feats, attn):
-    """pool every tap, distances, weighted sum, plus a GAP term (so gap gets a gradient)."""
-    t_maps = [fused.pool(z.detach())[0] for z in t_feats]
-    s_pooled = [fused.pool(z) for z in s_feats]
-    d = fused.pair_distances(t_maps, [mp for mp, _ in s_pooled])
-    return fused.weighted_sum(d, attn) + sum(g.square().mean() for _, g in s_pooled)
+    """pool all taps per side, distances, weighted sum, plus a GAP term (so the GAPs get a
+    gradient), as FeatureDistillation calls them."""
+    t_maps, _ = fused.pool_taps([z.detach() for z in t_feats])
+    s_maps, s_gaps = fused.pool_taps(s_feats)
+    d = fused.packed_pair_distances(t_maps, s_maps, [z.shape[2:] for z in t_feats],
+                                    [z.shape[2:] for z in s_feats])
+    return fused.weighted_sum(d, attn) + s_gaps.square().mean()
 
 
 def test_compile_fullgraph_matches_eager() -> None:

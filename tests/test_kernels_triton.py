@@ -14,7 +14,9 @@ multiple of the block, H*W = 1, odd sizes, several spatial blocks, student maps 
 smaller / equal to the teacher's, n != m, both memory formats, fp32/fp16/bf16).
 """
 
+import contextlib
 import os
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -59,8 +61,10 @@ def check_pool(z: torch.Tensor, *, with_map: bool = True, with_gap: bool = True,
     batch, channels, h, w = z.shape
     g_map = torch.randn(batch, h, w, generator=gen) if with_map else None
     g_gap = torch.randn(batch, channels, generator=gen) if with_gap else None
-    channel_map, gap = pool.pool_fwd(z, block_hw, block_c)
-    dz = pool.pool_bwd(z, g_map, g_gap, block_hw, block_c)
+    maps, gap = pool.pool_fwd([z], block_hw, block_c)
+    channel_map = maps.view(batch, h, w)
+    g_maps = g_map.reshape(batch, h * w) if with_map else None
+    (dz,) = pool.pool_bwd([z], g_maps, g_gap, block_hw, block_c)
     want_map, want_gap, want_dz = pool_reference64(z, g_map, g_gap)
     assert channel_map.dtype == gap.dtype == torch.float32
     assert channel_map.shape == (batch, h, w) and gap.shape == (batch, channels)
@@ -123,6 +127,96 @@ def test_pool_batch_strided_and_non_dense_inputs() -> None:
     check_pool(base.permute(0, 1, 3, 2))  # transposed H/W: copied
 
 
+@contextlib.contextmanager
+def counted_launches() -> Iterator[list[tuple[str, dict]]]:
+    """(kernel name, constexprs and options) of every launch made inside, each still run."""
+    launches: list[tuple[str, dict]] = []
+    kernel_type = type(pool._pool_fwd_kernel)  # the interpreter's, here; JITFunction on GPUs
+    real = kernel_type.run
+
+    def counting(self, *args, **kwargs):
+        launches.append((self.fn.__name__ if hasattr(self, "fn") else self.__name__, kwargs))
+        return real(self, *args, **kwargs)
+
+    kernel_type.run = counting
+    try:
+        yield launches
+    finally:
+        kernel_type.run = real
+
+
+def grouped_taps() -> list[torch.Tensor]:
+    """Taps of one model as the grouped launch sees them: several sizes and channel counts,
+    both memory formats and three dtypes (so four launch groups), one batch-strided tap, one
+    channel slice (copied), H*W = 1."""
+    gen = torch.Generator().manual_seed(11)
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(shape, generator=gen)
+
+    cl = torch.channels_last
+    return [
+        randn(2, 5, 3, 7),  # fp32 NCHW
+        randn(2, 40, 4, 4).to(memory_format=cl),  # fp32 channels_last
+        randn(4, 6, 5, 5).to(memory_format=cl)[::2],  # batch-strided, read in place
+        randn(2, 33, 1, 5).bfloat16(),  # bf16 NCHW
+        randn(2, 9, 6, 6).bfloat16().to(memory_format=cl),  # bf16 channels_last
+        randn(2, 7, 2, 3).half().to(memory_format=cl),  # fp16 channels_last
+        randn(2, 8, 3, 3).to(memory_format=cl)[:, 2:6],  # a channel slice: not dense, copied
+        randn(2, 3, 1, 1),  # H*W = 1
+    ]
+
+
+@pytest.mark.parametrize(("block_hw", "block_c"), [(None, None), (8, 4)])
+def test_grouped_pool_of_mixed_taps_matches_float64(block_hw, block_c) -> None:
+    """All taps in one pool_fwd / pool_bwd: maps and GAPs land at each tap's offset of the
+    packed rows, dz in each tap's dtype and layout. With forced small blocks every tap but
+    the smallest spans several spatial blocks, so the in-launch GAP reduction runs."""
+    taps = grouped_taps()
+    plan = pool.pool_plan(taps, block_hw, block_c)
+    assert len(plan.groups) == 5  # fp32 NCHW, fp32 CL, bf16 NCHW, bf16 CL, fp16 CL
+    assert (plan.reduce is None) == (block_hw is None)
+    batch = 2
+    gen = torch.Generator().manual_seed(12)
+    g_maps = torch.randn(batch, plan.maps_len, generator=gen)
+    g_gaps = torch.randn(batch, plan.gaps_len, generator=gen)
+    maps, gaps = pool.pool_fwd(taps, block_hw, block_c)
+    dzs = pool.pool_bwd(taps, g_maps, g_gaps, block_hw, block_c)
+    sizes = [(z.shape[2], z.shape[3]) for z in taps]
+    want_maps = [reference.pool(z.double())[0] for z in taps]
+    assert maps.shape == (batch, plan.maps_len) and gaps.shape == (batch, plan.gaps_len)
+    for got, want in zip(reference.unpack_maps(maps, sizes), want_maps, strict=True):
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+    map_rows = reference.unpack_maps(g_maps, sizes)
+    gap_rows = g_gaps.split([z.shape[1] for z in taps], dim=1)
+    for k, (z, dz, gm, gg, gap) in enumerate(zip(
+            taps, dzs, map_rows, gap_rows, gaps.split([z.shape[1] for z in taps], dim=1),
+            strict=True)):
+        _, want_gap, want_dz = pool_reference64(z, gm, gg)
+        torch.testing.assert_close(gap.double(), want_gap, rtol=1e-5, atol=1e-6)
+        assert dz.dtype == z.dtype and dz.shape == z.shape, k
+        _, channels_last = pool.dense_sample_layout(z)
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        assert dz.is_contiguous(memory_format=fmt), k
+        rtol = GRAD_RTOL[z.dtype]
+        torch.testing.assert_close(dz.double(), want_dz, rtol=rtol,
+                                   atol=rtol * want_dz.abs().max().item() + 1e-12,
+                                   msg=lambda m, k=k: f"tap {k}: {m}")
+
+
+def test_grouped_pool_launches_once_per_dtype_and_layout() -> None:
+    """The launch count does not grow with the taps: one forward launch per (dtype, memory
+    format) group, one GAP reduction for all taps when any spans several blocks."""
+    taps = grouped_taps()
+    with counted_launches() as launches:
+        pool.pool_fwd(taps)
+        pool.pool_fwd(taps, 8, 4)
+        pool.pool_bwd(taps, None, torch.zeros(2, sum(z.shape[1] for z in taps)))
+    names = [name for name, _ in launches]
+    assert names == ["_pool_fwd_kernel"] * 10 + ["_gap_reduce_kernel"] + ["_pool_bwd_kernel"] * 5
+    assert sorted(kwargs["N_TAPS"] for _, kwargs in launches[:5]) == [1, 1, 1, 2, 3]
+
+
 # -------------------------------------------------------------------------------- pairs
 
 
@@ -163,20 +257,23 @@ def assert_distances_close(d: torch.Tensor, want: torch.Tensor, t_maps) -> None:
 
 def check_pairs(t_maps, s_maps, need_t: bool = True, need_s: bool = True) -> None:
     gen = torch.Generator().manual_seed(len(t_maps) * 100 + len(s_maps))
-    d, stats = pairs.pairs_fwd(t_maps, s_maps)
+    t_sizes, s_sizes = pairs.sizes_of(t_maps), pairs.sizes_of(s_maps)
+    t_packed, s_packed = pairs.pack(t_maps), pairs.pack(s_maps)
+    d, stats = pairs.pairs_fwd(t_packed, s_packed, t_sizes, s_sizes)
     batch, n, m = t_maps[0].shape[0], len(t_maps), len(s_maps)
     assert d.shape == (batch, n, m) and d.dtype == torch.float32
     assert stats.shape == (3, batch, n, m)
     grad_d = torch.rand(batch, n, m, generator=gen)
     want_d, want_gt, want_gs = pairs_reference64(t_maps, s_maps, grad_d)
     assert_distances_close(d, want_d, t_maps)
-    gt, gs = pairs.pairs_bwd(grad_d, t_maps, s_maps, stats, need_t, need_s)
+    gt, gs = pairs.pairs_bwd(grad_d, t_packed, s_packed, t_sizes, s_sizes, stats, need_t,
+                             need_s)
     if need_t:
-        assert_grads_close(common.unpack(gt, t_maps), want_gt, 1e-4)
+        assert_grads_close(reference.unpack_maps(gt, t_sizes), want_gt, 1e-4)
     else:
         assert gt.numel() == 0
     if need_s:
-        assert_grads_close(common.unpack(gs, s_maps), want_gs, 1e-4)
+        assert_grads_close(reference.unpack_maps(gs, s_sizes), want_gs, 1e-4)
     else:
         assert gs.numel() == 0
 
@@ -203,7 +300,7 @@ def test_pairs_kernels_with_several_position_blocks_per_map() -> None:
     gen = torch.Generator().manual_seed(8)
     t_maps = positive_maps(2, [(24, 24)] * 5 + [(6, 6)], gen)
     s_maps = positive_maps(2, [(20, 20), (12, 12), (3, 3)], gen)
-    plan = pairs.plan_for(t_maps, s_maps)
+    plan = pairs.pair_plan(pairs.sizes_of(t_maps), pairs.sizes_of(s_maps), t_maps[0].device)
     assert plan.block < 24 * 24 and 24 * 24 % plan.block != 0, plan.block
     assert plan.block_s < 20 * 20, plan.block_s
     check_pairs(t_maps, s_maps)
@@ -226,7 +323,7 @@ def test_pairs_kernels_all_zero_maps_follow_normalize_eps() -> None:
     s_maps[0][1] = 0.0  # sample 1 of student map 0
     t_maps[1][0] = 0.0  # sample 0 of teacher map 1
     check_pairs(t_maps, s_maps)
-    d, _ = pairs.pairs_fwd(t_maps, s_maps)
+    d = fused.pair_distances(t_maps, s_maps)
     torch.testing.assert_close(d[1, 0, 0], torch.tensor(1.0 / 9.0))
     assert torch.isfinite(d).all()
 
@@ -243,55 +340,65 @@ def test_pairs_kernels_accept_low_precision_maps() -> None:
 
 def test_ops_run_triton_and_pass_opcheck() -> None:
     """Under the interpreter the custom ops dispatch to the kernels (stats is non-empty only
-    there); opcheck compares the fake functions with the real Triton outputs."""
-    z = torch.randn(2, 5, 2, 3).to(memory_format=torch.channels_last).requires_grad_()
-    torch.library.opcheck(pool.pool_op, (z,))
+    there); opcheck compares the fake functions with the real Triton outputs. The eager
+    wiring (an autograd.Function, kernels.common.eager_triton) gives the op's values and
+    gradients exactly: both run the same host functions."""
     gen = torch.Generator().manual_seed(8)
+    taps = [torch.randn(2, 5, 2, 3, generator=gen).to(memory_format=torch.channels_last),
+            torch.randn(2, 3, 4, 4, generator=gen).bfloat16()]
+    taps = [z.requires_grad_() for z in taps]
+    torch.library.opcheck(pool.pool_taps_op, (taps,))
     t_maps = positive_maps(2, [(2, 2), (1, 1)], gen)
-    s_maps = [m.requires_grad_() for m in positive_maps(2, [(3, 3), (2, 2)], gen)]
-    d, stats = pairs.pair_distances_op(t_maps, s_maps)
+    s_maps = positive_maps(2, [(3, 3), (2, 2)], gen)
+    t_sizes, s_sizes = pairs.sizes_of(t_maps), pairs.sizes_of(s_maps)
+    args = (pairs.pack(t_maps), pairs.pack(s_maps).requires_grad_(),
+            [v for size in t_sizes for v in size], [v for size in s_sizes for v in size])
+    d, stats = pairs.pair_distances_op(*args)
     assert stats.shape == (3, 2, 2, 2)
-    torch.library.opcheck(pairs.pair_distances_op, (t_maps, s_maps))
+    torch.library.opcheck(pairs.pair_distances_op, args)
+
+    def through(maps_gaps, packed) -> list[torch.Tensor]:
+        (maps, gaps), d = maps_gaps, packed
+        value = maps.square().sum() + gaps.sum() + d.sum()
+        return [maps, gaps, d, *torch.autograd.grad(value, [*taps, args[1]])]
+
+    by_op = through(pool.pool_taps_op(taps), pairs.pair_distances_op(*args)[0])
+    assert common.eager_triton(taps)
+    by_function = through(fused.pool_taps(taps),
+                          fused.packed_pair_distances(args[0], args[1], t_sizes, s_sizes))
+    for a, b in zip(by_op, by_function, strict=True):
+        assert torch.equal(a, b)
 
 
 def test_launches_per_loss_forward_backward() -> None:
     """The Triton launches of one feature-loss forward + backward at the ImageNet tap
-    structure (ResNet-50 -> ResNet-50: 16 + 16 taps; tiny channels and 64 px), counted: one
-    pool forward per tap, one pairs forward, two pairs backward kernels, one pool backward
-    per student tap (the teacher's taps are detached). Deterministic; issue #14 asks for
-    grouped launches (<= 8 whatever the number of taps), and this is the count to shrink."""
+    structure (ResNet-50 -> ResNet-50: 16 + 16 taps; 1/16 of the channels, 64 px), counted: one
+    pool forward and one GAP reduction per side (the 16x16 taps span two blocks), one pairs
+    forward, two pairs backward kernels, one pool backward (the teacher's taps are detached):
+    8, whatever the number of taps (issue #14's target: <= 8)."""
     from collections import Counter
 
     def taps(batch: int = 2) -> list[torch.Tensor]:
-        shapes = [(c // 64, s, s) for blocks, c, s in ((3, 256, 16), (4, 512, 8),
+        shapes = [(c // 16, s, s) for blocks, c, s in ((3, 256, 16), (4, 512, 8),
                                                         (6, 1024, 4), (3, 2048, 2))
                   for _ in range(blocks)]
         return [torch.randn(batch, *shape).to(memory_format=torch.channels_last)
                 for shape in shapes]
 
     t_taps, s_taps = taps(), [z.requires_grad_() for z in taps()]
-    counts: Counter[str] = Counter()
-    kernel_type = type(pool._pool_fwd_kernel)  # the interpreter's, here; JITFunction on GPUs
-    real = kernel_type.run
-
-    def counting(self, *args, **kwargs):
-        counts[self.fn.__name__ if hasattr(self, "fn") else self.__name__] += 1
-        return real(self, *args, **kwargs)
-
-    kernel_type.run = counting
-    try:
-        t_maps = [fused.pool(z.detach())[0] for z in t_taps]
-        s_pooled = [fused.pool(z) for z in s_taps]
-        d = fused.pair_distances(t_maps, [mp for mp, _ in s_pooled])
+    with counted_launches() as launches:
+        t_maps, _ = fused.pool_taps([z.detach() for z in t_taps])
+        s_maps, s_gaps = fused.pool_taps(s_taps)
+        sizes = [z.shape[2:] for z in t_taps]
+        d = fused.packed_pair_distances(t_maps, s_maps, sizes, sizes)
         attn = torch.rand(d.shape).softmax(-1)
-        loss = fused.weighted_sum(d, attn) + sum(g.square().mean() for _, g in s_pooled)
+        loss = fused.weighted_sum(d, attn) + s_gaps.square().mean()
         loss.backward()
-    finally:
-        kernel_type.run = real
-    assert dict(counts) == {"_pool_fwd_kernel": 32, "_pairs_fwd_kernel": 1,
-                            "_pairs_bwd_resized_kernel": 1, "_pairs_bwd_student_kernel": 1,
-                            "_pool_bwd_kernel": 16}
-    assert sum(counts.values()) == 51
+    counts = Counter(name for name, _ in launches)
+    assert dict(counts) == {"_pool_fwd_kernel": 2, "_gap_reduce_kernel": 2,
+                            "_pairs_fwd_kernel": 1, "_pairs_bwd_resized_kernel": 1,
+                            "_pairs_bwd_student_kernel": 1, "_pool_bwd_kernel": 1}
+    assert sum(counts.values()) == 8
     assert all(z.grad is not None and torch.isfinite(z.grad).all() for z in s_taps)
 
 
@@ -347,4 +454,4 @@ def test_feature_distillation_fused_equals_eager_on_model_taps() -> None:
     # round-off
     fused_fd = assert_fused_matches_eager(t_taps, s_taps, student, dict(rtol=1e-5, atol=1e-7),
                                           dict(rtol=1e-3, atol=1e-6))
-    assert fused_fd.kernels.pool is fused.pool
+    assert fused_fd.kernels.pool_taps is fused.pool_taps

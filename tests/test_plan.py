@@ -8,33 +8,40 @@ import torch
 
 pytest.importorskip("triton")
 
-from kernels import bench, pairs, plan  # noqa: E402  (after the skip: imports Triton)
+from kernels import bench, pairs, plan, pool  # noqa: E402  (after the skip: imports Triton)
 
 
 def test_launches_of_one_forward_backward_at_the_imagenet_structure() -> None:
     """ResNet-50 -> ResNet-50 (16 + 16 taps) at the real batch 256, on meta tensors: one
-    pool forward per tap, one pairs forward, two pairs backward kernels, one pool backward
-    per student tap = 51 (issue #14's target, grouped launches, is <= 8)."""
+    pool forward and one GAP reduction per side, one pairs forward, two pairs backward
+    kernels, one pool backward = 8 (issue #14's target: <= 8, whatever the number of taps)."""
     config = bench.GPU_CONFIGS["imagenet224-b256"]
     launches = bench.planned_launches(config, torch.bfloat16, "fwd+bwd")
     counts = {k.kernel: k.launches for k in plan.summarize(launches)}
-    assert counts == {"_pool_fwd_kernel": 32, "_pairs_fwd_kernel": 1,
+    assert counts == {"_pool_fwd_kernel": 2, "_gap_reduce_kernel": 2, "_pairs_fwd_kernel": 1,
                       "_pairs_bwd_resized_kernel": 1, "_pairs_bwd_student_kernel": 1,
-                      "_pool_bwd_kernel": 16}
+                      "_pool_bwd_kernel": 1}
     forward = bench.planned_launches(config, torch.bfloat16, "fwd")
-    assert len(forward) == 33
-    # the 7x7x2048 taps: a [256, 1] grid, 256 programs (under 2 per SM of an H100)
-    assert min(plan.programs(x) for x in forward) == 256
+    assert len(forward) == 5
+    # one pool program per (sample, tap, block of 128 positions): 3 * 25 + 4 * 7 + 6 * 2 + 3
+    (pool_fwd, *_), = [[x for x in forward if x.kernel.__name__ == "_pool_fwd_kernel"]]
+    assert pool_fwd.grid == (256, 3 * 25 + 4 * 7 + 6 * 2 + 3)
+    for cifar in ("cifar-b128", "cifar-b512"):  # 32x32, 16x16, 8x8 (and 4x4) taps: 8 too
+        assert len(bench.planned_launches(bench.GPU_CONFIGS[cifar], torch.bfloat16,
+                                          "fwd+bwd")) == 8
 
 
 def test_bytes_of_a_pool_launch_by_hand() -> None:
-    """One channels_last bf16 tap [4, 64, 8, 8]: one block covers its 64 positions, so the
-    launch reads z (4*64*64 * 2 B) and writes the fp32 map (4*64 * 4 B) and one GAP partial
-    per channel (4*1*64 * 4 B)."""
-    (launch, *_), = [plan.loss_launches([(64, 8, 8)], [(64, 8, 8)], 4, torch.bfloat16,
-                                        "channels_last")]
+    """One channels_last bf16 tap [4, 64, 8, 8]: one block covers its 64 positions (so no
+    GAP reduction), and the launch reads z (4*64*64 * 2 B) and its tables (one tap row of 6
+    int32, one work item of 2), and writes the fp32 map (4*64 * 4 B) and one GAP partial per
+    channel (4*1*64 * 4 B), which is the GAP itself."""
+    (launch, *rest), = [plan.loss_launches([(64, 8, 8)], [(64, 8, 8)], 4, torch.bfloat16,
+                                           "channels_last")]
     assert launch.kernel.__name__ == "_pool_fwd_kernel" and launch.grid == (4, 1)
-    assert plan.launch_bytes(launch) == 4 * 64 * 64 * 2 + 4 * 64 * 4 + 4 * 64 * 4
+    assert rest[0].kernel.__name__ == "_pool_fwd_kernel"  # the student's: no reduction
+    tables = 6 * 4 + 2 * 4
+    assert plan.launch_bytes(launch) == 4 * 64 * 64 * 2 + tables + 4 * 64 * 4 + 4 * 64 * 4
     assert plan.projection_ms([launch], 1.0) == pytest.approx(
         plan.launch_bytes(launch) / 1e9 * 1e3)
 
@@ -55,21 +62,25 @@ def test_model_and_host_reports(capsys) -> None:
     assert out.startswith("PROJECTION (not a measurement)")
     assert "all (floor 429.9 MB" in out and "_pairs_bwd_student_kernel" in out
     host = out.split("kernels stubbed out", 1)[1].splitlines()[-1].split()
-    assert host[:3] == ["cifar-b128", "15+8", "34"]  # 15 + 8 pool fwd, 3 pairs, 8 pool bwd
+    assert host[:3] == ["cifar-b128", "15+8", "8"]  # 2 pool fwd, 2 GAP sums, 3 pairs, 1 bwd
     assert bench.main(["--model", "--configs", "cifar-cpu"]) == 2
 
 
 def test_the_host_functions_never_read_the_device() -> None:
     """What a CUDA-graph capture forbids: every host function of a loss forward + backward
     runs on meta tensors (loss_launches), where any read of a device value back to the host
-    (.item(), float(t), .tolist(), a tensor's truth value) raises; and the pairs tables are
-    made once per shape signature, then reused (no host-to-device copy per call)."""
+    (.item(), float(t), .tolist(), a tensor's truth value) raises; and the pairs
+    and pool tables are made once per shape signature, then reused (no host-to-device copy
+    per call)."""
     with pytest.raises(RuntimeError, match="meta"):  # the premise: meta refuses a sync
         float(torch.empty((), device="meta"))
     for config in bench.GPU_CONFIGS.values():
         assert bench.planned_launches(config, torch.bfloat16, "fwd+bwd")
-    t_maps = [torch.empty(2, 8, 8, device="meta"), torch.empty(2, 4, 4, device="meta")]
-    s_maps = [torch.empty(2, 6, 6, device="meta")]
-    plan_a = pairs.plan_for(t_maps, s_maps)
-    assert pairs.plan_for([m.clone() for m in t_maps], s_maps) is plan_a
+    t_sizes, s_sizes = ((8, 8), (4, 4)), ((6, 6),)
+    plan_a = pairs.pair_plan(t_sizes, s_sizes, torch.device("meta"))
+    assert pairs.pair_plan(t_sizes, s_sizes, torch.device("meta")) is plan_a
     assert plan_a.groups.device.type == "meta"
+    taps = [torch.empty(2, 16, 8, 8, device="meta"), torch.empty(2, 32, 4, 4, device="meta")]
+    pool_a = pool.pool_plan(taps)
+    assert pool.pool_plan([z.clone() for z in taps]) is pool_a
+    assert pool_a.groups[0].tap_table.device.type == "meta"

@@ -102,6 +102,28 @@ def test_pool_float64_stays_float64_and_rejects_non_4d() -> None:
 # ------------------------------------------------------------------------ pair_distances
 
 
+def test_packed_forms_hand_computed() -> None:
+    """pool_taps packs each tap's map and GAP per sample in tap order, and
+    packed_pair_distances reads maps back at those offsets; checked on hand-set taps."""
+    a = torch.zeros(1, 2, 1, 2)
+    a[0, :, 0, 0] = torch.tensor([1.0, 3.0])  # position 0: mean_c z^2 = (1 + 9) / 2 = 5
+    b = torch.full((1, 1, 2, 1), 2.0)  # one channel, two positions: map 4, 4; GAP 2
+    maps, gaps = reference.pool_taps([a, b])
+    torch.testing.assert_close(maps, torch.tensor([[5.0, 0.0, 4.0, 4.0]]))
+    torch.testing.assert_close(gaps, torch.tensor([[0.5, 1.5, 2.0]]))  # a's GAP is 1/2, 3/2
+    views = reference.unpack_maps(maps, [(1, 2), (2, 1)])
+    assert [tuple(v.shape) for v in views] == [(1, 1, 2), (1, 2, 1)]
+    assert views[1].data_ptr() == maps.data_ptr() + 2 * maps.element_size()  # no copy
+    d = reference.packed_pair_distances(maps, maps, [(1, 2), (2, 1)], [(1, 2), (2, 1)])
+    torch.testing.assert_close(d, reference.pair_distances(views, views))
+    # map (5, 0) normalized is (1, 0); the (4, 4) map pooled to 1x2 is (4, 4) -> (1, 1)/sqrt2
+    torch.testing.assert_close(d[0, 0, 1], torch.tensor(((1 - 0.5**0.5) ** 2 + 0.5) / 2))
+    with pytest.raises(ValueError, match="packed"):
+        reference.unpack_maps(maps, [(1, 2)])
+    with pytest.raises(ValueError, match="one batch size"):
+        reference.pool_taps([a, torch.zeros(2, 1, 1, 1)])
+
+
 def test_pair_distances_hand_computed() -> None:
     t = torch.tensor([[[1.0, 0.0], [0.0, 0.0]]])  # v_t = (1, 0, 0, 0)
     s_corner = torch.zeros(1, 4, 4)

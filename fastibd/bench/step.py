@@ -47,6 +47,7 @@ from fastibd.method.attacks import AttackSettings
 from fastibd.method.modes import LossSettings
 from fastibd.method.step import TrainingStep, build_step
 from fastibd.models import build_model
+from kernels import reference
 
 
 @dataclass(frozen=True)
@@ -189,7 +190,8 @@ def measure(name: str, work: Workload, variant: str, device: torch.device, warmu
     bar.close()
     if timed != steps:
         raise RuntimeError(f"{name} {variant}: the loader gave {timed} of {steps} batches")
-    feature_loss = step.objective.features.kernels.pool.__module__.rpartition(".")[2]
+    ops = step.objective.features.kernels
+    feature_loss = "eager" if ops.pool_taps is reference.pool_taps else "fused"
     return Result(name, variant, data, runtime.precision, runtime.compiled,
                   fmt == torch.channels_last, feature_loss, steps, seconds,
                   steps * work.batch_size / seconds)

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 BACKENDS = ("eager", "fused", "auto")
 FUSED_MODULE = "kernels.fused"
-KERNEL_OPS = ("pool", "pair_distances", "weighted_sum")
+KERNEL_OPS = ("pool_taps", "packed_pair_distances", "weighted_sum")
 
 
 # --------------------------------------------------------------------------- kernel backends
@@ -36,13 +36,14 @@ KERNEL_OPS = ("pool", "pair_distances", "weighted_sum")
 
 @dataclass(frozen=True)
 class KernelOps:
-    """The three ops of the feature-distillation hot path (signatures of kernels/reference.py).
+    """The three ops of the feature-distillation hot path (signatures of kernels/reference.py),
+    each taking every tap of a side at once.
 
     Plain functions rather than the module object, so a FeatureDistillation holding them
     can still be deep-copied or pickled."""
 
-    pool: Callable[[Tensor], tuple[Tensor, Tensor]]
-    pair_distances: Callable[[Sequence[Tensor], Sequence[Tensor]], Tensor]
+    pool_taps: Callable[[Sequence[Tensor]], tuple[Tensor, Tensor]]
+    packed_pair_distances: Callable[..., Tensor]
     weighted_sum: Callable[[Tensor, Tensor], Tensor]
 
     @classmethod
@@ -186,11 +187,14 @@ class FeatureDistillation(nn.Module):
         """A [B, n, m] and d [B, n, m] for teacher taps [B, Ct_i, Ht_i, Wt_i] (n of them)
         and student taps [B, Cs_j, Hs_j, Ws_j] (m of them)."""
         ops = self.kernels
+        # One call per side for all taps (the fused ops' unit: a fixed number of launches).
         # The teacher is frozen: never build (or run) a backward into it.
-        t_pooled = [ops.pool(z.detach()) for z in t_feats]
-        s_pooled = [ops.pool(z) for z in s_feats]
-        attn = self.attention([g for _, g in t_pooled], [g for _, g in s_pooled])
-        d = ops.pair_distances([mp for mp, _ in t_pooled], [mp for mp, _ in s_pooled])
+        t_maps, t_gaps = ops.pool_taps([z.detach() for z in t_feats])
+        s_maps, s_gaps = ops.pool_taps(s_feats)
+        attn = self.attention(t_gaps.split([z.shape[1] for z in t_feats], dim=1),
+                              s_gaps.split([z.shape[1] for z in s_feats], dim=1))
+        d = ops.packed_pair_distances(t_maps, s_maps, [z.shape[2:] for z in t_feats],
+                                      [z.shape[2:] for z in s_feats])
         return attn, d
 
     def forward(self, t_feats: Sequence[Tensor], s_feats: Sequence[Tensor]) -> Tensor:
