@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
 
+from fastibd.device import Runtime
 from fastibd.errors import UserError
 
 
@@ -27,17 +28,23 @@ class World:
         return self.rank == 0
 
 
-def init_world(device_type: str) -> World:
-    """Join the process group torchrun set up (NCCL on CUDA, gloo on CPU)."""
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        return World()
-    world = World(int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0")),
-                  int(os.environ["WORLD_SIZE"]), distributed=True)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
-    if device_type == "cuda":
-        torch.cuda.set_device(world.local_rank)
-    return world
+def join(runtime: Runtime) -> tuple[Runtime, World]:
+    """Join the process group torchrun set up (NCCL on CUDA, gloo on CPU), if any, and bind
+    this process to its GPU: the runtime comes back on cuda:LOCAL_RANK (cuda:0 alone)."""
+    world, cuda = World(), runtime.device.type == "cuda"
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        world = World(int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0")),
+                      int(os.environ["WORLD_SIZE"]), distributed=True)
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if cuda else "gloo")
+        if cuda:
+            torch.cuda.set_device(world.local_rank)
+        if world.is_main:
+            print(f"distributed: {world.size} process{'es' * (world.size > 1)}, backend "
+                  f"{dist.get_backend()}", flush=True)
+    if cuda:
+        runtime = replace(runtime, device=torch.device("cuda", world.local_rank))
+    return runtime, world
 
 
 def all_reduce_sum(values: torch.Tensor, world: World) -> torch.Tensor:

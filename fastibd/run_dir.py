@@ -141,9 +141,26 @@ class RunLog:
                                            clean["epoch"])
             self.writer.flush()
 
+    def write_resume(self, changes: dict[str, tuple[Any, Any]], epoch: int,
+                     step_in_epoch: int) -> None:
+        """The record of a resume that changed settings (config_history.yaml has them too)."""
+        self.write({"kind": "resume", "epoch": epoch, "step_in_epoch": step_in_epoch,
+                    "changes": {k: [old, new] for k, (old, new) in changes.items()}})
+
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def epoch_line(record: dict[str, Any]) -> str:
+    """The console line of an epoch record: its loss parts, held-out accuracy, lr, speed."""
+    parts = [f"epoch {record['epoch']}"]
+    parts += [f"{k[5:]} {v:.4f}" for k, v in record.items() if k.startswith("loss_")]
+    if "holdout_clean_acc" in record:
+        parts += [f"held-out clean {record['holdout_clean_acc']:.2%}",
+                  f"PGD {record['holdout_pgd_acc']:.2%}"]
+    parts += [f"lr {record['lr']:.4g}", f"{record['images_per_s']:.0f} img/s"]
+    return "  ".join(parts)
 
 
 def read_metrics(run_dir: str | Path, skipped: list[int] | None = None

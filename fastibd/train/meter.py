@@ -1,6 +1,7 @@
 """One epoch's training metrics: loss parts summed on the device (no sync per step), steps,
 images and time; carried across a mid-epoch stop (`partial()`, saved with the training
-state) and summed over the processes at the end (`metrics()`)."""
+state) and summed over the processes at the end (`metrics()`). And `LossWatch`, which stops
+a run whose loss is no longer finite, checking a window of steps at a time."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch
 from torch import Tensor
 
 from fastibd.distributed import World, all_reduce_sum
+from fastibd.errors import UserError
 
 
 class EpochMeter:
@@ -46,3 +48,26 @@ class EpochMeter:
         metrics = {f"loss_{n}": reduced[i].item() / steps for i, n in enumerate(names)}
         return metrics | {"images": int(images), "images_per_s": images / elapsed,
                           "epoch_time_s": elapsed}
+
+
+class LossWatch:
+    """Raises a UserError naming the step where the loss stopped being finite. The losses
+    are kept on the device and checked `every` steps (each check syncs a GPU)."""
+
+    def __init__(self, device: torch.device, hint: str) -> None:
+        self.every = 1 if device.type == "cpu" else 25
+        self.hint = hint  # what the user can change, after "Lower optim.lr"
+        self.window: list[tuple[int, Tensor]] = []
+
+    def add(self, index: int, total: Tensor, epoch: int) -> None:
+        self.window.append((index, total))
+        if len(self.window) >= self.every:
+            self.check(epoch)
+
+    def check(self, epoch: int) -> None:
+        window, self.window = self.window, []
+        if not window or torch.isfinite(torch.stack([t for _, t in window])).all():
+            return
+        index, value = next((i, t.item()) for i, t in window if not torch.isfinite(t))
+        raise UserError(f"the loss became {value} at epoch {epoch + 1}, step {index + 1}; "
+                        f"stopped without saving {self.hint}")

@@ -52,9 +52,20 @@ class TrainState:
             rng=rng, best=self.best, config=self.settings, world_size=self.world_size,
             partial=self.partial)
 
-    def check_finite(self, where: str, last: Path) -> None:
+    def keep_if_best(self, held: dict[str, Any], path: Path) -> bool:
+        """Record `held` (this epoch's held-out clean/PGD accuracy) and save the student to
+        `path` when its PGD accuracy beats the best so far."""
+        if self.best is not None and held["pgd_acc"] <= self.best["pgd_acc"]:
+            return False
+        self.best = {"epoch": self.epoch, **held}
+        atomic_save(model_checkpoint(self.step.student, epoch=self.epoch, holdout=held), path)
+        return True
+
+    def check_finite(self, last: Path) -> None:
         """A finite loss can still be followed by an update (or BN statistics) gone to inf:
         such a state must never be saved."""
+        where = (f"by the end of epoch {self.epoch}" if self.step_in_epoch == 0 else
+                 f"at epoch {self.epoch + 1}, step {self.step_in_epoch}")
         values = [t for t in self.step.objective.state_dict().values() if t.is_floating_point()]
         if not torch.stack([t.isfinite().all() for t in values]).all():
             raise UserError(f"the weights became non-finite {where}; stopped without saving "

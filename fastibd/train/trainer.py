@@ -11,9 +11,7 @@ resumes that run.
 
 from __future__ import annotations
 
-import signal
 import sys
-from dataclasses import replace
 from typing import Any
 
 import torch
@@ -21,21 +19,19 @@ from tqdm import tqdm
 
 from fastibd.data import training_data
 from fastibd.device import device_name, resolve_runtime
-from fastibd.distributed import barrier, init_world
+from fastibd.distributed import barrier, join
 from fastibd.errors import UserError
 from fastibd.eval.robustness import clean_and_pgd
 from fastibd.method.modes import MODES
 from fastibd.method.step import build_step
 from fastibd.models import build_student
-from fastibd.models.checkpoint import atomic_save, model_checkpoint
 from fastibd.models.teachers import check_teacher_accuracy, run_teacher
-from fastibd.run_dir import BEST, LAST, RunDirectory, RunLog
-from fastibd.train.meter import EpochMeter
+from fastibd.run_dir import BEST, LAST, RunDirectory, RunLog, epoch_line
+from fastibd.train.meter import EpochMeter, LossWatch
 from fastibd.train.schedule import build_optimizer, build_scheduler
 from fastibd.train.settings import Settings
 from fastibd.train.state import TrainState
-
-SIGNAL_EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}
+from fastibd.train.stopping import EXIT_CODES, Stopped, StopRequests
 
 
 class Trainer:
@@ -43,20 +39,13 @@ class Trainer:
 
     def __init__(self, settings: Settings) -> None:
         s = self.settings = settings
-        runtime = resolve_runtime(s.training.device, s.training.precision, s.training.compile,
-                                  s.training.compile_mode)
-        self.world = world = init_world(runtime.device.type)
-        if runtime.device.type == "cuda":
-            runtime = replace(runtime, device=torch.device("cuda", world.local_rank))
-        if world.distributed and world.is_main:
-            print(f"distributed: {world.size} process{'es' * (world.size > 1)}, backend "
-                  f"{torch.distributed.get_backend()}", flush=True)
-        self.runtime = runtime
+        self.runtime, self.world = runtime, world = join(resolve_runtime(
+            s.training.device, s.training.precision, s.training.compile,
+            s.training.compile_mode))
         # The run directory first, before any data is read or model built: a bad or busy
         # location fails in a second, not after minutes of loading.
         self.run = RunDirectory(s.training.out_dir)
-        self.run_dir = self.run.path
-        self.log: RunLog | None = None
+        self.run_dir, self.log, self.stops = self.run.path, None, StopRequests()
         if world.is_main:
             self.run.lock()
         try:
@@ -66,8 +55,7 @@ class Trainer:
             raise
 
     def _build(self, s: Settings, runtime) -> None:
-        world = self.world
-        last = self.run_dir / LAST
+        world, last = self.world, self.run_dir / LAST
         if last.exists() and not s.training.resume:
             raise UserError(f"{self.run_dir} already holds a run ({last}); choose another "
                             "training.out_dir, or resume it with training.resume=true")
@@ -85,9 +73,8 @@ class Trainer:
                 check_teacher_accuracy(teacher, self.data.holdout,
                                        ("none", s.model.normalization), classes, s.teacher.path,
                                        name=s.teacher.name)
-        self.steps_per_epoch = len(self.data.train)
-        if s.training.max_steps:
-            self.steps_per_epoch = min(self.steps_per_epoch, s.training.max_steps)
+        steps = len(self.data.train)
+        self.steps_per_epoch = min(steps, s.training.max_steps or steps)
         if self.steps_per_epoch == 0:
             raise UserError(f"{s.data.train_path} has fewer training images than one batch "
                             f"of {s.data.batch_size} per process")
@@ -102,24 +89,19 @@ class Trainer:
             attack_rng=attack_rng, ddp=world.distributed,
             device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None,
             awp=s.awp)
-        self.state = TrainState(self.step, s.as_dict(), world.size)
-        self.stop_signal: int | None = None
+        self.state = state = TrainState(self.step, s.as_dict(), world.size)
         if world.is_main:
-            self.run.check_free_space(self.state.size_estimate())
-        changes = {}
+            self.run.check_free_space(state.size_estimate())
+        changes = state.load(last, s.training.resume_changed) if last.exists() else {}
         if last.exists():
-            changes = self.state.load(last, s.training.resume_changed)
-            print(f"resuming {last}: epoch {self.state.epoch}, step {self.state.step_in_epoch}",
+            print(f"resuming {last}: epoch {state.epoch}, step {state.step_in_epoch}",
                   flush=True)
         if world.is_main:
-            self.run.write_config(self.state.settings)  # once, when the run starts
+            self.run.write_config(state.settings)  # once, when the run starts
             self.log = RunLog(self.run_dir, s.logging.tensorboard)
             if changes:
-                self.run.record_changes(changes, self.state.epoch, self.state.step_in_epoch)
-                self.log.write({"kind": "resume", "epoch": self.state.epoch,
-                                "step_in_epoch": self.state.step_in_epoch,
-                                "changes": {k: [old, new] for k, (old, new) in
-                                            changes.items()}})
+                self.run.record_changes(changes, state.epoch, state.step_in_epoch)
+                self.log.write_resume(changes, state.epoch, state.step_in_epoch)
         barrier(world)
 
     def close(self, failed: bool = False) -> None:
@@ -140,10 +122,11 @@ class Trainer:
         # Resuming mid-epoch: the metrics carry on from what the stopped part measured (under
         # DDP rank 0's share of that part).
         meter = EpochMeter(device, state.partial if skip and self.world.is_main else None)
-        window: list[tuple[int, torch.Tensor]] = []
-        check_every = 1 if device.type == "cpu" else 25  # each check syncs the GPU
-        resolution = None
-        show = self.settings.logging.progress and self.world.is_main
+        fp32 = "" if self.runtime.dtype == torch.float32 else \
+            ", or train in fp32 (training.precision)"
+        watch = LossWatch(device, f"(the last checkpoint is from before: {self.run_dir / LAST})."
+                          f" Lower optim.lr{fp32}")
+        show, resolution = self.settings.logging.progress and self.world.is_main, None
         bar = tqdm(total=self.steps_per_epoch, initial=skip, unit="step", leave=False,
                    desc=f"epoch {state.epoch + 1}/{self.settings.training.epochs}",
                    disable=not show)
@@ -155,21 +138,18 @@ class Trainer:
             total, parts = self.step(x.contiguous(memory_format=self.runtime.memory_format), y)
             resolution, state.step_in_epoch = x.shape[-1], index + 1
             meter.add(parts, len(y))
-            window.append((index, total))
-            if len(window) >= check_every:
-                self._check_finite(window)
-                window = []
+            watch.add(index, total, state.epoch)
             bar.update(1)
             if index % 10 == 0 and show:
                 bar.set_postfix(loss=f"{total.item():.4f}",
                                 lr=f"{self.step.scheduler.get_last_lr()[0]:.4g}")
-            if self.stop_signal is not None:
-                self._check_finite(window)
+            if self.stops.signum is not None:
+                watch.check(state.epoch)
                 state.partial = meter.partial()
                 self._save_state()
                 bar.close()
-                raise _Stopped(self.stop_signal)
-        self._check_finite(window)
+                raise Stopped(self.stops.signum)
+        watch.check(state.epoch)
         bar.close()
         state.partial = None
         metrics = meter.metrics(self.world)
@@ -177,24 +157,8 @@ class Trainer:
             metrics["resolution"] = resolution  # as trained (progressive resizing)
         return metrics
 
-    def _check_finite(self, window: list[tuple[int, torch.Tensor]]) -> None:
-        if not window or torch.isfinite(torch.stack([t for _, t in window])).all():
-            return
-        index, value = next((i, t.item()) for i, t in window if not torch.isfinite(t))
-        hint = "" if self.runtime.dtype == torch.float32 else \
-            ", or train in fp32 (training.precision)"
-        raise UserError(f"the loss became {value} at epoch {self.state.epoch + 1}, step "
-                        f"{index + 1}; stopped without saving (the last checkpoint is from "
-                        f"before: {self.run_dir / LAST}). Lower optim.lr{hint}")
-
-    def _check_weights(self) -> None:
-        state = self.state
-        where = (f"by the end of epoch {state.epoch}" if state.step_in_epoch == 0 else
-                 f"at epoch {state.epoch + 1}, step {state.step_in_epoch}")
-        state.check_finite(where, self.run_dir / LAST)
-
     def _save_state(self) -> None:
-        self._check_weights()
+        self.state.check_finite(self.run_dir / LAST)
         if self.world.is_main:
             self.state.save(self.run_dir / LAST)
 
@@ -209,48 +173,38 @@ class Trainer:
 
     def fit(self) -> int:
         training, state = self.settings.training, self.state
-        previous = {sig: signal.signal(sig, self._request_stop) for sig in SIGNAL_EXIT}
         try:
-            while state.epoch < training.epochs:
-                metrics = self.train_epoch()
-                state.epoch, state.step_in_epoch = state.epoch + 1, 0
-                record = {"kind": "epoch", "epoch": state.epoch,
-                          "lr": self.step.scheduler.get_last_lr()[0], **metrics,
-                          "device": device_name(self.runtime.device),
-                          "processes": self.world.size}
-                self._check_weights()
-                due = state.epoch % training.eval_every == 0 or state.epoch == training.epochs
-                if self.data.holdout is not None and due:
-                    if self.world.is_main:
-                        held = self.evaluate(self.data.holdout)
-                        record |= {f"holdout_{k}": v for k, v in held.items()}
-                        if state.best is None or held["pgd_acc"] > state.best["pgd_acc"]:
-                            state.best = {"epoch": state.epoch, **held}
-                            atomic_save(model_checkpoint(self.step.student, epoch=state.epoch,
-                                                         holdout=held), self.run_dir / BEST)
-                    barrier(self.world)
-                self._save_state()
-                if self.log is not None:
-                    self.log.write(record)
-                    print(_summary(record), flush=True)
+            with self.stops:
+                while state.epoch < training.epochs:
+                    metrics = self.train_epoch()
+                    state.epoch, state.step_in_epoch = state.epoch + 1, 0
+                    record = {"kind": "epoch", "epoch": state.epoch,
+                              "lr": self.step.scheduler.get_last_lr()[0], **metrics,
+                              "device": device_name(self.runtime.device),
+                              "processes": self.world.size}
+                    state.check_finite(self.run_dir / LAST)  # before best.pt may be saved
+                    due = state.epoch % training.eval_every == 0 or state.epoch == training.epochs
+                    if self.data.holdout is not None and due:
+                        if self.world.is_main:
+                            held = self.evaluate(self.data.holdout)
+                            record |= {f"holdout_{k}": v for k, v in held.items()}
+                            state.keep_if_best(held, self.run_dir / BEST)
+                        barrier(self.world)
+                    self._save_state()
+                    if self.log is not None:
+                        self.log.write(record)
+                        print(epoch_line(record), flush=True)
             if self.world.is_main:
                 self._final_report()
             return 0
-        except _Stopped as stopped:
+        except Stopped as stopped:
             if self.world.is_main:
-                print(f"stopped by {signal.Signals(stopped.signum).name} at epoch "
-                      f"{state.epoch + 1}, step {state.step_in_epoch}; saved "
-                      f"{self.run_dir / LAST}. Run the same command to resume.", file=sys.stderr)
-            return SIGNAL_EXIT[stopped.signum]
+                print(f"stopped by {stopped} at epoch {state.epoch + 1}, step "
+                      f"{state.step_in_epoch}; saved {self.run_dir / LAST}. Run the same "
+                      "command to resume.", file=sys.stderr)
+            return EXIT_CODES[stopped.signum]
         finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
             self.close()
-
-    def _request_stop(self, signum: int, _frame: Any) -> None:
-        if self.stop_signal is not None:  # a second Ctrl-C: stop now
-            raise KeyboardInterrupt
-        self.stop_signal = signum
 
     def _final_report(self) -> None:
         """Validation accuracy of the best checkpoint (or the last, without a held-out slice)."""
@@ -260,24 +214,8 @@ class Trainer:
             self.step.student.load_state_dict(best["model"])
             chosen = f"best (epoch {best['epoch']})"
         val = self.evaluate(self.data.val)
-        record = {"kind": "final", "epoch": self.state.epoch, "checkpoint": chosen,
-                  **{f"val_{k}": v for k, v in val.items()}}
         if self.log is not None:
-            self.log.write(record)
+            self.log.write({"kind": "final", "epoch": self.state.epoch, "checkpoint": chosen,
+                            **{f"val_{k}": v for k, v in val.items()}})
         print(f"final {chosen}: val clean {val['clean_acc']:.2%}, {val['attack']}: "
               f"{val['pgd_acc']:.2%} on {val['eval_images']} images", flush=True)
-
-
-class _Stopped(Exception):
-    def __init__(self, signum: int) -> None:
-        self.signum = signum
-
-
-def _summary(record: dict[str, Any]) -> str:
-    parts = [f"epoch {record['epoch']}"]
-    parts += [f"{k[5:]} {v:.4f}" for k, v in record.items() if k.startswith("loss_")]
-    if "holdout_clean_acc" in record:
-        parts += [f"held-out clean {record['holdout_clean_acc']:.2%}",
-                  f"PGD {record['holdout_pgd_acc']:.2%}"]
-    parts += [f"lr {record['lr']:.4g}", f"{record['images_per_s']:.0f} img/s"]
-    return "  ".join(parts)
