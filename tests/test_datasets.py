@@ -121,6 +121,21 @@ def test_svhn_downloads_missing_files(tmp_path: Path, local_server,
     assert images.shape[1:] == (32, 32, 3)
 
 
+def test_svhn_download_continues_from_what_a_killed_run_left(
+        tmp_path: Path, local_server, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A `.part` a killed download left is continued, or, from this server, which ignores
+    Range requests and sends the whole file, overwritten: either way the file kept is the
+    published one (MD5-checked) and no part remains."""
+    base, served = local_server
+    contents = serve_svhn(monkeypatch, base, served)
+    data_dir = tmp_path / "dl"
+    data_dir.mkdir()
+    (data_dir / ".train_32x32.mat.part").write_bytes(b"stale" * 100)
+    assert write(["--dataset", "svhn", "--data-dir", str(data_dir), "--format", "npz"],
+                 tmp_path / "out") == 0
+    assert {p.name: p.read_bytes() for p in data_dir.iterdir()} == contents
+
+
 def test_svhn_download_with_the_wrong_md5_keeps_nothing(
         tmp_path: Path, local_server, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture) -> None:

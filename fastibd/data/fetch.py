@@ -2,9 +2,10 @@
 them openly, and kept only when complete and matching the published MD5; without network
 access, one line saying which files to put where.
 
-Downloads go through torchvision's downloader (its user agent, redirects and progress bar)
-into a temporary name that is renamed at the end, so a file that exists is a whole one.
-Archives are extracted the same way: into a temporary folder, renamed when done.
+Downloads go through fastibd.download (the one the teacher catalog uses): into
+`.<name>.part`, resumed after a dropped connection or on the next run, checked, then renamed,
+so a file that exists is a whole one. Archives are extracted the same way: into a temporary
+folder, renamed when done.
 """
 
 from __future__ import annotations
@@ -12,14 +13,12 @@ from __future__ import annotations
 import os
 import shutil
 import zipfile
-from collections.abc import Callable
 from dataclasses import dataclass
-from http.client import HTTPException
 from pathlib import Path
 
+from fastibd.download import download, keep
 from fastibd.errors import UserError
 
-DOWNLOADING_SUFFIX = ".download"
 UNPACKING_SUFFIX = ".unpacking"
 
 
@@ -48,35 +47,25 @@ def fetch(remote: Remote, data_dir: Path, dataset: str, files: str) -> Path:
     path = data_dir / remote.filename
     if path.is_file():
         return path
-    partial = path.with_name(path.name + DOWNLOADING_SUFFIX)
-    try:
-        _download(remote, partial, lambda err: unavailable(dataset, data_dir, err, files))
-        _check_md5(partial, remote, files)
-        os.replace(partial, path)
-    finally:  # a failed or interrupted download leaves nothing behind
-        partial.unlink(missing_ok=True)
-    return path
 
-
-def _download(remote: Remote, partial: Path,
-              failure: Callable[[Exception], UserError]) -> None:
-    from torchvision.datasets.utils import download_url
+    def unreachable(reason: str, _part: Path) -> UserError:
+        return unavailable(dataset, data_dir, reason, files)
 
     try:
-        partial.parent.mkdir(parents=True, exist_ok=True)
-        # torchvision takes any file already at the name for a finished download when it
-        # is given no MD5 (and the MD5 is checked below, to name it in the message).
-        partial.unlink(missing_ok=True)
-        download_url(remote.url, str(partial.parent), partial.name)
-    except (OSError, HTTPException, ValueError) as err:  # URLError is an OSError
-        raise failure(err) from None
+        data_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise unreachable(err.strerror or str(err), path) from None
+    part = download(remote.url, path, remote.filename, unreachable)
+    _check_md5(part, remote, files)
+    return keep(part, path)
 
 
-def _check_md5(partial: Path, remote: Remote, files: str) -> None:
+def _check_md5(part: Path, remote: Remote, files: str) -> None:
     from torchvision.datasets.utils import calculate_md5
 
-    got = calculate_md5(partial)
+    got = calculate_md5(part)
     if got != remote.md5:
+        part.unlink()
         raise UserError(f"{remote.url} sent a file with MD5 {got}, not the published "
                         f"{remote.md5}; nothing was kept (try again, or put {files} in "
                         "--data-dir yourself)")

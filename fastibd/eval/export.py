@@ -38,7 +38,7 @@ from fastibd.eval.robustness import attack_family
 from fastibd.method.modes import MODES
 from fastibd.models import WIDE_RESNETS, ModelSpec, TappedModel, conventional_resolution
 from fastibd.models.base import normalization_stats
-from fastibd.models.checkpoint import atomic_save, sha256_file
+from fastibd.models.checkpoint import atomic_save, atomic_write_text, sha256_file
 from fastibd.models.teachers import load_checkpoint
 from fastibd.run_dir import BEST, CONFIG_FILE, LAST, METRICS_FILE, read_metrics
 
@@ -521,7 +521,7 @@ def check_out(out: Path, run_dir: Path) -> None:
 
 def write_text(path: Path, text: str) -> None:
     try:
-        path.write_text(text)
+        atomic_write_text(path, text)  # a card a reader finds is whole
     except OSError as err:
         raise UserError(f"cannot write {path}: {err.strerror}") from None
 

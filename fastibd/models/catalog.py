@@ -4,10 +4,10 @@ from, how each file is laid out, where to get it and what it is published to sco
     entry = catalog_entry("Zhang2019Theoretically")  # a one-line error listing the names
     fetched = fetch(entry, Path("models"))           # resumable download, sha256 checked
 
-`fetch` downloads an entry's `url` over HTTP(S): into `.<file>.part` beside the target,
-resuming with a Range request after a dropped connection (and on the next run), then
-checked against the sizes and sha256 the server and the catalog state, and renamed into
-place, so a file at the target name is always whole. RobustBench's files live on Google
+`fetch` downloads an entry's `url` over HTTP(S) with fastibd.download: into `.<file>.part`
+beside the target, resuming with a Range request after a dropped connection (and on the
+next run), then checked against the sizes and sha256 the server and the catalog state, and
+renamed into place, so a file at the target name is always whole. RobustBench's files live on Google
 Drive, which needs RobustBench's own downloader: `fetch` calls it when it is installed and
 says how otherwise. The sha256 of what it got is printed and written to `<file>.sha256`.
 """
@@ -15,13 +15,8 @@ says how otherwise. The sha256 of what it got is printed and written to `<file>.
 from __future__ import annotations
 
 import difflib
-import http.client
-import os
 import re
-import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,17 +25,15 @@ from typing import Any
 from fastargs.validation import Checker
 
 from fastibd.cli import parse_number, writable_directory
+from fastibd.download import TRIES, download, keep
 from fastibd.errors import UserError, first_line
 from fastibd.models import ARCHITECTURES, NORMALIZATIONS
-from fastibd.models.checkpoint import sha256_file
+from fastibd.models.checkpoint import atomic_write_text, sha256_file
 
 DEFAULT_CATALOG = Path(__file__).with_name("catalog.yaml")
 # The layouts a teacher file comes in. fastibd.models.teachers reads each (its FORMATS adds
 # "auto"); they are declared here, below the loader, so the catalog can check its entries.
 FILE_FORMATS = ("fastibd", "state_dict", "robustbench", "robustness")
-CHUNK = 1 << 20
-TIMEOUT_S = 60  # per socket operation: a stalled server is a failed try, not a hang
-TRIES = 5  # connections per fetch; each one resumes where the last stopped
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -254,7 +247,7 @@ def fetch(entry: CatalogEntry, directory: Path, progress: bool = True,
         _fetch_with_robustbench(entry, directory, target)
         digest = sha256_file(target)
         _check_digest(entry, digest, target, "was downloaded by RobustBench but", remove=True)
-    _write_atomically(target.with_name(target.name + ".sha256"), f"{digest}  {target.name}\n")
+    atomic_write_text(target.with_name(target.name + ".sha256"), f"{digest}  {target.name}\n")
     return Fetched(target, digest, target.stat().st_size, already_there=False)
 
 
@@ -269,83 +262,14 @@ def _check_digest(entry: CatalogEntry, digest: str, path: Path, what: str,
 
 
 def _download(entry: CatalogEntry, target: Path, progress: bool, tries: int) -> str:
-    """Download entry.url to `target` through `.<name>.part`; the sha256 of the file."""
-    part = target.with_name(f".{target.name}.part")
-    last = "the server sent less than it said"
-    for attempt in range(tries):
-        before = _size(part)
-        try:
-            if _transfer(entry, part, before, progress):
-                return _finish(entry, part, target)
-        except (http.client.HTTPException, OSError) as err:
-            # the connection dropped or stalled mid-transfer: the next try resumes
-            last = str(err) or type(err).__name__
-        if _size(part) == before and attempt + 1 < tries:
-            time.sleep(1.0)  # no progress at all: give the server a moment
-    raise UserError(f"the download of {entry.name} from {entry.url} stopped at {_size(part)} "
-                    f"bytes after {tries} tries ({last}); run the command again to resume "
-                    f"from {part}")
+    """Download entry.url to `target` (fastibd.download: resumable); the sha256 of the file."""
+    assert entry.url is not None
 
+    def unreachable(reason: str, part: Path) -> UserError:
+        return _no_download(entry, part, reason)
 
-def _size(path: Path) -> int:
-    return path.stat().st_size if path.exists() else 0
-
-
-def _transfer(entry: CatalogEntry, part: Path, have: int, progress: bool) -> bool:
-    """One request for the bytes of entry.url from `have` on, appended to `part`; whether
-    `part` is now the whole file (as long as the server says, or all it sent when it does
-    not say: the catalog's size and sha256 then judge)."""
-    headers = {"User-Agent": "fastibd", **({"Range": f"bytes={have}-"} if have else {})}
-    request = urllib.request.Request(entry.url, headers=headers)
-    try:
-        response = urllib.request.urlopen(request, timeout=TIMEOUT_S)
-    except urllib.error.HTTPError as err:
-        if err.code == 416 and have:  # the part is no prefix the server knows: start again
-            part.unlink()
-            return False
-        raise _no_download(entry, part, f"HTTP {err.code} {err.reason}") from None
-    except urllib.error.URLError as err:  # no connection at all: no network, a bad host
-        raise _no_download(entry, part, str(err.reason)) from None
-    with response:
-        if response.headers.get_content_type() == "text/html":
-            raise _no_download(entry, part, "the server answered with a web page, not a file")
-        have, total = _offset_and_total(response, have)
-        _append(response, part, have, total, progress, entry.name)
-    return total is None or _size(part) == total
-
-
-def _offset_and_total(response: Any, have: int) -> tuple[int, int | None]:
-    """Where the response's bytes go in the file, and the file's whole size if known."""
-    length = response.headers.get("Content-Length")
-    if response.status != 206:  # the whole file: the server ignored the Range, or none was sent
-        return 0, int(length) if length is not None else None
-    # 206: "Content-Range: bytes START-END/TOTAL" (TOTAL may be *)
-    found = re.fullmatch(r"bytes (\d+)-\d+/(\d+|\*)",
-                         response.headers.get("Content-Range", "").strip())
-    if found is None or int(found.group(1)) > have:
-        raise http.client.HTTPException("a partial response that does not continue the file")
-    start = int(found.group(1))
-    total = int(found.group(2)) if found.group(2) != "*" else None
-    if total is None and length is not None:
-        total = start + int(length)
-    return start, total
-
-
-def _append(response: Any, part: Path, have: int, total: int | None, progress: bool,
-            name: str) -> None:
-    from tqdm import tqdm
-
-    part.parent.mkdir(parents=True, exist_ok=True)
-    with part.open("r+b" if part.exists() else "wb") as file, \
-            tqdm(total=total, initial=have, unit="B", unit_scale=True, unit_divisor=1024,
-                 desc=name, disable=not progress, leave=False) as bar:
-        file.seek(have)
-        file.truncate()
-        while chunk := response.read(CHUNK):
-            file.write(chunk)
-            bar.update(len(chunk))
-        file.flush()
-        os.fsync(file.fileno())
+    part = download(entry.url, target, entry.name, unreachable, progress, tries)
+    return _finish(entry, part, target)
 
 
 def _finish(entry: CatalogEntry, part: Path, target: Path) -> str:
@@ -359,7 +283,7 @@ def _finish(entry: CatalogEntry, part: Path, target: Path) -> str:
         part.unlink()
         raise UserError(f"the download of {entry.name} has sha256 {digest}, the catalog says "
                         f"{entry.sha256}: not kept (a changed or damaged file at {entry.url})")
-    os.replace(part, target)
+    keep(part, target)
     return digest
 
 
@@ -392,9 +316,3 @@ def _fetch_with_robustbench(entry: CatalogEntry, directory: Path, target: Path) 
                         ) from None
     if not target.is_file():
         raise UserError(f"RobustBench did not write {target}; {yourself}")
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)

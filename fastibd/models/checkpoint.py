@@ -10,9 +10,10 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 
@@ -34,8 +35,9 @@ def sha256_file(path: str | Path) -> str:
         return hashlib.file_digest(file, "sha256").hexdigest()
 
 
-def atomic_save(obj: Any, path: str | Path) -> Path:
-    """torch.save to a temporary file in the same folder, then rename over `path`."""
+def atomic_write(path: str | Path, write: Callable[[IO[bytes]], object]) -> Path:
+    """`write(file)` into a temporary file in the same folder, then rename it over `path`: a
+    file at `path` is always whole (the old one, or all of the new one)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -44,7 +46,7 @@ def atomic_save(obj: Any, path: str | Path) -> Path:
         # a group sharing a cluster account can read its runs.
         os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as file:
-            torch.save(obj, file)
+            write(file)
             file.flush()
             os.fsync(file.fileno())
         os.replace(tmp, path)
@@ -52,6 +54,16 @@ def atomic_save(obj: Any, path: str | Path) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def atomic_save(obj: Any, path: str | Path) -> Path:
+    """torch.save to a temporary file in the same folder, then rename over `path`."""
+    return atomic_write(path, lambda file: torch.save(obj, file))
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """`path.write_text(text)` (UTF-8), atomically."""
+    return atomic_write(path, lambda file: file.write(text.encode()))
 
 
 def _umask() -> int:
