@@ -366,6 +366,11 @@ def _pairs(flat: Sequence[int]) -> Sizes:
     return tuple(zip(flat[::2], flat[1::2], strict=True))
 
 
+@functools.lru_cache(maxsize=64)
+def _packed_lengths(t_sizes: Sizes, s_sizes: Sizes) -> tuple[int, int]:
+    return sum(h * w for h, w in t_sizes), sum(h * w for h, w in s_sizes)
+
+
 def _flat(sizes: Sizes) -> list[int]:
     return [int(v) for size in sizes for v in size]
 
@@ -617,15 +622,17 @@ def packed_pair_distances(t_packed: Tensor, s_packed: Tensor, t_sizes: Sizes, s_
     sides (the teacher gradient is only computed when asked)."""
     if len(t_sizes) == 0 or len(s_sizes) == 0:
         raise ValueError("pair_distances needs at least one teacher map and one student map")
-    for packed, sizes in ((t_packed, t_sizes), (s_packed, s_sizes)):
-        if packed.dim() != 2 or packed.shape[1] != sum(h * w for h, w in sizes) or \
+    t_sizes, s_sizes = tuple(map(tuple, t_sizes)), tuple(map(tuple, s_sizes))
+    lengths = _packed_lengths(t_sizes, s_sizes)
+    for packed, sizes, length in ((t_packed, t_sizes, lengths[0]),
+                                  (s_packed, s_sizes, lengths[1])):
+        if packed.dim() != 2 or packed.shape[1] != length or \
                 packed.shape[0] != t_packed.shape[0]:
             raise ValueError(
                 f"pair_distances expects packed [B, sum H*W] maps with one batch size, got "
                 f"{tuple(packed.shape)} for sizes {list(sizes)}")
     if eager_triton([t_packed, s_packed]):
-        return _EagerPairDistances.apply(t_packed, s_packed, tuple(map(tuple, t_sizes)),
-                                         tuple(map(tuple, s_sizes)))
+        return _EagerPairDistances.apply(t_packed, s_packed, t_sizes, s_sizes)
     d, _stats = pair_distances_op(t_packed, s_packed, _flat(t_sizes), _flat(s_sizes))
     return d
 

@@ -364,13 +364,13 @@ def _dense(taps: Sequence[Tensor], plan: PoolPlan) -> list[Tensor]:
     return taps
 
 
-def pool_fwd(taps: Sequence[Tensor], block_hw: int | None = None, block_c: int | None = None
-             ) -> tuple[Tensor, Tensor]:
+def pool_fwd(taps: Sequence[Tensor], block_hw: int | None = None, block_c: int | None = None,
+             plan: PoolPlan | None = None) -> tuple[Tensor, Tensor]:
     """Triton forward of pool_taps. taps: [B, C_t, H_t, W_t] fp32/fp16/bf16, NCHW or
     channels_last, on CUDA (or CPU under TRITON_INTERPRET=1). Returns (maps [B, sum H*W],
     gaps [B, sum C]), fp32, contiguous, in tap order. block_hw / block_c override the
-    heuristic (tuning, tests)."""
-    plan = pool_plan(taps, block_hw, block_c)
+    heuristic (tuning, tests); `plan`, the taps' pool_plan when the caller has it."""
+    plan = plan or pool_plan(taps, block_hw, block_c)
     taps = _dense(taps, plan)
     batch, device = taps[0].shape[0], taps[0].device
     poison = poison_enabled()
@@ -407,12 +407,13 @@ def _rows(t: Tensor) -> Tensor:
 
 
 def pool_bwd(taps: Sequence[Tensor], g_maps: Tensor | None, g_gaps: Tensor | None,
-             block_hw: int | None = None, block_c: int | None = None) -> list[Tensor]:
+             block_hw: int | None = None, block_c: int | None = None,
+             plan: PoolPlan | None = None) -> list[Tensor]:
     """Triton backward of pool_taps: dz per tap, in the tap's dtype and memory format.
 
     g_maps: [B, sum H*W] or None (then that term is skipped); g_gaps: [B, sum C] or None.
-    Both may have any batch stride (e.g. slices of a larger gradient)."""
-    plan = pool_plan(taps, block_hw, block_c)
+    Both may have any batch stride (e.g. slices of a larger gradient). `plan` as pool_fwd's."""
+    plan = plan or pool_plan(taps, block_hw, block_c)
     taps = _dense(taps, plan)
     dzs = [_like(z, fmt) for z, fmt in zip(taps, plan.dz_formats, strict=True)]
     if poison_enabled():
@@ -532,11 +533,15 @@ class _EagerPoolTaps(torch.autograd.Function):
     def forward(ctx, *taps: Tensor) -> tuple[Tensor, Tensor]:
         ctx.save_for_backward(*taps)
         ctx.set_materialize_grads(False)
-        return pool_fwd(taps)
+        ctx.plan = pool_plan(taps)  # the backward's, too: looked up once
+        return pool_fwd(taps, plan=ctx.plan)
 
     @staticmethod
     def backward(ctx, g_maps: Tensor | None, g_gaps: Tensor | None):
-        return tuple(_tap_grads(pool_bwd, ctx.saved_tensors, ctx.needs_input_grad, g_maps,
+        def backward(taps, g_maps, g_gaps):
+            return pool_bwd(taps, g_maps, g_gaps, plan=ctx.plan)
+
+        return tuple(_tap_grads(backward, ctx.saved_tensors, ctx.needs_input_grad, g_maps,
                                 g_gaps))
 
 
@@ -551,7 +556,9 @@ def pool_taps(taps: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
     packed in tap order, differentiable; see kernels.reference.pool_taps."""
     reference.check_taps(taps)
     if eager_triton(taps):
-        return _EagerPoolTaps.apply(*taps)
+        if torch.is_grad_enabled() and any(z.requires_grad for z in taps):
+            return _EagerPoolTaps.apply(*taps)
+        return pool_fwd(taps)  # e.g. a frozen teacher's taps: nothing to record
     return pool_taps_op(list(taps))
 
 
