@@ -351,7 +351,7 @@ def model_report(configs: Sequence[Config], dtype: torch.dtype) -> str:
     cards = list(plan.CARDS)
     sms = plan.CARDS[cards[0]][0]  # programs per SM of the first card
     head = ("config", "mode", "kernel", "launches", "MB", "programs", "programs/SM",
-            *(f"{card} ms" for card in cards))
+            "lane use", *(f"{card} ms" for card in cards))
     blocks = []
     for config in configs:
         lines = [head]
@@ -363,12 +363,13 @@ def model_report(configs: Sequence[Config], dtype: torch.dtype) -> str:
                 lines.append((config.name, mode, k.kernel, str(k.launches),
                               f"{k.bytes / 1e6:.1f}", spread,
                               f"{k.min_programs / sms:.2g}-{k.max_programs / sms:.2g}",
+                              "" if k.lane_use is None else f"{k.lane_use:.0%}",
                               *("" for _ in cards)))
             planned = sum(plan.launch_bytes(x) for x in launches)
             floor = floor_bytes(config, dtype, mode)
             lines.append((config.name, mode, f"all (floor {floor / 1e6:.1f} MB, "
                           f"{planned / floor:.3f}x)", str(len(launches)),
-                          f"{planned / 1e6:.1f}", "", "",
+                          f"{planned / 1e6:.1f}", "", "", "",
                           *(f"{plan.projection_ms(launches, bw):.3f}"
                             for _, bw in plan.CARDS.values())))
         blocks.append(aligned(lines))

@@ -139,6 +139,28 @@ class KernelLine:
     bytes: int
     min_programs: int
     max_programs: int
+    tile_slots: int = 0  # the pool kernels: tile elements the programs load, masked or not
+    tile_data: int = 0  # ... and those that hold tap data
+
+    @property
+    def lane_use(self) -> float | None:
+        """tile_data / tile_slots: how much of each loaded tile is data (the rest are masked
+        lanes, e.g. 49 of the 128 positions of a 7x7 tap's tile). None for other kernels."""
+        return self.tile_data / self.tile_slots if self.tile_slots else None
+
+
+def tile_use(launch: Launch) -> tuple[int, int]:
+    """(tile slots, data elements) of a pool launch over all its programs: each work item
+    walks ceil(C / BLOCK_C) tiles of BLOCK_HW x BLOCK_C; (0, 0) for the other kernels."""
+    if "N_TAPS" not in launch.kwargs:
+        return 0, 0
+    block_hw, block_c = launch.kwargs["BLOCK_HW"], launch.kwargs["BLOCK_C"]
+    slots = data = 0
+    for z in launch.args[0]:  # the tuple of taps
+        batch, c, h, w = z.shape
+        slots += batch * -(-h * w // block_hw) * block_hw * -(-c // block_c) * block_c
+        data += batch * c * h * w
+    return slots, data
 
 
 def summarize(launches: Sequence[Launch]) -> list[KernelLine]:
@@ -150,6 +172,8 @@ def summarize(launches: Sequence[Launch]) -> list[KernelLine]:
         line.bytes += launch_bytes(launch)
         line.min_programs = min(line.min_programs, programs(launch))
         line.max_programs = max(line.max_programs, programs(launch))
+        slots, data = tile_use(launch)
+        line.tile_slots, line.tile_data = line.tile_slots + slots, line.tile_data + data
     return list(lines.values())
 
 

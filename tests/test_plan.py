@@ -46,6 +46,19 @@ def test_bytes_of_a_pool_launch_by_hand() -> None:
         plan.launch_bytes(launch) / 1e9 * 1e3)
 
 
+def test_lane_use_of_a_pool_launch_by_hand() -> None:
+    """A channels_last [2, 64, 7, 7] tap: tiles of 64 positions x 32 channels (BLOCK_HW is
+    the next power of two of 49), two channel blocks per program, so 2 * 64 * 64 slots hold
+    2 * 49 * 64 elements of data (77 %); the pairs kernels report none."""
+    launches = plan.loss_launches([(64, 7, 7)], [(64, 7, 7)], 2, torch.bfloat16,
+                                  "channels_last")
+    assert launches[0].kwargs["BLOCK_HW"] == 64 and launches[0].kwargs["BLOCK_C"] == 32
+    assert plan.tile_use(launches[0]) == (2 * 64 * 64, 2 * 49 * 64)
+    lines = {k.kernel: k for k in plan.summarize(launches)}
+    assert lines["_pool_fwd_kernel"].lane_use == pytest.approx(49 / 64)
+    assert lines["_pairs_fwd_kernel"].lane_use is None
+
+
 def test_planned_bytes_stay_near_the_floor() -> None:
     """Single-pass kernels: the plan moves at most 10% more than the bytes floor."""
     for config in bench.GPU_CONFIGS.values():
