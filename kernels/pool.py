@@ -84,8 +84,13 @@ def _select(ptrs, i, N_TAPS: tl.constexpr):
 
 
 @triton.jit
-def _work_item(taps_ptr, work_ptr, CHANNELS_LAST: tl.constexpr, ALIGNED: tl.constexpr):
-    """The (tap, spatial block) this program owns and that tap's row of the table."""
+def _work_item(zs, taps_ptr, work_ptr, N_TAPS: tl.constexpr, CHANNELS_LAST: tl.constexpr,
+               ALIGNED: tl.constexpr, BLOCK_HW: tl.constexpr):
+    """What this program owns: sample b (int64: B*C*H*W exceeds 2**31 for large ImageNet
+    batches) and one spatial block of one tap. Returns b, the tap t, its C and H*W, the
+    sample's row of the tap, the block's positions hw and mask, 1 / (H*W), and the tap's
+    map, partials and gap offsets in the packed rows."""
+    b = tl.program_id(0).to(tl.int64)
     item = tl.program_id(1)
     t = tl.load(work_ptr + 2 * item)
     blk = tl.load(work_ptr + 2 * item + 1)
@@ -99,7 +104,10 @@ def _work_item(taps_ptr, work_ptr, CHANNELS_LAST: tl.constexpr, ALIGNED: tl.cons
             C = tl.multiple_of(C, 16)
         else:
             HW = tl.multiple_of(HW, 16)
-    return t, blk, C, HW, stride_b, tl.load(row + 3), tl.load(row + 4), tl.load(row + 5)
+    z_row = _select(zs, t, N_TAPS) + b * stride_b
+    hw = blk * BLOCK_HW + tl.arange(0, BLOCK_HW)
+    offsets = (tl.load(row + 3), tl.load(row + 4) + blk * C, tl.load(row + 5))
+    return b, t, C, HW, z_row, hw, hw < HW, 1.0 / HW.to(tl.float32), offsets
 
 
 @triton.jit
@@ -130,15 +138,9 @@ def _pool_fwd_kernel(
     BLOCK_HW: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    # int64 batch offsets: B*C*H*W exceeds 2**31 for large ImageNet batches.
-    b = tl.program_id(0).to(tl.int64)
-    t, blk, C, HW, stride_b, map_off, part_off, _ = _work_item(taps_ptr, work_ptr,
-                                                               CHANNELS_LAST, ALIGNED)
-    z_row = _select(zs, t, N_TAPS) + b * stride_b
-    hw = blk * BLOCK_HW + tl.arange(0, BLOCK_HW)
-    hw_mask = hw < HW
-    inv_hw = 1.0 / HW.to(tl.float32)
-    part_row = parts_ptr + b * P + part_off + blk * C
+    b, _, C, HW, z_row, hw, hw_mask, inv_hw, (map_off, part_off, _) = _work_item(
+        zs, taps_ptr, work_ptr, N_TAPS, CHANNELS_LAST, ALIGNED, BLOCK_HW)
+    part_row = parts_ptr + b * P + part_off  # this block's partials
     energy = tl.zeros([BLOCK_HW], dtype=tl.float32)
     for c0 in range(0, C, BLOCK_C):
         c, c_mask, offs, mask = _tile(hw, hw_mask, c0, C, HW, CHANNELS_LAST, BLOCK_C)
@@ -179,24 +181,14 @@ def _pool_bwd_kernel(
     work_ptr,
     gmap_ptr,  # [B, L] (rows contiguous, batch stride stride_gmb), any float dtype
     ggap_ptr,  # [B, CG] (rows contiguous, batch stride stride_ggb), any float dtype
-    stride_gmb,
-    stride_ggb,
-    N_TAPS: tl.constexpr,
-    CHANNELS_LAST: tl.constexpr,
-    ALIGNED: tl.constexpr,
-    HAS_GMAP: tl.constexpr,
-    HAS_GGAP: tl.constexpr,
-    BLOCK_HW: tl.constexpr,
-    BLOCK_C: tl.constexpr,
+    stride_gmb, stride_ggb,
+    HAS_GMAP: tl.constexpr, HAS_GGAP: tl.constexpr,  # False: that gradient is zero, not read
+    N_TAPS: tl.constexpr, CHANNELS_LAST: tl.constexpr, ALIGNED: tl.constexpr,
+    BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    b = tl.program_id(0).to(tl.int64)
-    t, blk, C, HW, stride_b, map_off, _, gap_off = _work_item(taps_ptr, work_ptr,
-                                                              CHANNELS_LAST, ALIGNED)
-    z_row = _select(zs, t, N_TAPS) + b * stride_b
+    b, t, C, HW, z_row, hw, hw_mask, inv_hw, (map_off, _, gap_off) = _work_item(
+        zs, taps_ptr, work_ptr, N_TAPS, CHANNELS_LAST, ALIGNED, BLOCK_HW)
     dz_row = _select(dzs, t, N_TAPS) + b * (C * HW).to(tl.int64)
-    hw = blk * BLOCK_HW + tl.arange(0, BLOCK_HW)
-    hw_mask = hw < HW
-    inv_hw = 1.0 / HW.to(tl.float32)
     if HAS_GMAP:  # loaded once, reused for every channel block
         gm = tl.load(gmap_ptr + b * stride_gmb + map_off + hw, mask=hw_mask, other=0.0)
         gm = gm.to(tl.float32) * (2.0 / C.to(tl.float32))
