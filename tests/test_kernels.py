@@ -311,6 +311,37 @@ def test_cuda_pool_matches_float64(shape, channels_last: bool, dtype: torch.dtyp
 
 
 @needs_cuda
+def test_cuda_grouped_pool_of_mixed_taps(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One pool_taps call over taps of three dtypes and both layouts at ResNet-50 shapes
+    (several launch groups, several spatial blocks: the GAP reduction), NaN-poisoned
+    outputs: every tap's map, GAP and dz against float64 at its own packed offset."""
+    monkeypatch.setenv("FASTIBD_POISON_OUTPUTS", "1")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    shapes = [(256, 56, 56, torch.bfloat16, True), (512, 28, 28, torch.bfloat16, True),
+              (1024, 14, 14, torch.float16, True), (2048, 7, 7, torch.float32, False),
+              (5, 3, 7, torch.float32, True)]
+    taps = []
+    for c, h, w, dtype, channels_last in shapes:
+        z = torch.randn((3, c, h, w), generator=gen, device="cuda").to(dtype)
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        taps.append(z.contiguous(memory_format=fmt).requires_grad_())
+    maps, gaps = fused.pool_taps(taps)
+    g_maps, g_gaps = torch.randn_like(maps), torch.randn_like(gaps)
+    dzs = torch.autograd.grad((maps * g_maps).sum() + (gaps * g_gaps).sum(), taps)
+    z64 = [z.detach().cpu().double().requires_grad_() for z in taps]
+    want_maps, want_gaps = reference.pool_taps(z64)
+    want_dzs = torch.autograd.grad((want_maps * g_maps.cpu().double()).sum()
+                                   + (want_gaps * g_gaps.cpu().double()).sum(), z64)
+    torch.testing.assert_close(maps.cpu().double(), want_maps, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gaps.cpu().double(), want_gaps, rtol=1e-5, atol=1e-5)
+    for z, dz, want in zip(taps, dzs, want_dzs, strict=True):
+        assert dz.dtype == z.dtype and dz.stride() == z.stride()
+        rtol = bench.GRAD_TOLERANCE[z.dtype]
+        torch.testing.assert_close(dz.cpu().double(), want, rtol=rtol,
+                                   atol=rtol * want.abs().max().item())
+
+
+@needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("config", list(bench.GPU_CONFIGS))
 def test_cuda_loss_matches_reference_at_bench_shapes(config: str, dtype: torch.dtype) -> None:
