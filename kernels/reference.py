@@ -57,10 +57,15 @@ def pool(z: Tensor) -> tuple[Tensor, Tensor]:
 
 def check_taps(taps: Sequence[Tensor]) -> None:
     """ValueError unless taps is a non-empty list of [B, C, H, W] maps of one batch size."""
-    batch = taps[0].shape[:1] if len(taps) else None
-    if batch is None or any(z.dim() != 4 or z.shape[:1] != batch for z in taps):
+    shapes = [z.shape for z in taps]  # a plain loop over sizes: this runs every step
+    batch = shapes[0][0] if shapes and len(shapes[0]) == 4 else None
+    for shape in shapes:
+        if len(shape) != 4 or shape[0] != batch:
+            raise ValueError("pool expects [B, C, H, W] feature maps with one batch size, "
+                             f"got shapes {[tuple(z.shape) for z in taps]}")
+    if batch is None:
         raise ValueError("pool expects [B, C, H, W] feature maps with one batch size, got "
-                         f"shapes {[tuple(z.shape) for z in taps]}")
+                         "no maps")
 
 
 def pool_taps(taps: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
