@@ -378,7 +378,7 @@ def test_launches_per_loss_forward_backward() -> None:
     8, whatever the number of taps (issue #14's target: <= 8)."""
     from collections import Counter
 
-    def taps(batch: int = 2) -> list[torch.Tensor]:
+    def taps(batch: int = 1) -> list[torch.Tensor]:
         shapes = [(c // 16, s, s) for blocks, c, s in ((3, 256, 16), (4, 512, 8),
                                                         (6, 1024, 4), (3, 2048, 2))
                   for _ in range(blocks)]
