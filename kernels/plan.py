@@ -1,9 +1,9 @@
 """The fused loss launch by launch, without running a kernel (and without a GPU).
 
 - `loss_launches`: every Triton launch of one feature-loss forward + backward as training
-  makes it (teacher taps detached), captured from the real host functions of pool.py and
-  pairs.py with the launches intercepted; on the meta device, so the real batch costs no
-  memory. kernels.compile_check compiles these launches for sm_80 / sm_90.
+  makes it (teacher taps detached), captured from the real ops and their autograd backward
+  with the launches intercepted; on the meta device, so the real batch costs no memory.
+  kernels.compile_check compiles these launches for sm_80 / sm_90.
 - `launch_bytes`, `programs`: what each launch moves (every tensor argument read or
   written once: the kernels are single-pass) and how many programs its grid has.
 - `projection`: the bandwidth-bound time those bytes need on a card, a *projection*.
@@ -80,28 +80,25 @@ def intercepted(into: list[Launch]) -> Iterator[None]:
 
 def loss_launches(teacher: Sequence[Shape], student: Sequence[Shape], batch: int,
                   dtype: torch.dtype, layout: str, device: str = "meta") -> list[Launch]:
-    """The launches of one forward and backward of the feature loss: pool forward of all
-    teacher taps and of all student taps (each with its GAP reduction when a tap spans
-    several spatial blocks), the pair distances, their backward, and the pool backward of
-    the student taps (the teacher's are detached)."""
+    """The launches of one forward and backward of the feature loss, as the loss makes them:
+    the real ops (pool_taps per side, packed_pair_distances) and their autograd backward,
+    routed to the kernels and with every launch recorded instead of run. That is the pool
+    forward of all teacher and of all student taps (each with its GAP reduction when a tap
+    spans several spatial blocks), the pair distances, their backward, and the pool backward
+    of the student taps (the teacher's are detached)."""
     fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
 
     def taps(shapes: Sequence[Shape]) -> list[Tensor]:
         return [torch.empty(batch, c, h, w, dtype=dtype, device=device).contiguous(
             memory_format=fmt) for c, h, w in shapes]
 
-    t_sizes = [(h, w) for _, h, w in teacher]
-    s_sizes = [(h, w) for _, h, w in student]
     launches: list[Launch] = []
-    with intercepted(launches):
-        t_maps, _ = pool.pool_fwd(taps(teacher))
-        s_taps = taps(student)
-        s_maps, s_gaps = pool.pool_fwd(s_taps)
-        _, stats = pairs.pairs_fwd(t_maps, s_maps, t_sizes, s_sizes)
-        grad_d = torch.empty(batch, len(teacher), len(student), device=device)
-        _, gs = pairs.pairs_bwd(grad_d, t_maps, s_maps, t_sizes, s_sizes, stats,
-                                need_t=False, need_s=True)
-        pool.pool_bwd(s_taps, gs, torch.empty_like(s_gaps))
+    with intercepted(launches), routed_to_kernels():
+        t_maps, _ = pool.pool_taps(taps(teacher))
+        s_maps, s_gaps = pool.pool_taps([z.requires_grad_() for z in taps(student)])
+        d = pairs.packed_pair_distances(t_maps, s_maps, [(h, w) for _, h, w in teacher],
+                                        [(h, w) for _, h, w in student])
+        torch.autograd.backward([d, s_gaps], [torch.empty_like(d), torch.empty_like(s_gaps)])
     return launches
 
 
@@ -184,6 +181,21 @@ def projection_ms(launches: Sequence[Launch], gb_per_s: float) -> float:
 
 
 @contextmanager
+def routed_to_kernels() -> Iterator[None]:
+    """The ops take their Triton path on any tensors (CPU, meta), as eager calls on CUDA do."""
+    routes = [(module, name) for module in (pool, pairs) for name in ("use_triton",
+                                                                       "eager_triton")]
+    saved = [getattr(module, name) for module, name in routes]
+    for module, name in routes:
+        setattr(module, name, lambda tensors: True)
+    try:
+        yield
+    finally:
+        for (module, name), real in zip(routes, saved, strict=True):
+            setattr(module, name, real)
+
+
+@contextmanager
 def stubbed_kernels(counter: list[int]) -> Iterator[None]:
     """Every Triton launch becomes a no-op (counted), and the ops take their Triton path on
     CPU tensors: what is left is the host's own work."""
@@ -192,18 +204,13 @@ def stubbed_kernels(counter: list[int]) -> Iterator[None]:
     def nothing(self, *args, grid, warmup, **kwargs):
         counter[0] += 1
 
-    routes = [(module, name) for module in (pool, pairs) for name in ("use_triton",
-                                                                       "eager_triton")]
-    saved = JITFunction.run, [getattr(module, name) for module, name in routes]
+    real = JITFunction.run
     JITFunction.run = nothing
-    for module, name in routes:
-        setattr(module, name, lambda tensors: True)
     try:
-        yield
+        with routed_to_kernels():
+            yield
     finally:
-        JITFunction.run = saved[0]
-        for (module, name), real in zip(routes, saved[1], strict=True):
-            setattr(module, name, real)
+        JITFunction.run = real
 
 
 def host_ms(loss, make_inputs, reps: int = 20) -> tuple[float, float, int]:
