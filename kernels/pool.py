@@ -89,7 +89,7 @@ def _work_item(zs, taps_ptr, work_ptr, N_TAPS: tl.constexpr, CHANNELS_LAST: tl.c
     """What this program owns: sample b (int64: B*C*H*W exceeds 2**31 for large ImageNet
     batches) and one spatial block of one tap. Returns b, the tap t, its C and H*W, the
     sample's row of the tap, the block's positions hw and mask, 1 / (H*W), and the tap's
-    map, partials and gap offsets in the packed rows."""
+    map, partials (this block's) and gap offsets in the packed rows."""
     b = tl.program_id(0).to(tl.int64)
     item = tl.program_id(1)
     t = tl.load(work_ptr + 2 * item)
@@ -106,8 +106,9 @@ def _work_item(zs, taps_ptr, work_ptr, N_TAPS: tl.constexpr, CHANNELS_LAST: tl.c
             HW = tl.multiple_of(HW, 16)
     z_row = _select(zs, t, N_TAPS) + b * stride_b
     hw = blk * BLOCK_HW + tl.arange(0, BLOCK_HW)
-    offsets = (tl.load(row + 3), tl.load(row + 4) + blk * C, tl.load(row + 5))
-    return b, t, C, HW, z_row, hw, hw < HW, 1.0 / HW.to(tl.float32), offsets
+    # flat return values (no nested tuple): what every Triton version's codegen unpacks
+    return (b, t, C, HW, z_row, hw, hw < HW, 1.0 / HW.to(tl.float32), tl.load(row + 3),
+            tl.load(row + 4) + blk * C, tl.load(row + 5))
 
 
 @triton.jit
@@ -138,7 +139,7 @@ def _pool_fwd_kernel(
     BLOCK_HW: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    b, _, C, HW, z_row, hw, hw_mask, inv_hw, (map_off, part_off, _) = _work_item(
+    b, _, C, HW, z_row, hw, hw_mask, inv_hw, map_off, part_off, _ = _work_item(
         zs, taps_ptr, work_ptr, N_TAPS, CHANNELS_LAST, ALIGNED, BLOCK_HW)
     part_row = parts_ptr + b * P + part_off  # this block's partials
     energy = tl.zeros([BLOCK_HW], dtype=tl.float32)
@@ -186,7 +187,7 @@ def _pool_bwd_kernel(
     N_TAPS: tl.constexpr, CHANNELS_LAST: tl.constexpr, ALIGNED: tl.constexpr,
     BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    b, t, C, HW, z_row, hw, hw_mask, inv_hw, (map_off, _, gap_off) = _work_item(
+    b, t, C, HW, z_row, hw, hw_mask, inv_hw, map_off, _, gap_off = _work_item(
         zs, taps_ptr, work_ptr, N_TAPS, CHANNELS_LAST, ALIGNED, BLOCK_HW)
     dz_row = _select(dzs, t, N_TAPS) + b * (C * HW).to(tl.int64)
     if HAS_GMAP:  # loaded once, reused for every channel block
