@@ -126,14 +126,21 @@ def make_inputs(config: Config, device: torch.device, dtype: torch.dtype,
     return Inputs(teacher, student, logits.softmax(-1), probe)
 
 
+def gaps_and_distances(ops, x: Inputs) -> tuple[Tensor, Tensor, Tensor]:
+    """(teacher GAPs, student GAPs, d): the ops as FeatureDistillation calls them, one
+    pool_taps per side and the pair distances of the packed maps."""
+    t_maps, t_gaps = ops.pool_taps([z.detach() for z in x.teacher])
+    s_maps, s_gaps = ops.pool_taps(x.student)
+    d = ops.packed_pair_distances(t_maps, s_maps, [z.shape[2:] for z in x.teacher],
+                                  [z.shape[2:] for z in x.student])
+    return t_gaps, s_gaps, d
+
+
 def ops_loss(ops) -> Callable[[Inputs], Tensor]:
     """The hot path on a kernel module with the reference signatures (reference or fused)."""
 
     def loss(x: Inputs) -> Tensor:
-        t_maps, t_gaps = ops.pool_taps([z.detach() for z in x.teacher])
-        s_maps, s_gaps = ops.pool_taps(x.student)
-        d = ops.packed_pair_distances(t_maps, s_maps, [z.shape[2:] for z in x.teacher],
-                                      [z.shape[2:] for z in x.student])
+        t_gaps, s_gaps, d = gaps_and_distances(ops, x)
         # every GAP reaches the loss (as the attention's inputs do), through one probe
         gaps = torch.cat([t_gaps, s_gaps], dim=1)
         return ops.weighted_sum(d, x.attn) + (gaps @ x.probe).mean()
@@ -381,10 +388,7 @@ def ops_only(ops) -> Callable[[Inputs], tuple[list[Tensor], list[Tensor]]]:
     their outputs: the ops' own host work, without the loss terms around them."""
 
     def run(x: Inputs) -> tuple[list[Tensor], list[Tensor]]:
-        t_maps, _ = ops.pool_taps([z.detach() for z in x.teacher])
-        s_maps, s_gaps = ops.pool_taps(x.student)
-        d = ops.packed_pair_distances(t_maps, s_maps, [z.shape[2:] for z in x.teacher],
-                                      [z.shape[2:] for z in x.student])
+        _, s_gaps, d = gaps_and_distances(ops, x)
         return [d, s_gaps], [x.attn, torch.ones_like(s_gaps)]
 
     return run

@@ -66,9 +66,7 @@ from kernels.common import (
     use_triton,
 )
 
-TAP_COLUMNS = 6  # channels, H*W, batch stride, map offset, partials offset, gap offset
 REDUCE_BLOCK = 256  # channels per program of the GAP reduction
-REDUCE_COLUMNS = 5  # partials offset, spatial blocks, channels, first channel, gap offset
 
 # --------------------------------------------------------------------------------- kernels
 
@@ -127,7 +125,7 @@ def _tile(hw, hw_mask, c0, C, HW, CHANNELS_LAST: tl.constexpr, BLOCK_C: tl.const
 @triton.jit
 def _pool_fwd_kernel(
     zs,  # tuple of N_TAPS taps [B, C, H, W], each per-sample dense (NCHW or channels_last)
-    taps_ptr,  # [N_TAPS, 6] int32: the TAP_COLUMNS
+    taps_ptr,  # [N_TAPS, 6] int32: C, H*W, batch stride, map, partials and gap offsets
     work_ptr,  # [n_work, 2] int32: (tap, spatial block) per program
     maps_ptr,  # [B, L] fp32: packed maps
     parts_ptr,  # [B, P] fp32: packed per-block GAP partials, already divided by H*W
@@ -155,7 +153,7 @@ def _pool_fwd_kernel(
 def _gap_reduce_kernel(
     parts_ptr,  # [B, P] fp32 from the forward
     gaps_ptr,  # [B, CG] fp32 out: packed GAPs
-    items_ptr,  # [n_items, 5] int32: the REDUCE_COLUMNS
+    items_ptr,  # [n_items, 5] int32: partials offset, blocks, C, first channel, gap offset
     P,
     CG,
     BLOCK: tl.constexpr,
@@ -266,8 +264,8 @@ class PoolGroup:
     block_c: int
     num_warps: int
     n_work: int  # programs per sample
-    tap_table: Tensor  # [len(taps), TAP_COLUMNS] int32 (a sample's size fits; b * stride
-    # is formed in int64 in the kernels)
+    tap_table: Tensor  # [len(taps), 6] int32, as _pool_fwd_kernel reads it (a sample's size
+    # fits; b * stride is formed in int64 in the kernels)
     work: Tensor  # [n_work, 2] int32
 
 
@@ -282,7 +280,7 @@ class PoolPlan:
     # per tap, the memory format dz is allocated in; None: like z (z is dense)
     dz_formats: tuple[torch.memory_format | None, ...]
     groups: tuple[PoolGroup, ...]
-    reduce: Tensor | None  # [n_items, REDUCE_COLUMNS] int32; None: the partials are the GAP
+    reduce: Tensor | None  # [n_items, 5] int32 (_gap_reduce_kernel); None: partials = GAPs
 
 
 def _signature(taps: Sequence[Tensor]) -> tuple:

@@ -57,15 +57,11 @@ def pool(z: Tensor) -> tuple[Tensor, Tensor]:
 
 def check_taps(taps: Sequence[Tensor]) -> None:
     """ValueError unless taps is a non-empty list of [B, C, H, W] maps of one batch size."""
-    shapes = [z.shape for z in taps]  # a plain loop over sizes: this runs every step
+    shapes = [z.shape for z in taps]  # plain sizes, no slicing: this runs every step
     batch = shapes[0][0] if shapes and len(shapes[0]) == 4 else None
-    for shape in shapes:
-        if len(shape) != 4 or shape[0] != batch:
-            raise ValueError("pool expects [B, C, H, W] feature maps with one batch size, "
-                             f"got shapes {[tuple(z.shape) for z in taps]}")
-    if batch is None:
+    if batch is None or any(len(shape) != 4 or shape[0] != batch for shape in shapes):
         raise ValueError("pool expects [B, C, H, W] feature maps with one batch size, got "
-                         "no maps")
+                         f"shapes {[tuple(shape) for shape in shapes]}")
 
 
 def pool_taps(taps: Sequence[Tensor]) -> tuple[Tensor, Tensor]:

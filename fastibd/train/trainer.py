@@ -92,8 +92,9 @@ class Trainer:
         self.state = state = TrainState(self.step, s.as_dict(), world.size)
         if world.is_main:
             self.run.check_free_space(state.size_estimate())
-        changes = state.load(last, s.training.resume_changed) if last.exists() else {}
+        changes = {}
         if last.exists():
+            changes = state.load(last, s.training.resume_changed)
             print(f"resuming {last}: epoch {state.epoch}, step {state.step_in_epoch}",
                   flush=True)
         if world.is_main:
