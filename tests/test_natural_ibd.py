@@ -32,10 +32,12 @@ def tiny_pair(seed: int = 0) -> tuple[torch.nn.Module, torch.nn.Module]:
     return student, teacher
 
 
-def student_passes_and_rng(mode: str, teacher_input: str = "natural",
-                           steps: int = 3) -> tuple[int, bool, dict[str, torch.Tensor]]:
+def student_passes_and_rng(mode: str, teacher_input: str = "natural", steps: int = 3,
+                           teacher_passes: list | None = None
+                           ) -> tuple[int, bool, dict[str, torch.Tensor]]:
     """One step of `mode`: how often the student ran forward, whether the attack's
-    generator drew noise, and the logged loss parts."""
+    generator drew noise, and the logged loss parts (the teacher's passes are appended to
+    `teacher_passes` when given)."""
     student, teacher = tiny_pair()
     rng = torch.Generator().manual_seed(0)
     step = build_step(student, teacher, LossSettings(mode, attention_dim=8,
@@ -45,6 +47,8 @@ def student_passes_and_rng(mode: str, teacher_input: str = "natural",
                       attack_rng=rng)
     passes = []
     student.register_forward_hook(lambda *_: passes.append(1))
+    if teacher_passes is not None:
+        teacher.register_forward_hook(lambda *_: teacher_passes.append(1))
     before = rng.get_state()
     _, parts = step(torch.rand(6, 3, 8, 8), torch.randint(0, 10, (6,)))
     return len(passes), not torch.equal(rng.get_state(), before), parts
@@ -56,9 +60,13 @@ def test_natural_ibd_runs_no_attack(teacher_input: str) -> None:
     ibd_passes, ibd_drew, _ = student_passes_and_rng("ibd", teacher_input, steps=3)
     assert (ibd_passes, ibd_drew) == (3 + 2, True)
     # natural IBD: the loss's single pass on the clean batch, and no attack noise drawn.
-    passes, drew, parts = student_passes_and_rng("natural_ibd", teacher_input, steps=3)
+    teacher_passes: list = []
+    passes, drew, parts = student_passes_and_rng("natural_ibd", teacher_input, steps=3,
+                                                 teacher_passes=teacher_passes)
     assert (passes, drew) == (1, False)
     assert torch.equal(parts["kl_nat"], parts["kl_adv"]) and parts["feat"] > 0
+    # nothing attacked: the teacher's logits and taps come from one pass on the clean batch
+    assert len(teacher_passes) == 1
 
 
 def test_natural_ibd_loss_is_ibd_loss_with_x_adv_equal_to_x() -> None:

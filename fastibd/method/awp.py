@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from fastibd.config import Integer, Number, option, section
 from fastibd.errors import UserError
-from fastibd.method.modes import MODES, Mode, TrainingObjective
+from fastibd.method.modes import MODES, TrainingObjective
 
 EPS = 1e-20  # as the AWP code: the proxy may not move a layer at all
 
@@ -49,11 +49,6 @@ class AWPSettings:
                           "(0: off; the AWP code: 5e-3 with TRADES, 1e-2 with PGD-AT)", 0.0)
     warmup: int = option(Integer(0), "epochs trained without it first (the AWP TRADES code: "
                          "10; its AT code: 0)", 0)
-
-
-def attacks_its_batch(mode: Mode) -> bool:
-    """Whether `mode` trains on adversarial examples (it defines its own attack)."""
-    return type(mode).adversarial is not Mode.adversarial
 
 
 def perturbed_names(student: nn.Module) -> list[str]:
@@ -68,7 +63,7 @@ class WeightPerturbation:
 
     def __init__(self, objective: TrainingObjective, settings: AWPSettings) -> None:
         mode = objective.settings.mode
-        if not attacks_its_batch(MODES[mode]):
+        if not MODES[mode].attacks:
             raise UserError(f"awp.gamma={settings.gamma}: AWP perturbs the weights against the "
                             f"adversarial loss, and loss.mode={mode} has no attack")
         self.objective, self.settings = objective, settings

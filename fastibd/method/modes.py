@@ -46,6 +46,11 @@ class Mode:
     name = ""
     teacher = False
 
+    @property
+    def attacks(self) -> bool:
+        """Whether it trains on adversarial examples: it defines its own `adversarial`."""
+        return type(self).adversarial is not Mode.adversarial
+
     def distils_features(self, settings: LossSettings) -> bool:
         """Whether the step asks the teacher for its taps (IBD with beta != 0)."""
         return False
@@ -82,7 +87,7 @@ class NaturalIBD(IBD):
 
     name = "natural_ibd"
     # Mode's own, not an override returning None: what does not override `adversarial` is
-    # a mode without an attack (fastibd.method.awp reads it so).
+    # a mode without an attack (Mode.attacks reads it so).
     adversarial = Mode.adversarial
 
     def loss(self, objective, x, x_adv, y, teacher_probs, teacher_feats):

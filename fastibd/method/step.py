@@ -58,7 +58,8 @@ class TrainingStep:
     def __call__(self, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         self.student.train()
         features = self.objective.features is not None
-        taps_from_adv = features and self.loss.teacher_input == "adv"
+        # a mode that attacks nothing takes the taps on x, from the same teacher pass
+        taps_from_adv = features and self.loss.teacher_input == "adv" and self.mode.attacks
         with self.autocast(x.device.type):
             teacher_probs = teacher_feats = None
             if self.teacher is not None:
@@ -72,7 +73,7 @@ class TrainingStep:
                                           self.attack_rng)
             if taps_from_adv:
                 with torch.no_grad():
-                    _, teacher_feats = self.teacher(x if x_adv is None else x_adv, features=True)
+                    _, teacher_feats = self.teacher(x_adv, features=True)
             if self.awp is not None:  # the weights move to w + v for this batch's loss
                 self.awp.perturb(x, x_adv, y, teacher_probs, teacher_feats)
             total, parts = self.forward(x, x_adv, y, teacher_probs, teacher_feats)
