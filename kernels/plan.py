@@ -16,6 +16,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import statistics
 import time
 from collections.abc import Iterator, Sequence
@@ -211,6 +213,28 @@ def stubbed_kernels(counter: list[int]) -> Iterator[None]:
             yield
     finally:
         JITFunction.run = real
+
+
+@contextmanager
+def freed_memory_kept() -> Iterator[bool]:
+    """Within: this process's CPU allocations behave like CUDA's caching allocator. glibc
+    serves each multi-MB buffer (a batch-2 tap's dz) with mmap and returns it with munmap,
+    ~5 us a buffer that a GPU's allocator, which keeps freed blocks, does not pay; raising
+    glibc's mmap and trim thresholds keeps freed blocks in the heap for the next allocation.
+    Yields False (and changes nothing) where there is no glibc; glibc's defaults come back
+    on exit."""
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+    except (OSError, AttributeError):  # not glibc (macOS, musl)
+        yield False
+        return
+    trim, mmap = -1, -3  # M_TRIM_THRESHOLD, M_MMAP_THRESHOLD (glibc's malloc.h)
+    kept = bool(mallopt(mmap, 1 << 30)) and bool(mallopt(trim, 1 << 30))
+    try:
+        yield kept
+    finally:
+        mallopt(mmap, 128 * 1024)  # glibc's default thresholds
+        mallopt(trim, 128 * 1024)
 
 
 def host_ms(loss, make_inputs, reps: int = 20) -> tuple[float, float, int]:
