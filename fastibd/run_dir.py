@@ -96,6 +96,29 @@ class RunDirectory:
             path.unlink(missing_ok=True)
         return leftovers
 
+    def resumable(self, resume: bool, tidy: bool = True) -> Path | None:
+        """last.pt when the run resumes, None when it starts. A directory that holds a run is
+        refused unless `resume`, so no run is overwritten by mistake. `tidy` (the process
+        holding the lock): remove what writes a killed run left half done."""
+        last = self.path / LAST
+        if last.exists() and not resume:
+            raise UserError(f"{self.path} already holds a run ({last}); choose another "
+                            "training.out_dir, or resume it with training.resume=true")
+        if tidy:
+            self.remove_temporaries()
+        return last if last.exists() else None
+
+    def begin(self, settings: dict[str, Any], changes: dict[str, tuple[Any, Any]],
+              epoch: int, step: int, tensorboard: bool = False) -> RunLog:
+        """The metrics log of a run starting or resuming at (epoch, step): config.yaml once,
+        and a resume's setting `changes` in config_history.yaml and the log."""
+        self.write_config(settings)
+        log = RunLog(self.path, tensorboard)
+        if changes:
+            self.record_changes(changes, epoch, step)
+            log.write_resume(changes, epoch, step)
+        return log
+
     def write_config(self, settings: dict[str, Any]) -> None:
         """config.yaml, once: the settings the run started with."""
         import yaml
@@ -150,6 +173,12 @@ class RunLog:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def chosen_checkpoint(run_dir: Path) -> Path | None:
+    """The checkpoint that stands for a run: best.pt (the best held-out PGD accuracy), else
+    last.pt (no held-out slice, or none evaluated yet); None when it has neither."""
+    return next((run_dir / name for name in (BEST, LAST) if (run_dir / name).is_file()), None)
 
 
 def epoch_line(record: dict[str, Any]) -> str:

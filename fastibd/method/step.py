@@ -101,7 +101,6 @@ def build_step(student: TappedModel, teacher: TappedModel | None, loss: LossSett
                make_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
                make_scheduler: Callable[[torch.optim.Optimizer], Scheduler] | None = None,
                attack_rng: torch.Generator | None = None, ddp: bool = False,
-               device_ids: list[int] | None = None,
                awp: AWPSettings | None = None) -> TrainingStep:
     """The step of `loss.mode` for `student` (and `teacher`), both already on the runtime's
     device and layout. Builds the feature head when the mode distils taps (sized at
@@ -123,6 +122,8 @@ def build_step(student: TappedModel, teacher: TappedModel | None, loss: LossSett
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.dtype == torch.float16)
     forward: nn.Module = objective
     if ddp:
+        # one process per GPU: DDP's replica lives on this process's device
+        device_ids = [runtime.device.index] if runtime.device.type == "cuda" else None
         forward = nn.parallel.DistributedDataParallel(objective, device_ids=device_ids)
     attack_model: nn.Module = student
     teacher_model = teacher if mode.teacher else None

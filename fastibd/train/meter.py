@@ -1,7 +1,8 @@
 """One epoch's training metrics: loss parts summed on the device (no sync per step), steps,
 images and time; carried across a mid-epoch stop (`partial()`, saved with the training
-state) and summed over the processes at the end (`metrics()`). And `LossWatch`, which stops
-a run whose loss is no longer finite, checking a window of steps at a time."""
+state) and summed over the processes at the end (`metrics()`). `LossWatch`, which stops
+a run whose loss is no longer finite, checking a window of steps at a time; and `StepBar`,
+the epoch's progress bar."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from tqdm import tqdm
 
 from fastibd.distributed import World, all_reduce_sum
 from fastibd.errors import UserError
@@ -71,3 +73,24 @@ class LossWatch:
         index, value = next((i, t.item()) for i, t in window if not torch.isfinite(t))
         raise UserError(f"the loss became {value} at epoch {epoch + 1}, step {index + 1}; "
                         f"stopped without saving {self.hint}")
+
+
+class StepBar:
+    """The epoch's tqdm bar (`show`: the main process with logging.progress), with the loss
+    and learning rate every 10 steps (reading the loss syncs a GPU, so not every step)."""
+
+    def __init__(self, steps: int, done: int, epoch: int, epochs: int, show: bool) -> None:
+        self.show = show
+        self.bar = tqdm(total=steps, initial=done, unit="step", leave=False,
+                        desc=f"epoch {epoch + 1}/{epochs}", disable=not show)
+
+    def update(self, index: int, total: Tensor, lr: float) -> None:
+        self.bar.update(1)
+        if index % 10 == 0 and self.show:
+            self.bar.set_postfix(loss=f"{total.item():.4f}", lr=f"{lr:.4g}")
+
+    def __enter__(self) -> StepBar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.close()

@@ -15,7 +15,6 @@ import sys
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
 from fastibd.data import training_data
 from fastibd.device import device_name, resolve_runtime
@@ -26,8 +25,8 @@ from fastibd.method.modes import MODES
 from fastibd.method.step import build_step
 from fastibd.models import build_student
 from fastibd.models.teachers import check_teacher_accuracy, run_teacher
-from fastibd.run_dir import BEST, LAST, RunDirectory, RunLog, epoch_line
-from fastibd.train.meter import EpochMeter, LossWatch
+from fastibd.run_dir import BEST, LAST, RunDirectory, epoch_line
+from fastibd.train.meter import EpochMeter, LossWatch, StepBar
 from fastibd.train.schedule import build_optimizer, build_scheduler
 from fastibd.train.settings import Settings
 from fastibd.train.state import TrainState
@@ -55,12 +54,8 @@ class Trainer:
             raise
 
     def _build(self, s: Settings, runtime) -> None:
-        world, last = self.world, self.run_dir / LAST
-        if last.exists() and not s.training.resume:
-            raise UserError(f"{self.run_dir} already holds a run ({last}); choose another "
-                            "training.out_dir, or resume it with training.resume=true")
-        if world.is_main:
-            self.run.remove_temporaries()  # of writes a killed run left half done
+        world = self.world
+        last = self.run.resumable(s.training.resume, tidy=world.is_main)
         torch.manual_seed(s.training.seed + world.rank)
         self.data = training_data(s.data, runtime.device, s.training.seed, world.distributed)
         classes, place = self.data.num_classes, dict(device=runtime.device,
@@ -75,34 +70,27 @@ class Trainer:
                                        name=s.teacher.name)
         steps = len(self.data.train)
         self.steps_per_epoch = min(steps, s.training.max_steps or steps)
-        if self.steps_per_epoch == 0:
+        if self.steps_per_epoch == 0:  # after the teacher: its error says more
             raise UserError(f"{s.data.train_path} has fewer training images than one batch "
                             f"of {s.data.batch_size} per process")
-        # Its own checkpointed generator: the attack noise resumes exactly.
-        attack_rng = torch.Generator(runtime.device).manual_seed(
-            s.training.seed * 1000 + 2 + world.rank)
         self.step = build_step(
             student, teacher, s.loss, s.attack, runtime, resolution=self.data.input_size,
             make_optimizer=lambda module: build_optimizer(module, s.optim, world.size),
             make_scheduler=lambda optimizer: build_scheduler(
                 optimizer, s.optim, s.training.epochs, self.steps_per_epoch),
-            attack_rng=attack_rng, ddp=world.distributed,
-            device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None,
-            awp=s.awp)
+            # its own checkpointed generator: the attack noise resumes exactly
+            attack_rng=torch.Generator(runtime.device).manual_seed(
+                s.training.seed * 1000 + 2 + world.rank),
+            ddp=world.distributed, awp=s.awp)
         self.state = state = TrainState(self.step, s.as_dict(), world.size)
-        if world.is_main:
-            self.run.check_free_space(state.size_estimate())
-        changes = {}
-        if last.exists():
-            changes = state.load(last, s.training.resume_changed)
+        changes = state.load(last, s.training.resume_changed) if last else {}
+        if last:
             print(f"resuming {last}: epoch {state.epoch}, step {state.step_in_epoch}",
                   flush=True)
         if world.is_main:
-            self.run.write_config(state.settings)  # once, when the run starts
-            self.log = RunLog(self.run_dir, s.logging.tensorboard)
-            if changes:
-                self.run.record_changes(changes, state.epoch, state.step_in_epoch)
-                self.log.write_resume(changes, state.epoch, state.step_in_epoch)
+            self.run.check_free_space(state.size_estimate())
+            self.log = self.run.begin(state.settings, changes, state.epoch,
+                                      state.step_in_epoch, s.logging.tensorboard)
         barrier(world)
 
     def close(self, failed: bool = False) -> None:
@@ -119,47 +107,44 @@ class Trainer:
         self.data.train.set_epoch(state.epoch)  # its order, crops and resolution
         if self.step.awp is not None:
             self.step.awp.set_epoch(state.epoch)  # on after awp.warmup epochs
-        skip, state.step_in_epoch = state.step_in_epoch, 0
+        skip, state.step_in_epoch, resolution = state.step_in_epoch, 0, None
         # Resuming mid-epoch: the metrics carry on from what the stopped part measured (under
         # DDP rank 0's share of that part).
         meter = EpochMeter(device, state.partial if skip and self.world.is_main else None)
-        fp32 = "" if self.runtime.dtype == torch.float32 else \
-            ", or train in fp32 (training.precision)"
+        fp32 = ("" if self.runtime.dtype == torch.float32 else
+                ", or train in fp32 (training.precision)")
         watch = LossWatch(device, f"(the last checkpoint is from before: {self.run_dir / LAST})."
                           f" Lower optim.lr{fp32}")
-        show, resolution = self.settings.logging.progress and self.world.is_main, None
-        bar = tqdm(total=self.steps_per_epoch, initial=skip, unit="step", leave=False,
-                   desc=f"epoch {state.epoch + 1}/{self.settings.training.epochs}",
-                   disable=not show)
-        for index, (x, y) in enumerate(self.data.train):
-            if index >= self.steps_per_epoch:
-                break
-            if index < skip:  # resuming mid-epoch: same order, so skip what was trained
-                continue
-            total, parts = self.step(x.contiguous(memory_format=self.runtime.memory_format), y)
-            resolution, state.step_in_epoch = x.shape[-1], index + 1
-            meter.add(parts, len(y))
-            watch.add(index, total, state.epoch)
-            bar.update(1)
-            if index % 10 == 0 and show:
-                bar.set_postfix(loss=f"{total.item():.4f}",
-                                lr=f"{self.step.scheduler.get_last_lr()[0]:.4g}")
-            if self.stops.signum is not None:
-                watch.check(state.epoch)
-                state.partial = meter.partial()
-                self._save_state()
-                bar.close()
-                raise Stopped(self.stops.signum)
-        watch.check(state.epoch)
-        bar.close()
+        bar = StepBar(self.steps_per_epoch, skip, state.epoch, self.settings.training.epochs,
+                      self.settings.logging.progress and self.world.is_main)
+        with bar:
+            for index, (x, y) in enumerate(self.data.train):
+                if index >= self.steps_per_epoch:
+                    break
+                if index < skip:  # resuming mid-epoch: same order, so skip what was trained
+                    continue
+                total, parts = self.step(x.contiguous(memory_format=self.runtime.memory_format),
+                                         y)
+                resolution, state.step_in_epoch = x.shape[-1], index + 1
+                meter.add(parts, len(y))
+                watch.add(index, total, state.epoch)
+                bar.update(index, total, self.step.scheduler.get_last_lr()[0])
+                if self.stops.signum is not None:
+                    watch.check(state.epoch)
+                    state.partial = meter.partial()
+                    self._save_state(check=True)
+                    raise Stopped(self.stops.signum)
+            watch.check(state.epoch)
         state.partial = None
         metrics = meter.metrics(self.world)
         if resolution is not None:
             metrics["resolution"] = resolution  # as trained (progressive resizing)
         return metrics
 
-    def _save_state(self) -> None:
-        self.state.check_finite(self.run_dir / LAST)
+    def _save_state(self, check: bool) -> None:
+        """last.pt; `check`: first refuse a state gone non-finite (see TrainState)."""
+        if check:
+            self.state.check_finite(self.run_dir / LAST)
         if self.world.is_main:
             self.state.save(self.run_dir / LAST)
 
@@ -191,7 +176,7 @@ class Trainer:
                             record |= {f"holdout_{k}": v for k, v in held.items()}
                             state.keep_if_best(held, self.run_dir / BEST)
                         barrier(self.world)
-                    self._save_state()
+                    self._save_state(check=False)
                     if self.log is not None:
                         self.log.write(record)
                         print(epoch_line(record), flush=True)
