@@ -458,3 +458,12 @@ def test_without_best_report_or_metrics_the_card_says_what_is_missing(tmp_path: 
     markdown = (tmp_path / "MODEL_CARD.md").read_text()
     assert "none (mode pgd_at trains without one)" in markdown
     assert "not evaluated" in markdown
+
+
+def test_the_recipe_writes_an_l2_budget_as_a_radius() -> None:
+    """An L2 run's card says its radius, not a Linf-style x/255 ("128/255" for 0.5 was
+    the card's text before)."""
+    l2 = export.recipe_card({"attack": {"eps": 0.5, "norm": "l2"}})
+    linf = export.recipe_card({"attack": {"eps": 8 / 255}})
+    assert (l2["eps_255"], l2["norm"]) == ("0.5", "l2")
+    assert (linf["eps_255"], linf["norm"]) == ("8/255", "linf")

@@ -28,7 +28,7 @@ import json
 import platform
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -50,6 +50,7 @@ from fastibd.eval.robustness import (
     Settings,
     attack_family,
     attack_settings,
+    budget_line,
     check_norm_supported,
     huge_eps_check,
     needs_surrogate,
@@ -68,6 +69,7 @@ from fastibd.models import (
 from fastibd.models.checkpoint import sha256_file
 from fastibd.models.teachers import (
     FORMATS,
+    LoadedCheckpoint,
     accuracy_by_normalization,
     better_normalization,
     load_checkpoint,
@@ -98,26 +100,6 @@ def resolve_budgets(parser: ArgumentParser, args: argparse.Namespace) -> None:
         setattr(args, key, value)
     if args.step_size is None:
         args.step_size = args.eps / 4
-
-
-def budget_line(config: dict[str, Any]) -> str:
-    """How the table shows the budget: Linf in x/255 as people write it, L2 as a radius."""
-    eps, step = config["eps"], config["step_size"]
-    if config.get("norm", "linf") == "l2":
-        return f"L2 eps {eps:.5g}, step {step:.5g}"
-    return f"eps {eps:.5f} ({over_255(eps)}), step {step:.5f} ({over_255(step)})"
-
-
-def over_255(value: float) -> str:
-    """8/255 for 0.0313725..., the way people write budgets."""
-    scaled = value * 255
-    return f"{round(scaled)}/255" if abs(scaled - round(scaled)) < 1e-6 else f"{scaled:.3g}/255"
-
-
-# ----------------------------------------------------------------------------- attacks
-
-
-# ----------------------------------------------------------------------------- checks
 
 
 # ----------------------------------------------------------------------------- the report
@@ -322,27 +304,42 @@ def wanted_surrogate(attacks: list[str], surrogate: Path | None) -> bool:
     return bool(transfer)
 
 
-def load_surrogate(args: argparse.Namespace, device: torch.device, labels: np.ndarray,
-                   pipeline: str, resolution: int) -> tuple[TappedModel, dict[str, Any],
-                                                             list[dict[str, str]]]:
-    """The surrogate model, what the report says about it, and its set-up flags. It must
-    predict every label and take the images the evaluated model is fed (as --ckpt must)."""
-    loaded = load_checkpoint(args.surrogate_arch, args.surrogate, args.surrogate_format,
-                             width_mult=args.surrogate_width_mult,
-                             trust_pickle=args.trust_pickle, device=device)
+@dataclass
+class Evaluated:
+    """A checkpoint loaded for evaluation and checked against the data."""
+
+    model: TappedModel  # channels_last, on the device
+    loaded: LoadedCheckpoint
+    pipeline: str  # "cifar" or "imagenet"
+    resolution: int  # what it is fed
+    flags: list[dict[str, str]]
+    about: dict[str, Any]  # the report's record of the file and the model
+
+
+def load_evaluated(path: Path, arch: str, fmt: str, args: argparse.Namespace,
+                   device: torch.device, labels: np.ndarray, pipeline: str,
+                   resolution: int | None, role: str = "", **load: Any) -> Evaluated:
+    """The checkpoint at `path` (--ckpt, or `role` "surrogate" for --surrogate), loaded and
+    checked: it must predict every label and take the images at `resolution` (None: its
+    own). `pipeline` "auto" follows the architecture. `load`: load_checkpoint's options."""
+    loaded = load_checkpoint(arch, path, fmt, trust_pickle=args.trust_pickle, device=device,
+                             **load)
+    who = f"{role}: " if role else ""
     for note in loaded.notes:
-        print(f"warning: surrogate: {note}", file=sys.stderr)
+        print(f"warning: {who}{note}", file=sys.stderr)
     model = loaded.model.to(memory_format=torch.channels_last)
-    check_classes(labels, model.spec.num_classes, args.data, args.surrogate)
-    # `resolution`: what the evaluated model is fed, so the surrogate is fed the same
-    _, trained_at, flags = check_resolution(model.spec, pipeline, args.data, resolution,
-                                            args.allow_resolution_change, args.surrogate)
-    flags = [{"check": "surrogate_resolution", "message": f"surrogate: {flag['message']}"}
-             for flag in flags]
-    about = {"path": args.surrogate.resolve(), "sha256": sha256_file(args.surrogate),
-             "bytes": args.surrogate.stat().st_size, "format": loaded.format,
+    check_classes(labels, model.spec.num_classes, args.data, path)
+    if pipeline == "auto":
+        pipeline = "imagenet" if is_imagenet_arch(model.spec.arch) else "cifar"
+    resolution, trained_at, flags = check_resolution(
+        model.spec, pipeline, args.data, resolution, args.allow_resolution_change, path)
+    if role:
+        flags = [{"check": f"{role}_resolution", "message": f"{who}{flag['message']}"}
+                 for flag in flags]
+    about = {"path": path.resolve(), "sha256": sha256_file(path), "bytes": path.stat().st_size,
+             "format": loaded.format,
              "model": asdict(model.spec) | {"trained_resolution": trained_at}}
-    return model, about, flags
+    return Evaluated(model, loaded, pipeline, resolution, flags, about)
 
 
 def normalization_probe(model: TappedModel, x: Tensor, y: Tensor, batch_size: int,
@@ -460,33 +457,27 @@ def main(argv: list[str] | None = None) -> int:
     check_writable(args.out)  # before the attacks, not after hours of them
     device = resolve_device(args.device, "--device")
     labels = dataset_labels(args.data)  # cheap: fail on bad data before loading anything big
-    loaded = load_checkpoint(args.arch, args.ckpt, args.format, normalization=args.normalization,
-                             width_mult=args.width_mult, trust_pickle=args.trust_pickle,
-                             device=device)
-    for note in loaded.notes:
-        print(f"warning: {note}", file=sys.stderr)
-    model = loaded.model.to(memory_format=torch.channels_last)
-    spec = model.spec
+    evaluated = load_evaluated(args.ckpt, args.arch, args.format, args, device, labels,
+                               args.pipeline, args.resolution,
+                               normalization=args.normalization, width_mult=args.width_mult)
+    model, loaded, pipeline = evaluated.model, evaluated.loaded, evaluated.pipeline
+    spec, resolution, setup_flags = model.spec, evaluated.resolution, evaluated.flags
     num_classes = spec.num_classes
-    check_classes(labels, num_classes, args.data, args.ckpt)
     n = len(labels) if args.n is None else min(args.n, len(labels))
     if args.n is not None and args.n > len(labels):
         print(f"note: {args.data} holds {len(labels)} examples; evaluating all of them",
               file=sys.stderr)
-    pipeline = args.pipeline
-    if pipeline == "auto":
-        pipeline = "imagenet" if is_imagenet_arch(spec.arch) else "cifar"
-    resolution, trained_at, setup_flags = check_resolution(
-        spec, pipeline, args.data, args.resolution, args.allow_resolution_change, args.ckpt)
     if loaded.normalization_override:
         setup_flags.append({"check": "normalization_override",
                             "message": loaded.normalization_override})
     surrogate: nn.Module | None = None
     surrogate_about: dict[str, Any] | None = None
-    if transfer:
-        surrogate, surrogate_about, surrogate_flags = load_surrogate(args, device, labels,
-                                                                     pipeline, resolution)
-        setup_flags += surrogate_flags
+    if transfer:  # fed what the evaluated model is fed
+        crafter = load_evaluated(args.surrogate, args.surrogate_arch, args.surrogate_format,
+                                 args, device, labels, pipeline, resolution, role="surrogate",
+                                 width_mult=args.surrogate_width_mult)
+        surrogate, surrogate_about = crafter.model, crafter.about
+        setup_flags += crafter.flags
     attacked: nn.Module = model
     if args.precision == "bf16":
         attacked = Autocast(model, torch.bfloat16)
@@ -523,10 +514,8 @@ def main(argv: list[str] | None = None) -> int:
         "created_utc": datetime.now(UTC).isoformat(timespec="seconds"),
         "argv": list(sys.argv[1:] if argv is None else argv),
         "config": config,
-        "checkpoint": {"path": args.ckpt.resolve(), "sha256": sha256_file(args.ckpt),
-                       "bytes": args.ckpt.stat().st_size},
-        "model": asdict(spec) | {"trained_resolution": trained_at,
-                                 "recorded": loaded.recorded},
+        "checkpoint": {key: evaluated.about[key] for key in ("path", "sha256", "bytes")},
+        "model": evaluated.about["model"] | {"recorded": loaded.recorded},
         "surrogate": surrogate_about,
         "data": {"path": args.data.resolve(), "num_examples": results.n,
                  "dataset_size": len(labels), "num_classes": num_classes,

@@ -33,14 +33,20 @@ import torch
 from fastibd.cli import ArgumentParser, parse_number, writable_directory
 from fastibd.errors import UserError, exit_on_user_error, require_file
 from fastibd.eval.evaluate import PROG as EVALUATE_PROG
-from fastibd.eval.evaluate import over_255
-from fastibd.eval.robustness import attack_family
+from fastibd.eval.robustness import attack_family, budget_text
 from fastibd.method.modes import MODES
 from fastibd.models import WIDE_RESNETS, ModelSpec, TappedModel, conventional_resolution
 from fastibd.models.base import normalization_stats
 from fastibd.models.checkpoint import atomic_save, atomic_write_text, sha256_file
 from fastibd.models.teachers import load_checkpoint
-from fastibd.run_dir import BEST, CONFIG_FILE, LAST, METRICS_FILE, read_metrics
+from fastibd.run_dir import (
+    BEST,
+    CONFIG_FILE,
+    LAST,
+    METRICS_FILE,
+    chosen_checkpoint,
+    read_metrics,
+)
 
 PROG = "fastibd.export"
 CARD_VERSION = 1
@@ -104,17 +110,18 @@ COUNTERPARTS: dict[str, Counterpart] = {
 
 
 def choose_checkpoint(run_dir: Path) -> tuple[Path, str]:
-    """best.pt, else last.pt, and why that one."""
+    """The run's chosen checkpoint (fastibd.run_dir.chosen_checkpoint), and why that one."""
     if not run_dir.is_dir():
         raise UserError(f"no run directory {run_dir}" if not run_dir.exists() else
                         f"{run_dir} is a file, not a run directory")
-    if (run_dir / BEST).is_file():
-        return run_dir / BEST, "the best held-out PGD accuracy of the run"
-    if (run_dir / LAST).is_file():
-        return run_dir / LAST, (f"the run has no {BEST} (no held-out slice, or no held-out "
-                                "evaluation yet): its last saved state")
-    raise UserError(f"{run_dir} has no {BEST} or {LAST}: not a run directory of fastibd.train, "
-                    "or its first epoch has not finished")
+    chosen = chosen_checkpoint(run_dir)
+    if chosen is None:
+        raise UserError(f"{run_dir} has no {BEST} or {LAST}: not a run directory of "
+                        "fastibd.train, or its first epoch has not finished")
+    if chosen.name == BEST:
+        return chosen, "the best held-out PGD accuracy of the run"
+    return chosen, (f"the run has no {BEST} (no held-out slice, or no held-out evaluation "
+                    "yet): its last saved state")
 
 
 def counterpart_of(spec: ModelSpec, path: Path, wrap_normalization: bool) -> Counterpart:
@@ -210,7 +217,8 @@ def recipe_card(config: dict[str, Any]) -> dict[str, Any]:
             "train_path": section("data").get("train_path"),
             "val_path": section("data").get("val_path"),
             "holdout": section("data").get("holdout"),
-            "eps": eps, "eps_255": _eps_255(eps), "norm": section("attack").get("norm", "linf"),
+            "eps": eps, "eps_255": _eps_text(eps, section("attack").get("norm", "linf")),
+            "norm": section("attack").get("norm", "linf"),
             "epochs": section("training").get("epochs"), "seed": section("training").get("seed"),
             "config": config}
 
@@ -230,10 +238,11 @@ def teacher_card(config: dict[str, Any]) -> dict[str, Any] | None:
             "catalog_name": teacher.get("name") or None}
 
 
-def _eps_255(eps: Any) -> str:
-    """8/255 for a budget as config.yaml or a report holds it; as written when not a number."""
+def _eps_text(eps: Any, norm: str) -> str:
+    """A budget as config.yaml or a report holds it, as people write it (8/255 for Linf, the
+    radius for L2: robustness.budget_text); as written when not a number."""
     try:
-        return over_255(parse_number(str(eps)))
+        return budget_text(parse_number(str(eps)), norm)
     except (ValueError, ZeroDivisionError):
         return str(eps)
 
@@ -271,7 +280,8 @@ def evaluation_card(report: dict[str, Any], path: Path) -> dict[str, Any]:
             "created_utc": report.get("created_utc"),
             "checkpoint": report["checkpoint"], "data": data.get("path"),
             "num_examples": data.get("num_examples"), "dataset_size": data.get("dataset_size"),
-            "eps": eps, "eps_255": _eps_255(eps), "norm": config.get("norm", "linf"),
+            "eps": eps, "eps_255": _eps_text(eps, config.get("norm", "linf")),
+            "norm": config.get("norm", "linf"),
             "precision": config.get("precision"),
             "device": (report.get("environment") or {}).get("device"),
             "headline": headline(attacks), "attacks": attacks, "robust": report.get("robust"),

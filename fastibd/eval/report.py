@@ -26,13 +26,13 @@ from matplotlib.ticker import MaxNLocator
 from torch import Tensor
 
 from fastibd.cli import ArgumentParser, bounded, comma_list, parse_budget
-from fastibd.data import DATASET_SUFFIXES, first_examples
+from fastibd.data import dataset_file, first_examples
 from fastibd.device import resolve_device
-from fastibd.errors import UserError, exit_on_user_error, require_file
+from fastibd.errors import UserError, exit_on_user_error
 from fastibd.eval import attacks as eval_attacks
 from fastibd.models import TappedModel, is_imagenet_arch
 from fastibd.models.teachers import load_teacher
-from fastibd.run_dir import BEST, LAST, final_record, read_metrics
+from fastibd.run_dir import BEST, LAST, chosen_checkpoint, final_record, read_metrics
 
 PROG = "fastibd.report"
 DEFAULT_EPS_255 = (0, 1, 2, 4, 6, 8, 10, 12, 16)
@@ -280,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     if not run_dir.is_dir():
         raise UserError(f"no run directory {run_dir}")
     if args.data is not None:
-        require_file(args.data, "dataset file", suffixes=DATASET_SUFFIXES)
+        dataset_file(args.data)
     eps_255 = _int_list(args.eps_list, "--eps-list", 0)
     steps = _int_list(args.steps_list, "--steps-list", 1)
     if eps_255[-1] > 255:
@@ -311,8 +311,8 @@ def main(argv: list[str] | None = None) -> int:
         written.append(out / "curves.png")
 
     # 2. robustness vs eps and steps (the chosen checkpoint on validation images)
-    ckpt = run_dir / BEST if (run_dir / BEST).is_file() else run_dir / LAST
-    if not ckpt.is_file():
+    ckpt = chosen_checkpoint(run_dir)
+    if ckpt is None:
         note(f"no {BEST} or {LAST} in {run_dir}: skipped the robustness curves")
     elif data is None:
         note("no validation data (--data, or the run's data.val_path): skipped the robustness "

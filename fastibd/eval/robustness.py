@@ -77,6 +77,25 @@ def needs_surrogate(name: str) -> bool:
     return name.startswith(TRANSFER)
 
 
+def over_255(value: float) -> str:
+    """8/255 for 0.0313725..., the way people write Linf budgets."""
+    scaled = value * 255
+    return f"{round(scaled)}/255" if abs(scaled - round(scaled)) < 1e-6 else f"{scaled:.3g}/255"
+
+
+def budget_text(eps: float, norm: str = "linf") -> str:
+    """A budget as people write it: 8/255 for Linf, the radius (0.5) for L2."""
+    return f"{eps:.5g}" if norm == "l2" else over_255(eps)
+
+
+def budget_line(config: dict[str, Any]) -> str:
+    """How a report shows the budget: Linf in x/255 as people write it, L2 as a radius."""
+    eps, step = config["eps"], config["step_size"]
+    if config.get("norm", "linf") == "l2":
+        return f"L2 eps {eps:.5g}, step {step:.5g}"
+    return f"eps {eps:.5f} ({over_255(eps)}), step {step:.5f} ({over_255(step)})"
+
+
 @dataclass(frozen=True)
 class Settings:
     """How the attacks run (all budgets in pixel space)."""
