@@ -405,6 +405,8 @@ def pool_bwd(taps: Sequence[Tensor], g_maps: Tensor | None, g_gaps: Tensor | Non
     g_maps: [B, sum H*W] or None (then that term is skipped); g_gaps: [B, sum C] or None.
     Both may have any batch stride (e.g. slices of a larger gradient). `plan` as pool_fwd's."""
     plan = plan or pool_plan(taps, block_hw, block_c)
+    # A tap the kernels cannot index is copied again here, not kept from the forward: kept,
+    # the copy would hold an activation's worth of memory from the forward to the backward.
     taps = _dense(taps, plan)
     dzs = [_like(z, fmt) for z, fmt in zip(taps, plan.dz_formats, strict=True)]
     if poison_enabled():

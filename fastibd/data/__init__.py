@@ -41,13 +41,14 @@ from fastibd.data.options import (
     DEFAULT_CROP_RATIO,
     DataSettings,
     LoaderOptions,
+    dataset_file,
 )
 from fastibd.data.tensor_loader import TensorLoader, npz_labels, npz_resolution
 from fastibd.errors import UserError
 
 __all__ = ["CIFAR_PAD", "DATASET_SUFFIXES", "DEFAULT_CROP_RATIO", "PIPELINES", "SPLITS",
            "DataSettings", "ImageNetTrainLoader", "Loader", "LoaderOptions", "TensorLoader",
-           "TrainingData",
+           "TrainingData", "dataset_file",
            "dataset_labels", "dataset_resolution", "first_examples", "imagenet_val_loader",
            "keep_torch_threads", "make_loader", "resolution_at", "training_data"]
 

@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fastibd.data.options import DATASET_SUFFIXES, DEFAULT_CROP_RATIO, LoaderOptions
-from fastibd.errors import UserError, require_file
+from fastibd.data.options import DEFAULT_CROP_RATIO, LoaderOptions, dataset_file
+from fastibd.errors import UserError
 
 
 class BetonLoader:
@@ -119,8 +119,7 @@ def _loader(path: str | Path, image_ops: list, options: LoaderOptions):
     from ffcv.transforms import Convert, Squeeze, ToDevice, ToTensor, ToTorchImage
     from torchvision.transforms import Normalize
 
-    path = require_file(path, "dataset file", "; write one with data_prep/write_ffcv.py",
-                        DATASET_SUFFIXES)
+    path = dataset_file(path)
     if options.order == "quasi_random" and options.distributed:
         raise UserError("order quasi_random cannot be used with distributed loading (FFCV); "
                         "use random")
@@ -170,8 +169,7 @@ def beton_labels(path: str | Path) -> np.ndarray:
     keep_torch_threads()
     from ffcv.reader import Reader
 
-    path = require_file(path, "dataset file", "; write one with data_prep/write_ffcv.py",
-                        DATASET_SUFFIXES)
+    path = dataset_file(path)
     try:
         reader = Reader(str(path))
     except Exception as err:  # noqa: BLE001 - FFCV raises assorted errors on foreign bytes

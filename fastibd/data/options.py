@@ -4,16 +4,25 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import torch
 
 from fastibd.config import Choice, Flag, Integer, Number, Text, option, section
+from fastibd.errors import require_file
 
 Order = Literal["random", "quasi_random", "sequential"]
 CIFAR_PAD = 4
 DATASET_SUFFIXES = (".beton", ".npz")  # what write_ffcv.py writes
 DEFAULT_CROP_RATIO = 224 / 256
+
+
+def dataset_file(path: str | Path, how: str = "") -> Path:
+    """`path` as a dataset file that exists (.beton or .npz), or a one-line UserError that
+    says how to write one (`how`: extra flags for write_ffcv.py)."""
+    return require_file(path, "dataset file", f"; write one with data_prep/write_ffcv.py{how}",
+                        DATASET_SUFFIXES)
 
 
 @dataclass(frozen=True)

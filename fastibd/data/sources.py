@@ -92,17 +92,15 @@ class FolderDataset(FileDataset):
             folder = ImageFolder(str(root))
         except FileNotFoundError as err:  # no class folders, or no images in them
             raise UserError(f"{root}: {err}") from None
-        if classes is None:
-            super().__init__(folder.samples, folder.classes)
-            return
-        unknown = [name for name in folder.classes if name not in classes]
+        own = folder.classes  # its class folders, sorted: ImageFolder's labels index them
+        classes = own if classes is None else classes
+        unknown = [name for name in own if name not in classes]
         if unknown:
             raise UserError(f"class folder(s) {', '.join(unknown[:5])} in {root} are not among "
                             f"the {len(classes)} training classes, so they have no label "
                             "(labels go by class name)")
         label = {name: index for index, name in enumerate(classes)}
-        super().__init__([(path, label[folder.classes[own]]) for path, own in folder.samples],
-                         classes)
+        super().__init__([(path, label[own[index]]) for path, index in folder.samples], classes)
 
 
 def digits_dataset(split: str) -> ArrayDataset:
@@ -253,6 +251,6 @@ def _tiny_imagenet_val(root: Path, wnids: list[str]) -> list[tuple[str, int]]:
 
 
 def _is_image(path: Path) -> bool:
-    from torchvision.datasets.folder import IMG_EXTENSIONS
+    from torchvision.datasets.folder import is_image_file
 
-    return path.is_file() and path.suffix.lower() in IMG_EXTENSIONS
+    return path.is_file() and is_image_file(path.name)

@@ -20,8 +20,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from fastibd.data.options import DATASET_SUFFIXES, LoaderOptions
-from fastibd.errors import UserError, require_file
+from fastibd.data.options import LoaderOptions, dataset_file
+from fastibd.errors import UserError
 
 
 def read_npz(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
@@ -29,8 +29,7 @@ def read_npz(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     several times (labels, resolution, then the train and held-out loaders): the last two
     files read are kept, and reread only when they change on disk. Callers must not modify
     the arrays."""
-    path = require_file(path, "dataset file", "; write one with data_prep/write_ffcv.py "
-                        "--format npz", DATASET_SUFFIXES)
+    path = dataset_file(path, " --format npz")
     stat = path.stat()
     try:
         return _read_checked(path.resolve(), stat.st_mtime_ns, stat.st_size)

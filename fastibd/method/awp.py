@@ -77,8 +77,13 @@ class WeightPerturbation:
         proxies = dict(self.proxy.student.named_parameters())
         self.weights = [weights[name] for name in self.names]
         self.proxies = [proxies[name] for name in self.names]
+        # Likewise the whole state (parameters and BN buffers), paired once: each step copies
+        # the objective into the proxy tensor by tensor, with no state_dict to build.
+        mine, theirs = objective.state_dict(keep_vars=True), self.proxy.state_dict(keep_vars=True)
+        self.state_pairs = [(theirs[key], mine[key]) for key in mine]
         self.active = settings.warmup == 0
-        self._saved: list[Tensor] | None = None
+        self._saved = [torch.empty_like(w) for w in self.weights]  # reused every step
+        self._moved = False
 
     def set_epoch(self, epoch: int) -> None:
         """Epochs count from 0: AWP runs from epoch `warmup` on (the AWP code's
@@ -90,7 +95,9 @@ class WeightPerturbation:
                   ) -> dict[str, Tensor]:
         """{name: v} with ||v|| = gamma ||w|| for each perturbed weight w, along the gradient
         of this batch's loss."""
-        self.proxy.load_state_dict(self.objective.state_dict())
+        with torch.no_grad():
+            for proxy, own in self.state_pairs:
+                proxy.copy_(own)
         self.proxy.train()
         loss = self.proxy(x, x_adv, y, teacher_probs, teacher_feats)[0]
         grads = torch.autograd.grad(loss, self.proxies, allow_unused=True)
@@ -110,7 +117,9 @@ class WeightPerturbation:
             return
         with torch.enable_grad():
             directions = self.direction(x, x_adv, y, teacher_probs, teacher_feats)
-        self._saved = [w.detach().clone() for w in self.weights]
+        for w, saved in zip(self.weights, self._saved, strict=True):
+            saved.copy_(w)
+        self._moved = True
         for name, w in zip(self.names, self.weights, strict=True):
             if name in directions:
                 w.add_(directions[name])
@@ -118,8 +127,8 @@ class WeightPerturbation:
     @torch.no_grad()
     def restore(self) -> None:
         """Put back exactly the weights `perturb` moved (their gradients stay)."""
-        if self._saved is None:
+        if not self._moved:
             return
         for w, saved in zip(self.weights, self._saved, strict=True):
             w.copy_(saved)
-        self._saved = None
+        self._moved = False

@@ -15,6 +15,7 @@ says how otherwise. The sha256 of what it got is printed and written to `<file>.
 from __future__ import annotations
 
 import difflib
+import functools
 import re
 import urllib.parse
 from collections.abc import Callable
@@ -107,10 +108,22 @@ _REQUIRED = ("title", "dataset", "num_classes", "arch", "format", "normalization
 
 def load_catalog(path: Path | str | None = None) -> dict[str, CatalogEntry]:
     """Every entry of the catalog at `path` (default: the one shipped), checked; a problem
-    is a one-line UserError naming the file, the entry and the field."""
+    is a one-line UserError naming the file, the entry and the field. Parsed once per
+    version of the file (reading settings looks names up in it many times)."""
     path = Path(path) if path is not None else DEFAULT_CATALOG
+    try:
+        stat = path.stat()
+    except OSError:
+        stat = None  # _read says why
+    version = (stat.st_mtime_ns, stat.st_size) if stat is not None else None
+    return dict(_parsed(path, version))
+
+
+@functools.lru_cache(maxsize=8)
+def _parsed(path: Path, version: tuple[int, int] | None) -> tuple[tuple[str, CatalogEntry], ...]:
+    del version  # part of the cache key only: a rewritten file is parsed again
     tree = _read(path)
-    return {str(name): _entry(str(name), raw, path) for name, raw in tree.items()}
+    return tuple((str(name), _entry(str(name), raw, path)) for name, raw in tree.items())
 
 
 def catalog_entry(name: str, path: Path | str | None = None) -> CatalogEntry:
