@@ -58,10 +58,14 @@ def test_smoke_ibd_student_is_robust(smoke_runs: dict[str, Path]) -> None:
     assert saved["data"]["train_path"].endswith("train.beton")
 
 
+# Two epochs are enough to stop in the middle of one and after a whole one.
+RESUMED = [*FAST, "--training.epochs=2"]
+
+
 @pytest.fixture(scope="module")
 def reference_run(digits_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("reference")
-    assert main([*FAST, *data_args(digits_dir), f"--training.out_dir={out}"]) == 0
+    assert main([*RESUMED, *data_args(digits_dir), f"--training.out_dir={out}"]) == 0
     return out
 
 
@@ -83,7 +87,7 @@ def killed_after_first_epoch(args: list[str], out: Path) -> int:
 def test_interrupted_run_resumes_to_the_same_weights(
         signum: int, reference_run: Path, digits_dir: Path, tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
-    args = [*FAST, *data_args(digits_dir)]
+    args = [*RESUMED, *data_args(digits_dir)]
     if signum == signal.SIGINT:  # saved where it stopped, mid-epoch (epoch 2, step 2)
         code = interrupted_at_step(args, tmp_path, 6 + 2, monkeypatch)
         saved = torch.load(tmp_path / "last.pt", map_location="cpu", weights_only=True)
