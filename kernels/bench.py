@@ -507,7 +507,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    "an H100 and an H200 (a projection; needs Triton, not a GPU)")
     p.add_argument("--host", action="store_true",
                    help="time the host side of the fused loss instead, every kernel stubbed "
-                   "out, at the GPU configs' tap structures on this CPU (needs Triton)")
+                   "out, at the GPU configs' tap structures on this CPU, with freed memory "
+                   "kept for reuse as on a GPU (and once with malloc as it is; needs Triton)")
     return p.parse_args(argv)
 
 
