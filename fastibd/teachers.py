@@ -21,7 +21,7 @@ from fastibd.data import dataset_labels, first_examples
 from fastibd.device import resolve_device
 from fastibd.errors import UserError, exit_on_user_error
 from fastibd.eval.evaluate import check_classes, check_resolution
-from fastibd.models import NORMALIZATIONS, TappedModel, is_imagenet_arch
+from fastibd.models import NORMALIZATIONS, TappedModel, default_pipeline
 from fastibd.models.catalog import (
     CatalogEntry,
     catalog_entry,
@@ -155,7 +155,7 @@ def measure_clean_accuracy(model: TappedModel, entry: CatalogEntry,
     device = resolve_device(args.device, "--device")
     labels = dataset_labels(args.data)
     check_classes(labels, entry.num_classes, args.data, args.file)
-    pipeline = "imagenet" if is_imagenet_arch(entry.arch) else "cifar"
+    pipeline = default_pipeline(entry.arch)
     resolution, _, _ = check_resolution(model.spec, pipeline, args.data, None, False, args.file)
     total = min(args.n, len(labels))
     batches = first_examples(args.data, pipeline, total, args.batch_size, device, resolution,

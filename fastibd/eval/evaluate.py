@@ -64,7 +64,7 @@ from fastibd.models import (
     ModelSpec,
     TappedModel,
     conventional_resolution,
-    is_imagenet_arch,
+    default_pipeline,
 )
 from fastibd.models.checkpoint import sha256_file
 from fastibd.models.teachers import (
@@ -330,7 +330,7 @@ def load_evaluated(path: Path, arch: str, fmt: str, args: argparse.Namespace,
     model = loaded.model.to(memory_format=torch.channels_last)
     check_classes(labels, model.spec.num_classes, args.data, path)
     if pipeline == "auto":
-        pipeline = "imagenet" if is_imagenet_arch(model.spec.arch) else "cifar"
+        pipeline = default_pipeline(model.spec.arch)
     resolution, trained_at, flags = check_resolution(
         model.spec, pipeline, args.data, resolution, args.allow_resolution_change, path)
     if role:

@@ -30,7 +30,7 @@ from fastibd.data import dataset_file, first_examples
 from fastibd.device import resolve_device
 from fastibd.errors import UserError, exit_on_user_error
 from fastibd.eval import attacks as eval_attacks
-from fastibd.models import TappedModel, is_imagenet_arch
+from fastibd.models import TappedModel, default_pipeline
 from fastibd.models.teachers import load_teacher
 from fastibd.run_dir import BEST, LAST, chosen_checkpoint, final_record, read_metrics
 
@@ -320,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         model = load_teacher(None, ckpt, device=device).to(memory_format=torch.channels_last)
         if not pipeline:
-            pipeline = "imagenet" if is_imagenet_arch(model.spec.arch) else "cifar"
+            pipeline = default_pipeline(model.spec.arch)
         n = min(args.n, _num_examples(data))
         batches = _load_batches(data, n, args.batch_size, device, pipeline, resolution,
                                 args.workers)
@@ -375,7 +375,7 @@ def attention_figure(run_dir: Path, last: dict[str, Any], config: dict[str, Any]
                            device=device)
     student = load_teacher(None, run_dir / LAST, device=device)
     if not pipeline:
-        pipeline = "imagenet" if is_imagenet_arch(student.spec.arch) else "cifar"
+        pipeline = default_pipeline(student.spec.arch)
     count = min(ATTENTION_BATCH, _num_examples(data))
     ((x, _),) = _load_batches(data, count, count, device, pipeline, resolution, workers)
     attention = mean_attention(teacher, student, last["features"],

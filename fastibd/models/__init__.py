@@ -23,7 +23,7 @@ from fastibd.models.wide_resnet import WideResNet
 
 __all__ = ["ARCHITECTURES", "NORMALIZATIONS", "WIDE_RESNETS", "ModelSettings", "ModelSpec",
            "TappedModel", "build_model", "build_student", "conventional_resolution",
-           "is_imagenet_arch"]
+           "default_pipeline", "is_imagenet_arch"]
 
 # name -> (depth, widen factor). One list, because loading a checkpoint needs to know which
 # architectures are WideResNets: their TRADES / AWP files carry the unused `sub_block1`.
@@ -72,6 +72,11 @@ def is_imagenet_arch(arch: str) -> bool:
     """Whether `arch` is made for ImageNet-sized inputs (the imagenet data pipeline and
     normalization are its defaults)."""
     return conventional_resolution(arch) >= 128
+
+
+def default_pipeline(arch: str) -> str:
+    """The data pipeline (fastibd.data.PIPELINES) that feeds `arch` unless told otherwise."""
+    return "imagenet" if is_imagenet_arch(arch) else "cifar"
 
 
 @section("model", "The student")
