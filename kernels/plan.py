@@ -221,8 +221,9 @@ def freed_memory_kept() -> Iterator[bool]:
     serves each multi-MB buffer (a batch-2 tap's dz) with mmap and returns it with munmap,
     ~5 us a buffer that a GPU's allocator, which keeps freed blocks, does not pay; raising
     glibc's mmap and trim thresholds keeps freed blocks in the heap for the next allocation.
-    Yields False (and changes nothing) where there is no glibc; glibc's defaults come back
-    on exit."""
+    Yields False (and changes nothing) where there is no glibc. On exit both thresholds go
+    back to glibc's default values (its dynamic raising of the mmap threshold, which an
+    explicit setting turns off, stays off for the process: a benchmark's, not a trainer's)."""
     try:
         mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
     except (OSError, AttributeError):  # not glibc (macOS, musl)
@@ -233,7 +234,7 @@ def freed_memory_kept() -> Iterator[bool]:
     try:
         yield kept
     finally:
-        mallopt(mmap, 128 * 1024)  # glibc's default thresholds
+        mallopt(mmap, 128 * 1024)  # glibc's default values
         mallopt(trim, 128 * 1024)
 
 
