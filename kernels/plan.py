@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from kernels import pairs, pool
+from kernels import fused, pairs, pool
 
 Shape = tuple[int, int, int]  # (C, H, W) of a tap
 Tap = tuple[int, int]  # (channels, size): a square [B, C, size, size] tap
@@ -83,7 +83,7 @@ def intercepted(into: list[Launch]) -> Iterator[None]:
 def loss_launches(teacher: Sequence[Shape], student: Sequence[Shape], batch: int,
                   dtype: torch.dtype, layout: str, device: str = "meta") -> list[Launch]:
     """The launches of one forward and backward of the feature loss, as the loss makes them:
-    the real ops (pool_taps per side, packed_pair_distances) and their autograd backward,
+    the real op (fused.feature_terms: pool_taps per side, the pair distances) and its backward,
     routed to the kernels and with every launch recorded instead of run. That is the pool
     forward of all teacher and of all student taps (each with its GAP reduction when a tap
     spans several spatial blocks), the pair distances, their backward, and the pool backward
@@ -96,10 +96,8 @@ def loss_launches(teacher: Sequence[Shape], student: Sequence[Shape], batch: int
 
     launches: list[Launch] = []
     with intercepted(launches), routed_to_kernels():
-        t_maps, _ = pool.pool_taps(taps(teacher))
-        s_maps, s_gaps = pool.pool_taps([z.requires_grad_() for z in taps(student)])
-        d = pairs.packed_pair_distances(t_maps, s_maps, [(h, w) for _, h, w in teacher],
-                                        [(h, w) for _, h, w in student])
+        _, s_gaps, d = fused.feature_terms(taps(teacher),
+                                           [z.requires_grad_() for z in taps(student)])
         torch.autograd.backward([d, s_gaps], [torch.empty_like(d), torch.empty_like(s_gaps)])
     return launches
 
@@ -185,8 +183,8 @@ def projection_ms(launches: Sequence[Launch], gb_per_s: float) -> float:
 @contextmanager
 def routed_to_kernels() -> Iterator[None]:
     """The ops take their Triton path on any tensors (CPU, meta), as eager calls on CUDA do."""
-    routes = [(module, name) for module in (pool, pairs) for name in ("use_triton",
-                                                                       "eager_triton")]
+    routes = [(module, name) for module in (pool, pairs, fused)
+              for name in ("use_triton", "eager_triton") if hasattr(module, name)]
     saved = [getattr(module, name) for module, name in routes]
     for module, name in routes:
         setattr(module, name, lambda tensors: True)
@@ -262,3 +260,18 @@ def host_ms(loss, make_inputs, reps: int = 20) -> tuple[float, float, int]:
                 forward.append((middle - start) * 1e3)
                 both.append((end - start) * 1e3)
         return statistics.median(forward), statistics.median(both), counter[0]
+
+
+def engine_floor_ms(reps: int = 200) -> float:
+    """Median host ms of the smallest autograd step, `x.sum().backward()` on a 1-element
+    leaf: the floor that every loss's forward + backward pays on this CPU, measured beside
+    host_ms so its numbers can be read against the machine's speed at the time (a shared
+    development VM drifts by up to 2x over hours)."""
+    leaf = torch.zeros(1, requires_grad=True)
+    times = []
+    for _ in range(reps + 1):
+        leaf.grad = None
+        start = time.perf_counter()
+        leaf.sum().backward()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times[1:])

@@ -273,6 +273,7 @@ class PoolGroup:
 class PoolPlan:
     """The launches and packed-row layout of one tap signature (cached by `pool_plan`)."""
 
+    sizes: tuple[tuple[int, int], ...]  # (H, W) per tap: the maps in a packed row
     maps_len: int  # L = sum H*W
     parts_len: int  # P = sum (spatial blocks * C)
     gaps_len: int  # CG = sum C
@@ -331,6 +332,7 @@ def _plan(signature: tuple, device: torch.device, block_hw: int | None,
             work=torch.tensor(work, dtype=torch.int32).reshape(-1, 2).to(device)))
     one_block = parts_len == gaps_len  # every tap fits one spatial block: partials = GAPs
     return PoolPlan(
+        sizes=tuple((shape[2], shape[3]) for shape, _, _ in signature),
         maps_len=maps_len, parts_len=parts_len, gaps_len=gaps_len,
         copy=tuple(i for i, (copied, _, _) in enumerate(layouts) if copied),
         dz_formats=tuple(

@@ -4,19 +4,23 @@ This module is the *specification*: the fused kernels must reproduce these funct
 forward and backward (autograd of this code is the reference backward). It is written
 for clarity, not speed or memory: inputs are upcast before any arithmetic.
 
-The three ops, composed by `feature_distillation`:
+The three ops, composed by `feature_distillation` (one map each):
 
     pool(z)                    -> (map [B,H,W] = mean_c z^2,  gap [B,C] = mean_hw z)
     pair_distances(t, s)       -> d [B,n,m]  (resize student map j to teacher map i's size,
                                               L2-normalize both, mean squared difference)
     weighted_sum(d, attn)      -> scalar     mean_b sum_ij attn[b,i,j] * d[b,i,j]
 
-and the packed forms the loss calls (one call per side for all taps, the fused kernels' unit):
+the packed forms (one call per side for all taps, the fused kernels' unit):
 
     pool_taps(taps)            -> (maps [B, sum H*W], gaps [B, sum C]): every tap's pool,
                                   concatenated per sample in tap order
     packed_pair_distances(t, s, t_sizes, s_sizes)
                                -> pair_distances of the maps cut out of the packed rows
+
+and what the loss calls, the two composed for both sides at once (the teacher a constant):
+
+    feature_terms(t_taps, s_taps) -> (t_gaps [B, sum Ct], s_gaps [B, sum Cs], d [B, n, m])
 
 Accumulation dtype: float64 inputs stay float64 (for gradcheck); every other float dtype
 (fp16, bf16, fp32) is computed and returned in fp32.
@@ -89,6 +93,32 @@ def packed_pair_distances(t_packed: Tensor, s_packed: Tensor, t_sizes: Sizes,
                           s_sizes: Sizes) -> Tensor:
     """pair_distances of packed maps (the `maps` of pool_taps) with the given (H, W) sizes."""
     return pair_distances(unpack_maps(t_packed, t_sizes), unpack_maps(s_packed, s_sizes))
+
+
+def tap_sizes(taps: Sequence[Tensor]) -> tuple[tuple[int, int], ...]:
+    """(H, W) of each tap: the sizes of its maps in pool_taps' packed rows."""
+    return tuple((int(z.shape[2]), int(z.shape[3])) for z in taps)
+
+
+def check_feature_taps(t_taps: Sequence[Tensor], s_taps: Sequence[Tensor]) -> None:
+    """ValueError unless both sides have taps, all [B, C, H, W] of one batch size."""
+    if not t_taps or not s_taps:
+        raise ValueError("the feature loss needs at least one teacher tap and one student "
+                         f"tap, got {len(t_taps)} and {len(s_taps)}")
+    check_taps([*t_taps, *s_taps])
+
+
+def feature_terms(t_taps: Sequence[Tensor], s_taps: Sequence[Tensor]
+                  ) -> tuple[Tensor, Tensor, Tensor]:
+    """Everything the feature loss needs from the taps, in one call: (t_gaps [B, sum Ct],
+    s_gaps [B, sum Cs], d [B, n, m]) = the GAPs of pool_taps on each side and the
+    packed_pair_distances of their maps. The teacher is frozen: its taps are constants (no
+    gradient flows into them, nor into t_gaps), as `z.detach()` would make them."""
+    check_feature_taps(t_taps, s_taps)
+    t_maps, t_gaps = pool_taps([z.detach() for z in t_taps])
+    s_maps, s_gaps = pool_taps(s_taps)
+    return t_gaps, s_gaps, packed_pair_distances(t_maps, s_maps, tap_sizes(t_taps),
+                                                 tap_sizes(s_taps))
 
 
 def normalized_flat(maps: Tensor) -> Tensor:

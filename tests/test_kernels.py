@@ -71,11 +71,10 @@ def test_fused_imports_and_runs_without_triton() -> None:
 
 def test_backend_resolves_to_the_fused_ops_and_survives_deepcopy() -> None:
     ops_fused = kernel_backend("fused")
-    assert ops_fused.pool_taps is fused.pool_taps
-    assert ops_fused.packed_pair_distances is fused.packed_pair_distances
+    assert ops_fused.feature_terms is fused.feature_terms
     assert ops_fused.weighted_sum is fused.weighted_sum
     assert copy.deepcopy(ops_fused) == ops_fused
-    assert kernel_backend("auto", "cpu").pool_taps is reference.pool_taps
+    assert kernel_backend("auto", "cpu").feature_terms is reference.feature_terms
     # the dispatch rule: no Triton for CPU tensors (outside the interpreter) or float64
     assert not common.use_triton([torch.zeros(1)])
     assert not common.use_triton([torch.zeros(1, dtype=torch.float64)])
@@ -88,9 +87,35 @@ def test_errors_match_the_reference() -> None:
         fused.pair_distances([], [torch.rand(1, 2, 2)])
     with pytest.raises(ValueError, match="one batch size"):
         fused.pair_distances([torch.rand(2, 2, 2)], [torch.rand(3, 2, 2)])
+    for ops in (fused, reference):
+        with pytest.raises(ValueError, match="at least one teacher tap and one student tap"):
+            ops.feature_terms([], [torch.rand(2, 3, 2, 2)])
+        with pytest.raises(ValueError, match="one batch size"):
+            ops.feature_terms([torch.rand(2, 3, 2, 2)], [torch.rand(3, 3, 2, 2)])
 
 
 # ------------------------------------------------------------- CPU dispatch = the reference
+
+
+def test_feature_terms_treat_the_teacher_as_a_constant() -> None:
+    """Both implementations return the GAPs of each side and the distances of the maps as
+    pool_taps and packed_pair_distances make them, and never send a gradient into the
+    teacher, even when its taps ask for one (a teacher that was not frozen)."""
+    gen = torch.Generator().manual_seed(3)
+    t_taps = [torch.randn(2, 4, 6, 6, generator=gen).requires_grad_(),
+              torch.randn(2, 3, 3, 3, generator=gen).requires_grad_()]
+    s_taps = [torch.randn(2, 5, 4, 4, generator=gen).requires_grad_()]
+    t_maps, t_gaps = reference.pool_taps(t_taps)
+    s_maps, s_gaps = reference.pool_taps(s_taps)
+    d = reference.packed_pair_distances(t_maps, s_maps, [(6, 6), (3, 3)], [(4, 4)])
+    for ops in (reference, fused):
+        got = ops.feature_terms(t_taps, s_taps)
+        for g, w in zip(got, (t_gaps, s_gaps, d), strict=True):
+            torch.testing.assert_close(g, w)
+        assert not got[0].requires_grad and got[1].requires_grad and got[2].requires_grad
+        (got[1].sum() + got[2].sum()).backward()
+        assert all(z.grad is None for z in t_taps) and s_taps[0].grad is not None
+        s_taps[0].grad = None
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
@@ -193,12 +218,9 @@ def test_opcheck_all_ops() -> None:
 
 
 def _hot_path(t_feats, s_feats, attn):
-    """pool all taps per side, distances, weighted sum, plus a GAP term (so the GAPs get a
+    """feature_terms of all taps, weighted sum, plus a GAP term (so the GAPs get a
     gradient), as FeatureDistillation calls them."""
-    t_maps, _ = fused.pool_taps([z.detach() for z in t_feats])
-    s_maps, s_gaps = fused.pool_taps(s_feats)
-    d = fused.packed_pair_distances(t_maps, s_maps, [z.shape[2:] for z in t_feats],
-                                    [z.shape[2:] for z in s_feats])
+    _, s_gaps, d = fused.feature_terms(t_feats, s_feats)
     return fused.weighted_sum(d, attn) + s_gaps.square().mean()
 
 

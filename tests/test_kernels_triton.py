@@ -387,10 +387,7 @@ def test_launches_per_loss_forward_backward() -> None:
 
     t_taps, s_taps = taps(), [z.requires_grad_() for z in taps()]
     with counted_launches() as launches:
-        t_maps, _ = fused.pool_taps([z.detach() for z in t_taps])
-        s_maps, s_gaps = fused.pool_taps(s_taps)
-        sizes = [z.shape[2:] for z in t_taps]
-        d = fused.packed_pair_distances(t_maps, s_maps, sizes, sizes)
+        _, s_gaps, d = fused.feature_terms(t_taps, s_taps)
         attn = torch.rand(d.shape).softmax(-1)
         loss = fused.weighted_sum(d, attn) + s_gaps.square().mean()
         loss.backward()
@@ -400,6 +397,65 @@ def test_launches_per_loss_forward_backward() -> None:
                             "_pairs_bwd_student_kernel": 1, "_pool_bwd_kernel": 1}
     assert sum(counts.values()) == 8
     assert all(z.grad is not None and torch.isfinite(z.grad).all() for z in s_taps)
+
+
+def feature_taps(gen: torch.Generator) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """A teacher side of three dtypes and both layouts (three pool groups) and a student
+    side with a 17x17 NCHW tap (two spatial blocks: the GAP reduction runs), a
+    batch-strided tap, a channel slice and a 1x1 tap; every tap asks for a gradient."""
+    cl = torch.channels_last
+    t_taps = [torch.randn(2, 6, 2, 2, generator=gen).to(memory_format=cl),
+              torch.randn(2, 5, 3, 7, generator=gen).bfloat16(),
+              torch.randn(2, 9, 4, 4, generator=gen).half().to(memory_format=cl)]
+    s_taps = [torch.randn(2, 4, 17, 17, generator=gen),
+              torch.randn(4, 7, 6, 6, generator=gen).to(memory_format=cl)[::2],
+              torch.randn(2, 8, 5, 5, generator=gen).bfloat16()[:, 1:6],
+              torch.randn(2, 3, 1, 1, generator=gen)]
+    return ([z.requires_grad_() for z in t_taps],
+            [z.detach().requires_grad_() for z in s_taps])
+
+
+@pytest.mark.parametrize("reaching", ["both", "distances", "gaps"])
+def test_feature_terms_in_one_node_match_float64(reaching: str) -> None:
+    """fused.feature_terms, called eagerly, is one autograd node for both pools and the pair
+    distances; t_gaps, s_gaps, d and each student tap's dz (its dtype and layout) match the
+    float64 reference, with the distances, the student GAPs or both reaching the loss; the
+    teacher gets no gradient although its taps ask for one."""
+    gen = torch.Generator().manual_seed(21)
+    t_taps, s_taps = feature_taps(gen)
+    assert len(pool.pool_plan([z.detach() for z in t_taps]).groups) == 3
+    assert pool.pool_plan([z.detach() for z in s_taps]).reduce is not None
+    t_gaps, s_gaps, d = fused.feature_terms(t_taps, s_taps)
+    assert d.grad_fn is s_gaps.grad_fn and type(d.grad_fn).__name__.startswith("_EagerFeature")
+    assert not t_gaps.requires_grad
+    w_d = torch.randn(d.shape, generator=gen)
+    w_s = torch.randn(s_gaps.shape, generator=gen)
+
+    def loss(s_gaps, d):
+        terms = {"distances": (d * w_d.to(d.dtype)).sum(),
+                 "gaps": (s_gaps * w_s.to(s_gaps.dtype)).sum()}
+        return sum(terms.values()) if reaching == "both" else terms[reaching]
+
+    t64 = [z.detach().double() for z in t_taps]
+    s64 = [z.detach().double().requires_grad_() for z in s_taps]
+    want = reference.feature_terms(t64, s64)
+    want_dz = torch.autograd.grad(loss(want[1], want[2]), s64)
+    for got, w in zip((t_gaps, s_gaps, d), want, strict=True):
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got.double(), w, rtol=1e-5, atol=1e-6)
+    dzs = torch.autograd.grad(loss(s_gaps, d), s_taps)
+    # atol on the scale of all the student's gradients, plus fp32 round-off of terms that
+    # cancel: the 1x1 tap's gradient through the distances is exactly zero (its normalized
+    # map cannot change), here ~3e-8 from the cancelling terms of its map's gradient
+    scale = max(w.abs().max().item() for w in want_dz)
+    for k, (z, dz, w) in enumerate(zip(s_taps, dzs, want_dz, strict=True)):
+        _, channels_last = pool.dense_sample_layout(z)
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        assert dz.dtype == z.dtype and dz.is_contiguous(memory_format=fmt), k
+        rtol = GRAD_RTOL[z.dtype]
+        torch.testing.assert_close(dz.double(), w, rtol=rtol, atol=rtol * scale + 1e-7,
+                                   msg=lambda m, k=k: f"tap {k}: {m}")
+    assert all(z.grad is None for z in t_taps)
 
 
 def test_composed_triton_path_matches_reference_with_compile() -> None:
@@ -454,4 +510,4 @@ def test_feature_distillation_fused_equals_eager_on_model_taps() -> None:
     # round-off
     fused_fd = assert_fused_matches_eager(t_taps, s_taps, student, dict(rtol=1e-5, atol=1e-7),
                                           dict(rtol=1e-3, atol=1e-6))
-    assert fused_fd.kernels.pool_taps is fused.pool_taps
+    assert fused_fd.kernels.feature_terms is fused.feature_terms

@@ -187,7 +187,7 @@ def fake_fused_module(calls: list[str]) -> types.ModuleType:
 
         return op
 
-    for name in ("pool_taps", "packed_pair_distances", "weighted_sum"):
+    for name in ("feature_terms", "weighted_sum"):
         setattr(fake, name, recording(name))
     return fake
 
@@ -203,8 +203,8 @@ def test_fused_backend_dispatches_to_kernels_fused(monkeypatch: pytest.MonkeyPat
     want = eager(t_feats, s_feats)
     assert calls == []
     got = fused(t_feats, s_feats)
-    assert calls.count("pool_taps") == 2  # one call per side, all taps at once
-    assert calls.count("packed_pair_distances") == 1 and calls.count("weighted_sum") == 1
+    assert calls.count("feature_terms") == 1  # one call for all taps of both sides
+    assert calls.count("weighted_sum") == 1
     torch.testing.assert_close(got, want)
     # the chosen kernels survive a deep copy (EMA copies, checkpoint round trips)
     torch.testing.assert_close(copy.deepcopy(fused)(t_feats, s_feats), want)
@@ -217,8 +217,9 @@ def test_auto_backend_on_cpu_is_eager(monkeypatch: pytest.MonkeyPatch) -> None:
     fd = FeatureDistillation(channels(T_SHAPES), channels(S_SHAPES), dim=8, backend="auto")
     fd(random_taps(2, T_SHAPES, 8), random_taps(2, S_SHAPES, 9))
     assert calls == []
-    assert loss.kernel_backend("auto", "cpu").pool_taps is reference.pool_taps
-    assert loss.kernel_backend("fused", "cpu").pool_taps is sys.modules["kernels.fused"].pool_taps
+    assert loss.kernel_backend("auto", "cpu").feature_terms is reference.feature_terms
+    assert loss.kernel_backend("fused", "cpu").feature_terms is \
+        sys.modules["kernels.fused"].feature_terms
 
 
 def test_auto_backend_with_cuda_is_fused(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -226,13 +227,14 @@ def test_auto_backend_with_cuda_is_fused(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setitem(sys.modules, "kernels.fused", fake_fused_module(calls))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     fd = FeatureDistillation(channels(T_SHAPES), channels(S_SHAPES), dim=8, backend="auto")
-    assert loss.kernel_backend("auto", "cpu").pool_taps is reference.pool_taps  # CPU tensors named
+    # CPU tensors named
+    assert loss.kernel_backend("auto", "cpu").feature_terms is reference.feature_terms
     fd(random_taps(2, T_SHAPES, 8), random_taps(2, S_SHAPES, 9))  # the fake runs on CPU
-    assert "packed_pair_distances" in calls
+    assert "feature_terms" in calls
     monkeypatch.setitem(sys.modules, "kernels.fused", None)
     with pytest.warns(UserWarning, match="falls back to the eager kernels"):
         fd = FeatureDistillation([4], [3], backend="auto")
-    assert fd.kernels.pool_taps is reference.pool_taps
+    assert fd.kernels.feature_terms is reference.feature_terms
 
 
 def test_missing_fused_kernels_raise_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -191,7 +191,7 @@ def measure(name: str, work: Workload, variant: str, device: torch.device, warmu
     if timed != steps:
         raise RuntimeError(f"{name} {variant}: the loader gave {timed} of {steps} batches")
     ops = step.objective.features.kernels
-    feature_loss = "eager" if ops.pool_taps is reference.pool_taps else "fused"
+    feature_loss = "eager" if ops.feature_terms is reference.feature_terms else "fused"
     return Result(name, variant, data, runtime.precision, runtime.compiled,
                   fmt == torch.channels_last, feature_loss, steps, seconds,
                   steps * work.batch_size / seconds)

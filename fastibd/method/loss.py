@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 BACKENDS = ("eager", "fused", "auto")
 FUSED_MODULE = "kernels.fused"
-KERNEL_OPS = ("pool_taps", "packed_pair_distances", "weighted_sum")
+KERNEL_OPS = ("feature_terms", "weighted_sum")
 
 
 # --------------------------------------------------------------------------- kernel backends
@@ -36,14 +36,14 @@ KERNEL_OPS = ("pool_taps", "packed_pair_distances", "weighted_sum")
 
 @dataclass(frozen=True)
 class KernelOps:
-    """The three ops of the feature-distillation hot path (signatures of kernels/reference.py),
-    each taking every tap of a side at once.
+    """The two ops of the feature-distillation hot path (signatures of kernels/reference.py):
+    `feature_terms` takes every tap of both sides at once (pools, GAPs and pair distances),
+    `weighted_sum` the attention-weighted sum of the distances.
 
     Plain functions rather than the module object, so a FeatureDistillation holding them
     can still be deep-copied or pickled."""
 
-    pool_taps: Callable[[Sequence[Tensor]], tuple[Tensor, Tensor]]
-    packed_pair_distances: Callable[..., Tensor]
+    feature_terms: Callable[[Sequence[Tensor], Sequence[Tensor]], tuple[Tensor, Tensor, Tensor]]
     weighted_sum: Callable[[Tensor, Tensor], Tensor]
 
     @classmethod
@@ -164,7 +164,7 @@ class FeatureDistillation(nn.Module):
     """feat_loss = mean_b sum_ij A[b,i,j] d[b,i,j] from teacher taps and student taps.
 
     Owns the AttentionModule, whose parameters train with the student. `backend` picks the
-    kernels for pool / pair_distances / weighted_sum (see `kernel_backend`).
+    kernels for feature_terms (pools, pair distances) and weighted_sum (see `kernel_backend`).
     """
 
     def __init__(
@@ -186,15 +186,11 @@ class FeatureDistillation(nn.Module):
     ) -> tuple[Tensor, Tensor]:
         """A [B, n, m] and d [B, n, m] for teacher taps [B, Ct_i, Ht_i, Wt_i] (n of them)
         and student taps [B, Cs_j, Hs_j, Ws_j] (m of them)."""
-        ops = self.kernels
-        # One call per side for all taps (the fused ops' unit: a fixed number of launches).
-        # The teacher is frozen: never build (or run) a backward into it.
-        t_maps, t_gaps = ops.pool_taps([z.detach() for z in t_feats])
-        s_maps, s_gaps = ops.pool_taps(s_feats)
+        # One call for all taps (the fused ops' unit: a fixed number of launches). The teacher
+        # is frozen: the op never builds (or runs) a backward into it.
+        t_gaps, s_gaps, d = self.kernels.feature_terms(t_feats, s_feats)
         attn = self.attention(t_gaps.split([z.shape[1] for z in t_feats], dim=1),
                               s_gaps.split([z.shape[1] for z in s_feats], dim=1))
-        d = ops.packed_pair_distances(t_maps, s_maps, [z.shape[2:] for z in t_feats],
-                                      [z.shape[2:] for z in s_feats])
         return attn, d
 
     def forward(self, t_feats: Sequence[Tensor], s_feats: Sequence[Tensor]) -> Tensor:
