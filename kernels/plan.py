@@ -262,16 +262,35 @@ def host_ms(loss, make_inputs, reps: int = 20) -> tuple[float, float, int]:
         return statistics.median(forward), statistics.median(both), counter[0]
 
 
-def engine_floor_ms(reps: int = 200) -> float:
-    """Median host ms of the smallest autograd step, `x.sum().backward()` on a 1-element
-    leaf: the floor that every loss's forward + backward pays on this CPU, measured beside
-    host_ms so its numbers can be read against the machine's speed at the time (a shared
-    development VM drifts by up to 2x over hours)."""
-    leaf = torch.zeros(1, requires_grad=True)
+
+
+class _NoOp(torch.autograd.Function):
+    """An op over the taps that computes nothing: forward a scalar, backward an unwritten
+    gradient for each tap that asks for one (allocated, as any op's backward must)."""
+
+    @staticmethod
+    def forward(ctx, *taps: Tensor) -> Tensor:
+        ctx.save_for_backward(*taps)
+        return taps[0].new_zeros(())
+
+    @staticmethod
+    def backward(ctx, _grad: Tensor) -> tuple[Tensor | None, ...]:
+        return tuple(torch.empty_like(z) if need else None
+                     for z, need in zip(ctx.saved_tensors, ctx.needs_input_grad, strict=True))
+
+
+def autograd_floor_ms(make_inputs, reps: int = 200) -> float:
+    """Median host ms of a no-op autograd.Function over every tap of `make_inputs()` (the
+    student's asking for gradients), forward + backward: the autograd engine's own cost for
+    an op with these inputs (its fixed cost plus a few us per tap on this CPU), the floor
+    under host_ms's numbers that no implementation of the ops can remove."""
+    inputs = make_inputs()
+    taps = [*inputs.teacher, *inputs.student]
     times = []
     for _ in range(reps + 1):
-        leaf.grad = None
+        for s in inputs.student:
+            s.grad = None
         start = time.perf_counter()
-        leaf.sum().backward()
+        _NoOp.apply(*taps).backward()
         times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times[1:])

@@ -169,7 +169,8 @@ def weighted_sum(d: Tensor, attn: Tensor) -> Tensor:
             f"got {tuple(d.shape)} and {tuple(attn.shape)}"
         )
     dtype = accumulation_dtype(d, attn)
-    return (attn.to(dtype) * d.to(dtype)).sum(dim=(1, 2)).mean()
+    # sum over b, i, j then / B: mean_b sum_ij in one reduction (one autograd node fewer)
+    return (attn.to(dtype) * d.to(dtype)).sum() / d.shape[0]
 
 
 def feature_distillation(

@@ -76,6 +76,7 @@ def test_model_and_host_reports(capsys) -> None:
     assert "all (floor 429.9 MB" in out and "_pairs_bwd_student_kernel" in out
     host = out.split("kernels stubbed out", 1)[1].splitlines()[-1].split()
     assert host[:3] == ["cifar-b128", "15+8", "8"]  # 2 pool fwd, 2 GAP sums, 3 pairs, 1 bwd
+    assert len(host) == 8 and all(float(ms) > 0 for ms in host[3:])  # the no-op floor too
     assert bench.main(["--model", "--configs", "cifar-cpu"]) == 2
 
 
