@@ -169,8 +169,10 @@ def weighted_sum(d: Tensor, attn: Tensor) -> Tensor:
             f"got {tuple(d.shape)} and {tuple(attn.shape)}"
         )
     dtype = accumulation_dtype(d, attn)
-    # sum over b, i, j then / B: mean_b sum_ij in one reduction (one autograd node fewer)
-    return (attn.to(dtype) * d.to(dtype)).sum() / d.shape[0]
+    # Kept as sum over (i, j), then mean over b: a single sum / B is one autograd node fewer
+    # (~0.02 ms of host time) but sums in another order, and this eager expression is the
+    # one the README's demo numbers were measured with.
+    return (attn.to(dtype) * d.to(dtype)).sum(dim=(1, 2)).mean()
 
 
 def feature_distillation(
