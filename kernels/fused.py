@@ -73,8 +73,8 @@ class _EagerFeatureTerms(torch.autograd.Function):
             return tuple(grads)
         g_s_maps = None
         if g_d is not None:
-            _, g_s_maps = pairs_bwd(g_d, t_maps, s_maps, t_plan.sizes, s_plan.sizes,
-                                          stats, False, True)
+            _, g_s_maps = pairs_bwd(g_d, t_maps, s_maps, t_plan.sizes, s_plan.sizes, stats,
+                                    False, True)
         dzs = pool_bwd(s_taps, g_s_maps, g_s_gaps, plan=s_plan)
         grads[1 + len(t_plan.sizes):] = [dz if need else None
                                          for dz, need in zip(dzs, needed, strict=True)]
@@ -90,6 +90,8 @@ def feature_terms(t_taps: Sequence[Tensor], s_taps: Sequence[Tensor]
     path: pool_taps per side and packed_pair_distances, each dispatching on its own."""
     reference.check_feature_taps(t_taps, s_taps)
     if eager_triton([*t_taps, *s_taps]):
+        if any(z.requires_grad for z in t_taps):  # a teacher not run under no_grad: do not
+            t_taps = [z.detach() for z in t_taps]  # keep its graph alive through this node
         return _EagerFeatureTerms.apply(len(t_taps), *t_taps, *s_taps)
     t_maps, t_gaps = pool_taps([z.detach() for z in t_taps])
     s_maps, s_gaps = pool_taps(s_taps)

@@ -428,6 +428,8 @@ def test_feature_terms_in_one_node_match_float64(reaching: str) -> None:
     t_gaps, s_gaps, d = fused.feature_terms(t_taps, s_taps)
     assert d.grad_fn is s_gaps.grad_fn and type(d.grad_fn).__name__.startswith("_EagerFeature")
     assert not t_gaps.requires_grad
+    # the node links to the student's taps only: the teacher's graph is not kept alive by it
+    assert sum(fn is not None for fn, _ in d.grad_fn.next_functions) == len(s_taps)
     w_d = torch.randn(d.shape, generator=gen)
     w_s = torch.randn(s_gaps.shape, generator=gen)
 
