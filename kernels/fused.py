@@ -65,20 +65,18 @@ class _EagerFeatureTerms(torch.autograd.Function):
     @staticmethod
     def backward(ctx, _g_t_gaps: Tensor | None, g_s_gaps: Tensor | None,
                  g_d: Tensor | None) -> tuple[Tensor | None, ...]:
+        # Runs only when a student tap asks for a gradient (the teacher's never do: detached
+        # by feature_terms) and d or s_gaps reached the loss (t_gaps cannot).
         t_maps, s_maps, stats, *s_taps = ctx.saved_tensors
         t_plan, s_plan = ctx.plans
         needed = ctx.needs_input_grad[1 + len(t_plan.sizes):]
-        grads: list[Tensor | None] = [None] * (1 + len(t_plan.sizes) + len(s_taps))
-        if not any(needed) or (g_d is None and g_s_gaps is None):
-            return tuple(grads)
         g_s_maps = None
         if g_d is not None:
             _, g_s_maps = pairs_bwd(g_d, t_maps, s_maps, t_plan.sizes, s_plan.sizes, stats,
                                     False, True)
         dzs = pool_bwd(s_taps, g_s_maps, g_s_gaps, plan=s_plan)
-        grads[1 + len(t_plan.sizes):] = [dz if need else None
-                                         for dz, need in zip(dzs, needed, strict=True)]
-        return tuple(grads)
+        return (None, *[None] * len(t_plan.sizes),
+                *[dz if need else None for dz, need in zip(dzs, needed, strict=True)])
 
 
 def feature_terms(t_taps: Sequence[Tensor], s_taps: Sequence[Tensor]

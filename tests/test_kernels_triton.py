@@ -458,6 +458,13 @@ def test_feature_terms_in_one_node_match_float64(reaching: str) -> None:
         torch.testing.assert_close(dz.double(), w, rtol=rtol, atol=rtol * scale + 1e-7,
                                    msg=lambda m, k=k: f"tap {k}: {m}")
     assert all(z.grad is None for z in t_taps)
+    if reaching == "gaps":  # one student tap without a gradient: the others' dz are the same
+        frozen = s_taps[1].detach()
+        _, s_gaps, d = fused.feature_terms(t_taps, [s_taps[0], frozen, *s_taps[2:]])
+        rest = [s_taps[0], *s_taps[2:]]
+        for got, want in zip(torch.autograd.grad(loss(s_gaps, d), rest),
+                             [dzs[0], *dzs[2:]], strict=True):
+            assert torch.equal(got, want)
 
 
 def test_composed_triton_path_matches_reference_with_compile() -> None:
