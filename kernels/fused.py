@@ -91,7 +91,4 @@ def feature_terms(t_taps: Sequence[Tensor], s_taps: Sequence[Tensor]
         if any(z.requires_grad for z in t_taps):  # a teacher not run under no_grad: do not
             t_taps = [z.detach() for z in t_taps]  # keep its graph alive through this node
         return _EagerFeatureTerms.apply(len(t_taps), *t_taps, *s_taps)
-    t_maps, t_gaps = pool_taps([z.detach() for z in t_taps])
-    s_maps, s_gaps = pool_taps(s_taps)
-    return t_gaps, s_gaps, packed_pair_distances(t_maps, s_maps, reference.tap_sizes(t_taps),
-                                                 reference.tap_sizes(s_taps))
+    return reference.composed_feature_terms(pool_taps, packed_pair_distances, t_taps, s_taps)

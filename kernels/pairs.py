@@ -52,7 +52,7 @@ from torch import Tensor
 
 from kernels import common, reference
 from kernels.common import eager_triton, new_buffer, next_pow2, tl, triton, use_triton
-from kernels.reference import NORMALIZE_EPS, Sizes
+from kernels.reference import NORMALIZE_EPS, Sizes, sizes_of
 
 # ------------------------------------------------------------------------ device helpers
 
@@ -373,10 +373,6 @@ def _packed_lengths(t_sizes: Sizes, s_sizes: Sizes) -> tuple[int, int]:
 
 def _flat(sizes: Sizes) -> list[int]:
     return [int(v) for size in sizes for v in size]
-
-
-def sizes_of(maps: Sequence[Tensor]) -> Sizes:
-    return tuple((int(x.shape[-2]), int(x.shape[-1])) for x in maps)
 
 
 def pack(maps: Sequence[Tensor]) -> Tensor:

@@ -28,7 +28,7 @@ Accumulation dtype: float64 inputs stay float64 (for gradcheck); every other flo
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -95,9 +95,10 @@ def packed_pair_distances(t_packed: Tensor, s_packed: Tensor, t_sizes: Sizes,
     return pair_distances(unpack_maps(t_packed, t_sizes), unpack_maps(s_packed, s_sizes))
 
 
-def tap_sizes(taps: Sequence[Tensor]) -> tuple[tuple[int, int], ...]:
-    """(H, W) of each tap: the sizes of its maps in pool_taps' packed rows."""
-    return tuple((int(z.shape[2]), int(z.shape[3])) for z in taps)
+def sizes_of(maps: Sequence[Tensor]) -> tuple[tuple[int, int], ...]:
+    """(H, W), the last two sizes, of each map [B, H, W] or tap [B, C, H, W]: how a packed
+    row holds their maps."""
+    return tuple((int(x.shape[-2]), int(x.shape[-1])) for x in maps)
 
 
 def check_feature_taps(t_taps: Sequence[Tensor], s_taps: Sequence[Tensor]) -> None:
@@ -115,10 +116,18 @@ def feature_terms(t_taps: Sequence[Tensor], s_taps: Sequence[Tensor]
     packed_pair_distances of their maps. The teacher is frozen: its taps are constants (no
     gradient flows into them, nor into t_gaps), as `z.detach()` would make them."""
     check_feature_taps(t_taps, s_taps)
-    t_maps, t_gaps = pool_taps([z.detach() for z in t_taps])
-    s_maps, s_gaps = pool_taps(s_taps)
-    return t_gaps, s_gaps, packed_pair_distances(t_maps, s_maps, tap_sizes(t_taps),
-                                                 tap_sizes(s_taps))
+    return composed_feature_terms(pool_taps, packed_pair_distances, t_taps, s_taps)
+
+
+def composed_feature_terms(pool_op: Callable[[Sequence[Tensor]], tuple[Tensor, Tensor]],
+                           pairs_op: Callable[[Tensor, Tensor, Sizes, Sizes], Tensor],
+                           t_taps: Sequence[Tensor], s_taps: Sequence[Tensor]
+                           ) -> tuple[Tensor, Tensor, Tensor]:
+    """feature_terms made of a pool_taps and a packed_pair_distances (this module's, or the
+    fused custom ops): the teacher's taps detached, each side pooled, its maps compared."""
+    t_maps, t_gaps = pool_op([z.detach() for z in t_taps])
+    s_maps, s_gaps = pool_op(s_taps)
+    return t_gaps, s_gaps, pairs_op(t_maps, s_maps, sizes_of(t_taps), sizes_of(s_taps))
 
 
 def normalized_flat(maps: Tensor) -> Tensor:

@@ -257,7 +257,7 @@ def assert_distances_close(d: torch.Tensor, want: torch.Tensor, t_maps) -> None:
 
 def check_pairs(t_maps, s_maps, need_t: bool = True, need_s: bool = True) -> None:
     gen = torch.Generator().manual_seed(len(t_maps) * 100 + len(s_maps))
-    t_sizes, s_sizes = pairs.sizes_of(t_maps), pairs.sizes_of(s_maps)
+    t_sizes, s_sizes = reference.sizes_of(t_maps), reference.sizes_of(s_maps)
     t_packed, s_packed = pairs.pack(t_maps), pairs.pack(s_maps)
     d, stats = pairs.pairs_fwd(t_packed, s_packed, t_sizes, s_sizes)
     batch, n, m = t_maps[0].shape[0], len(t_maps), len(s_maps)
@@ -300,7 +300,7 @@ def test_pairs_kernels_with_several_position_blocks_per_map() -> None:
     gen = torch.Generator().manual_seed(8)
     t_maps = positive_maps(2, [(24, 24)] * 5 + [(6, 6)], gen)
     s_maps = positive_maps(2, [(20, 20), (12, 12), (3, 3)], gen)
-    plan = pairs.pair_plan(pairs.sizes_of(t_maps), pairs.sizes_of(s_maps), t_maps[0].device)
+    plan = pairs.pair_plan(reference.sizes_of(t_maps), reference.sizes_of(s_maps), t_maps[0].device)
     assert plan.block < 24 * 24 and 24 * 24 % plan.block != 0, plan.block
     assert plan.block_s < 20 * 20, plan.block_s
     check_pairs(t_maps, s_maps)
@@ -350,7 +350,7 @@ def test_ops_run_triton_and_pass_opcheck() -> None:
     torch.library.opcheck(pool.pool_taps_op, (taps,))
     t_maps = positive_maps(2, [(2, 2), (1, 1)], gen)
     s_maps = positive_maps(2, [(3, 3), (2, 2)], gen)
-    t_sizes, s_sizes = pairs.sizes_of(t_maps), pairs.sizes_of(s_maps)
+    t_sizes, s_sizes = reference.sizes_of(t_maps), reference.sizes_of(s_maps)
     args = (pairs.pack(t_maps), pairs.pack(s_maps).requires_grad_(),
             [v for size in t_sizes for v in size], [v for size in s_sizes for v in size])
     d, stats = pairs.pair_distances_op(*args)
