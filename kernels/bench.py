@@ -488,9 +488,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--modes", type=lambda v: choice_list(v, MODES, "mode"), default=list(MODES),
                    help="comma-separated from fwd, fwd+bwd (default both)")
     p.add_argument("--loss", choices=("ops", "module"), default="ops",
-                   help="ops: the ops (feature_terms, weighted_sum) with a fixed attention tensor "
-                   "(default); module: "
-                   "the real FeatureDistillation, attention MLPs included")
+                   help="ops: the ops (feature_terms, weighted_sum) with a fixed attention "
+                   "tensor (default); module: the real FeatureDistillation, attention MLPs "
+                   "included")
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
                    help="auto: CUDA when available, else CPU at small shapes")
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16",

@@ -262,8 +262,6 @@ def host_ms(loss, make_inputs, reps: int = 20) -> tuple[float, float, int]:
         return statistics.median(forward), statistics.median(both), counter[0]
 
 
-
-
 class _NoOp(torch.autograd.Function):
     """An op over the taps that computes nothing: forward a scalar, backward an unwritten
     gradient for each tap that asks for one (allocated, as any op's backward must)."""
@@ -280,17 +278,8 @@ class _NoOp(torch.autograd.Function):
 
 
 def autograd_floor_ms(make_inputs, reps: int = 200) -> float:
-    """Median host ms of a no-op autograd.Function over every tap of `make_inputs()` (the
-    student's asking for gradients), forward + backward: the autograd engine's own cost for
+    """host_ms (forward + backward) of a no-op autograd.Function over every tap of
+    `make_inputs()` (the student's asking for gradients): the autograd engine's own cost for
     an op with these inputs (its fixed cost plus a few us per tap on this CPU), the floor
     under host_ms's numbers that no implementation of the ops can remove."""
-    inputs = make_inputs()
-    taps = [*inputs.teacher, *inputs.student]
-    times = []
-    for _ in range(reps + 1):
-        for s in inputs.student:
-            s.grad = None
-        start = time.perf_counter()
-        _NoOp.apply(*taps).backward()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times[1:])
+    return host_ms(lambda x: _NoOp.apply(*x.teacher, *x.student), make_inputs, reps)[1]
