@@ -36,12 +36,31 @@ from torch import Tensor
 from kernels import reference
 from kernels.common import eager_triton
 from kernels.pairs import packed_pair_distances, pair_distances, pairs_bwd, pairs_fwd
-from kernels.pool import pool, pool_bwd, pool_fwd, pool_plan, pool_taps
+from kernels.pool import PoolPlan, pool, pool_bwd, pool_fwd, pool_plan, pool_taps, tap_signature
 
 __all__ = ["feature_terms", "weighted_sum", "pool_taps", "packed_pair_distances", "pool",
            "pair_distances"]
 
 weighted_sum = reference.weighted_sum
+
+
+# (teacher taps, device, every tap's signature) -> both sides' pool plans; see _node_plans
+_NODE_PLANS: dict[tuple, tuple[PoolPlan, PoolPlan]] = {}
+
+
+def _node_plans(n_teacher: int, taps: Sequence[Tensor]) -> tuple[PoolPlan, PoolPlan]:
+    """The teacher's and the student's pool plans in one lookup (pool_plan per side would be
+    two, plus the check every call). A new key is checked first; the check reads only the
+    counts, ranks and batch sizes that the key fixes."""
+    key = (n_teacher, taps[0].device, tap_signature(taps))
+    plans = _NODE_PLANS.get(key)
+    if plans is None:
+        t_taps, s_taps = taps[:n_teacher], taps[n_teacher:]
+        reference.check_feature_taps(t_taps, s_taps)
+        if len(_NODE_PLANS) >= 64:  # shapes seen by one run: a handful (train, eval, last batch)
+            _NODE_PLANS.clear()
+        plans = _NODE_PLANS[key] = (pool_plan(t_taps), pool_plan(s_taps))
+    return plans
 
 
 class _EagerFeatureTerms(torch.autograd.Function):
@@ -51,8 +70,8 @@ class _EagerFeatureTerms(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, n_teacher: int, *taps: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        t_plan, s_plan = _node_plans(n_teacher, taps)
         t_taps, s_taps = taps[:n_teacher], taps[n_teacher:]
-        t_plan, s_plan = pool_plan(t_taps), pool_plan(s_taps)
         t_maps, t_gaps = pool_fwd(t_taps, plan=t_plan)
         s_maps, s_gaps = pool_fwd(s_taps, plan=s_plan)
         d, stats = pairs_fwd(t_maps, s_maps, t_plan.sizes, s_plan.sizes)
@@ -86,9 +105,9 @@ def feature_terms(t_taps: Sequence[Tensor], s_taps: Sequence[Tensor]
     teacher's a constant; see kernels.reference.feature_terms. Eager on CUDA: one autograd
     node over 8 launches forward + backward. Traced by torch.compile, or off the Triton
     path: pool_taps per side and packed_pair_distances, each dispatching on its own."""
-    reference.check_feature_taps(t_taps, s_taps)
-    if eager_triton([*t_taps, *s_taps]):
+    if eager_triton([*t_taps, *s_taps]):  # the node checks the taps (_node_plans)
         if any(z.requires_grad for z in t_taps):  # a teacher not run under no_grad: do not
             t_taps = [z.detach() for z in t_taps]  # keep its graph alive through this node
         return _EagerFeatureTerms.apply(len(t_taps), *t_taps, *s_taps)
+    reference.check_feature_taps(t_taps, s_taps)
     return reference.composed_feature_terms(pool_taps, packed_pair_distances, t_taps, s_taps)

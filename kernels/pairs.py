@@ -384,7 +384,9 @@ def pack(maps: Sequence[Tensor]) -> Tensor:
 
 def _packed_rows(x: Tensor) -> Tensor:
     """fp32 [B, L] with contiguous rows, as the kernels index it (a no-op for pool's maps)."""
-    x = x.to(torch.float32)
+    # attributes first: a no-op .to() or .contiguous() still costs a dispatch (~1 us)
+    if x.dtype != torch.float32:
+        x = x.to(torch.float32)
     return x if x.shape[1] <= 1 or x.stride(1) == 1 else x.contiguous()
 
 
@@ -428,8 +430,9 @@ def pairs_bwd(grad_d: Tensor, t_packed: Tensor, s_packed: Tensor, t_sizes: Sizes
         gs = torch.zeros((batch, plan.s_len), device=device) if need_s else empty
         return gt, gs
     t_packed, s_packed = _packed_rows(t_packed), _packed_rows(s_packed)
-    gd = grad_d.to(torch.float32).contiguous()
-    stats = stats.contiguous()
+    gd = grad_d if grad_d.dtype == torch.float32 else grad_d.to(torch.float32)
+    gd = gd if gd.is_contiguous() else gd.contiguous()
+    stats = stats if stats.is_contiguous() else stats.contiguous()
     poison = common.poison_enabled()
     gt = new_buffer((batch, plan.t_len), torch.float32, device, poison) if need_t else empty
     gr = (new_buffer((batch, plan.m, plan.g_len), torch.float32, device, poison) if need_s

@@ -284,7 +284,8 @@ class PoolPlan:
     reduce: Tensor | None  # [n_items, 5] int32 (_gap_reduce_kernel); None: partials = GAPs
 
 
-def _signature(taps: Sequence[Tensor]) -> tuple:
+def tap_signature(taps: Sequence[Tensor]) -> tuple:
+    """What a plan depends on: each tap's shape, strides and dtype (hashable)."""
     return tuple([(z.shape, z.stride(), z.dtype) for z in taps])
 
 
@@ -347,7 +348,7 @@ def _plan(signature: tuple, device: torch.device, block_hw: int | None,
 def pool_plan(taps: Sequence[Tensor], block_hw: int | None = None,
               block_c: int | None = None) -> PoolPlan:
     """The plan of these taps' shapes, strides and dtypes, built once and kept on the device."""
-    return _plan(_signature(taps), taps[0].device, block_hw, block_c)
+    return _plan(tap_signature(taps), taps[0].device, block_hw, block_c)
 
 
 def _dense(taps: Sequence[Tensor], plan: PoolPlan) -> list[Tensor]:

@@ -98,3 +98,26 @@ def test_the_host_functions_never_read_the_device() -> None:
     pool_a = pool.pool_plan(taps)
     assert pool.pool_plan([z.clone() for z in taps]) is pool_a
     assert pool_a.groups[0].tap_table.device.type == "meta"
+
+
+def test_the_one_node_op_checks_its_taps_on_the_triton_path() -> None:
+    """fused.feature_terms on the Triton path (routed there on CPU tensors, kernels stubbed)
+    refuses bad taps with the reference's errors, and keeps refusing them: the plans it caches
+    per signature are stored only after the check passed."""
+    from kernels import fused
+
+    counter = [0]
+    with plan.stubbed_kernels(counter):
+        for _ in range(2):
+            with pytest.raises(ValueError, match="at least one teacher tap and one student"):
+                fused.feature_terms([], [torch.rand(2, 3, 2, 2)])
+            with pytest.raises(ValueError, match="one batch size"):
+                fused.feature_terms([torch.rand(2, 3, 2, 2)], [torch.rand(3, 3, 2, 2)])
+            with pytest.raises(ValueError, match=r"\[B, C, H, W\]"):
+                fused.feature_terms([torch.rand(2, 3, 2)], [torch.rand(2, 3, 2, 2)])
+        assert counter[0] == 0  # nothing launched for bad taps
+        taps = [torch.rand(2, 3, 4, 4)], [torch.rand(2, 5, 2, 2, requires_grad=True)]
+        for _ in range(2):  # the second call takes the cached plans
+            t_gaps, s_gaps, d = fused.feature_terms(*taps)
+            assert (t_gaps.shape, s_gaps.shape, d.shape) == ((2, 3), (2, 5), (2, 1, 1))
+        assert counter[0] == 2 * 3  # pool forward per side (one block each), pairs forward
