@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from fastibd.cli import choice_list
+from fastibd.cli import ArgumentParser, choice_list
 from fastibd.device import device_name
 from kernels import common, fused, plan, reference
 
@@ -471,7 +471,7 @@ def write_plot(rows: Sequence[Row], path: Path, title: str) -> bool:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     all_configs = [*GPU_CONFIGS, *CPU_CONFIGS]
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(  # one-line errors, as every command of the project
         prog="python -m kernels.bench",
         description="Time the feature-distillation loss (pool all taps + pair distances + "
         "weighted sum) for the eager reference, torch.compile of it, and the fused kernels.",

@@ -282,9 +282,11 @@ def test_bench_cpu_mode_writes_table_csv_and_plot(tmp_path: Path, capsys) -> Non
 
 
 def test_bench_rejects_bad_arguments(capsys) -> None:
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as stop:
         bench.main(["--providers", "eager,nope"])
-    assert "unknown provider nope" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "unknown provider nope" in err
+    assert len(err.strip().splitlines()) == 1 and err.rstrip().endswith("(see --help)")
     assert bench.main(["--device", "cpu", "--configs", "cifar-b128"]) == 2
     assert "for the GPU" in capsys.readouterr().err
 
