@@ -43,7 +43,7 @@ from torch import Tensor
 
 from fastibd.cli import ArgumentParser, choice_list
 from fastibd.device import device_name
-from kernels import common, fused, plan, reference
+from kernels import common, fused, plan, pool, reference
 
 # ----------------------------------------------------------------------------- configs
 
@@ -299,6 +299,55 @@ def run_config(config: Config, providers: Sequence[str], modes: Sequence[str], k
     return rows
 
 
+# ------------------------------------------------------------------- pool tiles (GPU)
+
+def tile_rows(config: Config, device: torch.device, dtype: torch.dtype, copy_gbps: float,
+              time_ms: Callable[[Callable[[], object]], float]) -> list[tuple[str, ...]]:
+    """Per tile variant, the pool work of one loss: the forward of both sides' taps and the
+    backward of the student's, each timed with `time_ms`, and GB/s against the bytes any
+    variant must move (the forward reads every tap; the backward reads the student's and
+    writes their gradients); launches and lane use (forward) from one captured call."""
+    x = make_inputs(config, device, dtype)
+    teacher, student = x.teacher, [z.detach() for z in x.student]
+
+    def size(taps: Sequence[Tensor]) -> int:
+        return sum(z.numel() * z.element_size() for z in taps)
+
+    floors = (size(teacher) + size(student), 2 * size(student))
+    rows = []
+    for name, options in pool.TILE_VARIANTS.items():
+        cells = []
+        for fn, floor in zip(plan.pool_work(teacher, student, options), floors, strict=True):
+            launches = plan.captured(fn)
+            ms = time_ms(fn)
+            cells.append((launches, ms, floor / (ms * 1e-3) / 1e9))
+        (fwd_launches, *_), (bwd_launches, *_) = cells
+        uses = [plan.tile_use(x) for x in fwd_launches]  # (0, 0) for the GAP reduction
+        slots, data = sum(u[0] for u in uses), sum(u[1] for u in uses)
+        rows.append((config.name, name, f"{len(fwd_launches)}+{len(bwd_launches)}",
+                     f"{data / slots:.0%}",
+                     *(cell for _, ms, gbps in cells for cell in (
+                         f"{ms:.3f}", f"{gbps:.3g}", f"{100 * gbps / copy_gbps:.1f}"))))
+    return rows
+
+
+def tile_report(configs: Sequence[Config], device: torch.device, dtype: torch.dtype,
+                copy_gbps: float, warmup: int, rep: int) -> str:
+    """tile_rows of every config, timed on the GPU (do_bench, median)."""
+    from triton.testing import do_bench
+
+    def time_ms(fn: Callable[[], object]) -> float:
+        return float(do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
+
+    head = ("config", "tiles", "launches fwd+bwd", "lane use fwd", "fwd ms", "fwd GB/s",
+            "fwd % copy", "bwd ms", "bwd GB/s", "bwd % copy")
+    lines = [head]
+    for config in configs:
+        lines += tile_rows(config, device, dtype, copy_gbps, time_ms)
+        torch.cuda.empty_cache()
+    return aligned(lines)
+
+
 # ------------------------------------------------------------------------------ output
 
 
@@ -508,6 +557,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="time the host side of the fused loss instead, every kernel stubbed "
                    "out, at the GPU configs' tap structures on this CPU, with freed memory "
                    "kept for reuse as on a GPU (and once with malloc as it is; needs Triton)")
+    p.add_argument("--tiles", action="store_true",
+                   help="time the pool kernels alone at the GPU configs with each pool tile "
+                   "variant (the default, 64x64 for all taps, small taps apart) against the "
+                   "copy bandwidth (needs a CUDA GPU)")
     return p.parse_args(argv)
 
 
@@ -521,6 +574,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     if args.model or args.host:
         return plan_main(args, dtype)
+    if args.tiles:
+        return tiles_main(args, device, dtype)
     catalog = GPU_CONFIGS if device.type == "cuda" else CPU_CONFIGS
     names = args.configs or list(catalog)
     wrong = [n for n in names if n not in catalog]
@@ -584,18 +639,43 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def gpu_configs(names: Sequence[str] | None, mode: str) -> list[Config] | None:
+    """The named GPU configs (all by default), or None after a one-line error for any other
+    name (the CPU configs: `mode` works on the GPU configs' shapes)."""
+    names = names or list(GPU_CONFIGS)
+    wrong = [n for n in names if n not in GPU_CONFIGS]
+    if wrong:
+        print(f"error: {mode} take GPU configs ({', '.join(GPU_CONFIGS)}), not "
+              f"{', '.join(wrong)}", file=sys.stderr)
+        return None
+    return [GPU_CONFIGS[n] for n in names]
+
+
+def tiles_main(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> int:
+    """--tiles: the pool tile variants, on a GPU."""
+    if device.type != "cuda" or not common.triton_available():
+        print("error: --tiles times the Triton pool kernels on a CUDA GPU, and this machine "
+              "has none (--model gives their plan without one)", file=sys.stderr)
+        return 2
+    configs = gpu_configs(args.configs, "--tiles")
+    if configs is None:
+        return 2
+    copy_gbps = copy_bandwidth_gbps(device, args.warmup, args.rep)
+    print(f"pool kernels alone per tile variant, {device_name(device)}, {args.dtype} "
+          f"channels_last taps; copy bandwidth {copy_gbps:.0f} GB/s (1 GiB D2D copy); "
+          "fwd: both sides' taps, bwd: the student's\n")
+    print(tile_report(configs, device, dtype, copy_gbps, args.warmup, args.rep))
+    return 0
+
+
 def plan_main(args: argparse.Namespace, dtype: torch.dtype) -> int:
     """--model / --host: what needs Triton but no GPU."""
     if not common.triton_available():
         print("error: --model and --host need Triton (pip install triton)", file=sys.stderr)
         return 2
-    names = args.configs or list(GPU_CONFIGS)
-    wrong = [n for n in names if n not in GPU_CONFIGS]
-    if wrong:
-        print(f"error: --model / --host take GPU configs ({', '.join(GPU_CONFIGS)}), not "
-              f"{', '.join(wrong)}", file=sys.stderr)
+    configs = gpu_configs(args.configs, "--model / --host")
+    if configs is None:
         return 2
-    configs = [GPU_CONFIGS[n] for n in names]
     if args.model:
         print(f"PROJECTION (not a measurement): the fused loss's launch plan, {args.dtype} "
               "channels_last taps; time = bytes / the card's peak HBM bandwidth ("

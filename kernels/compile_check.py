@@ -39,10 +39,14 @@ from kernels.plan import (
     WRN34_10_CIFAR,
     Launch,
     Shape,
+    captured,
+    empty_taps,
     loss_launches,
+    pool_work,
     resnet50_taps,
     shapes,
 )
+from kernels.pool import TILE_VARIANTS
 
 MAX_REGISTERS = 128
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -77,6 +81,20 @@ def training_launches(config: str, dtype: torch.dtype, layout: str) -> list[Laun
     them (kernels.plan), on CPU tensors of the config's shapes at batch 2."""
     teacher, student = CONFIGS[config]
     return loss_launches(teacher, student, BATCH, dtype, layout, device="cpu")
+
+
+def variant_launches(config: str, dtype: torch.dtype, layout: str
+                     ) -> list[tuple[str, Launch]]:
+    """(variant, launch) for the pool launches of one loss with each alternative tile of
+    kernels.pool.TILE_VARIANTS (the default's are training_launches'), same shapes."""
+    teacher, student = CONFIGS[config]
+    found = []
+    for name, options in TILE_VARIANTS.items():
+        if options:
+            work = pool_work(empty_taps(teacher, BATCH, dtype, layout, "cpu"),
+                             empty_taps(student, BATCH, dtype, layout, "cpu"), options)
+            found += [(name, launch) for fn in work for launch in captured(fn)]
+    return found
 
 
 def compile_for(launch: Launch, arch: str):
@@ -140,15 +158,19 @@ def check(results: dict[tuple, Result], launch: Launch, arch: str, where: str) -
 
 
 def run_checks(configs: list[str], dtypes: list[str], layouts: list[str],
-               archs: list[str]) -> list[Result]:
+               archs: list[str], tile_variants: bool = False) -> list[Result]:
     results: dict[tuple, Result] = {}
     for config in configs:
         for dtype in dtypes:
             for layout in layouts:
                 where = f"{config}/{dtype}/{layout}"
-                for launch in training_launches(config, DTYPES[dtype], layout):
+                launches = [(where, x) for x in training_launches(config, DTYPES[dtype], layout)]
+                if tile_variants:
+                    launches += [(f"{where}/{name}", x)
+                                 for name, x in variant_launches(config, DTYPES[dtype], layout)]
+                for label, launch in launches:
                     for arch in archs:
-                        check(results, launch, arch, where)
+                        check(results, launch, arch, label)
     return list(results.values())
 
 
@@ -158,12 +180,13 @@ def format_table(results: list[Result]) -> str:
         return " ".join(f"{w.strip('.')}:{counts[w]}" for w in sorted(counts, key=order.get)
                         ) or "-"
 
-    header = (f"{'kernel':<26} {'first needed by':<31} {'sm':>3} {'regs':>4} {'spill':>5} "
+    wide = max([len("first needed by"), *(len(r.where) for r in results)])
+    header = (f"{'kernel':<26} {'first needed by':<{wide}} {'sm':>3} {'regs':>4} {'spill':>5} "
               f"{'smem':>6}  {'loads (bits:count)':<24} {'stores':<16} verdict")
     lines = [header, "-" * len(header)]
     for r in sorted(results, key=lambda r: (r.kernel, r.arch, r.where)):
         verdict = "ok" if not r.problems else "FAIL: " + "; ".join(r.problems)
-        lines.append(f"{r.kernel:<26} {r.where:<31} {r.arch:>3} {r.registers:>4} "
+        lines.append(f"{r.kernel:<26} {r.where:<{wide}} {r.arch:>3} {r.registers:>4} "
                      f"{r.stack + r.local:>5} {r.shared:>6}  {widths(r.loads):<24} "
                      f"{widths(r.stores):<16} {verdict}")
     failed = sum(bool(r.problems) for r in results)
@@ -184,11 +207,15 @@ def main(argv: list[str] | None = None) -> int:
                         default=list(LAYOUTS))
     parser.add_argument("--archs", type=lambda v: choice_list(v, ARCHS, "arch"),
                         default=list(ARCHS), help="CUDA compute capabilities: 80, 90")
+    parser.add_argument("--tile-variants", action="store_true",
+                        help="also the pool launches of the alternative tiles that "
+                        "`kernels.bench --tiles` measures (kernels.pool.TILE_VARIANTS)")
     args = parser.parse_args(argv)
     if not common.triton_available():
         print("kernels.compile_check: error: Triton is not installed here", file=sys.stderr)
         return 2
-    results = run_checks(args.configs, args.dtypes, args.layouts, args.archs)
+    results = run_checks(args.configs, args.dtypes, args.layouts, args.archs,
+                         args.tile_variants)
     print(format_table(results))
     return 1 if any(r.problems for r in results) else 0
 

@@ -20,7 +20,7 @@ import ctypes
 import ctypes.util
 import statistics
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -80,6 +80,42 @@ def intercepted(into: list[Launch]) -> Iterator[None]:
         JITFunction.run = real
 
 
+def empty_taps(shapes: Sequence[Shape], batch: int, dtype: torch.dtype, layout: str,
+               device: str = "meta") -> list[Tensor]:
+    """Uninitialized taps [batch, C, H, W] of these shapes, in "nchw" or "channels_last"."""
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    return [torch.empty(batch, c, h, w, dtype=dtype, device=device).contiguous(
+        memory_format=fmt) for c, h, w in shapes]
+
+
+def captured(fn: Callable[[], object]) -> list[Launch]:
+    """The Triton launches fn() makes, recorded instead of run."""
+    launches: list[Launch] = []
+    with intercepted(launches):
+        fn()
+    return launches
+
+
+def pool_work(teacher: Sequence[Tensor], student: Sequence[Tensor], options: dict
+              ) -> tuple[Callable[[], None], Callable[[], None]]:
+    """The pool kernels' share of one loss with pool_plan(**options) (a pool.TILE_VARIANTS
+    entry): (forward of both sides' taps, backward of the student's, with all-ones
+    gradients), the host functions called directly."""
+    t_plan, s_plan = pool.pool_plan(teacher, **options), pool.pool_plan(student, **options)
+    device, batch = student[0].device, student[0].shape[0]
+    g_maps = torch.ones(batch, s_plan.maps_len, device=device)
+    g_gaps = torch.ones(batch, s_plan.gaps_len, device=device)
+
+    def forward() -> None:
+        pool.pool_fwd(teacher, plan=t_plan)
+        pool.pool_fwd(student, plan=s_plan)
+
+    def backward() -> None:
+        pool.pool_bwd(student, g_maps, g_gaps, plan=s_plan)
+
+    return forward, backward
+
+
 def loss_launches(teacher: Sequence[Shape], student: Sequence[Shape], batch: int,
                   dtype: torch.dtype, layout: str, device: str = "meta") -> list[Launch]:
     """The launches of one forward and backward of the feature loss, as the loss makes them:
@@ -88,11 +124,8 @@ def loss_launches(teacher: Sequence[Shape], student: Sequence[Shape], batch: int
     forward of all teacher and of all student taps (each with its GAP reduction when a tap
     spans several spatial blocks), the pair distances, their backward, and the pool backward
     of the student taps (the teacher's are detached)."""
-    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
-
     def taps(shapes: Sequence[Shape]) -> list[Tensor]:
-        return [torch.empty(batch, c, h, w, dtype=dtype, device=device).contiguous(
-            memory_format=fmt) for c, h, w in shapes]
+        return empty_taps(shapes, batch, dtype, layout, device)
 
     launches: list[Launch] = []
     with intercepted(launches), routed_to_kernels():

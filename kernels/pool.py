@@ -235,15 +235,28 @@ def dense_sample_layout(z: Tensor) -> tuple[Tensor, bool]:
     return z, layout
 
 
-def pool_blocks(channels: int, hw: int, channels_last: bool) -> tuple[int, int, int]:
+# Taps of at most this many positions (8x8: ImageNet's 7x7 and 5x5, CIFAR's 8x8 and 4x4)
+# are the ones a tile of their own changes: from 10x10 up, next_pow2(H*W) is >= 128, the
+# default tile's BLOCK_HW already.
+SMALL_HW = 64
+
+
+def pool_blocks(channels: int, hw: int, channels_last: bool, small_maps: bool = False
+                ) -> tuple[int, int, int]:
     """(BLOCK_HW, BLOCK_C, num_warps) for taps of up to `channels` channels and `hw`
     positions.
 
     The tile's unit-stride axis gets at least 32 elements (>= 64 contiguous bytes in bf16,
     two full 32-byte sectors), the tile holds <= 4096 elements (16 fp32 registers per
     thread at 8 warps), and in channels_last BLOCK_HW is large (128) so the GAP partials
-    stay ~3% of the bytes of z. Untuned: see docs/benchmarks/README.md."""
-    if channels_last:
+    stay ~3% of the bytes of z. Untuned: see docs/benchmarks/README.md. `small_maps` (taps
+    of <= SMALL_HW positions launched apart, see pool_plan): in channels_last one block
+    holds all of a tap's positions and the rest of the 4096 elements go to channels (7x7:
+    64 x 64, 5x5: 32 x 128), so no row of the tile is masked beyond next_pow2(H*W)."""
+    if channels_last and small_maps:
+        block_hw = next_pow2(hw)
+        block_c = min(next_pow2(channels), max(32, 4096 // block_hw))
+    elif channels_last:
         block_c = min(next_pow2(channels), 32)
         block_hw = min(next_pow2(hw), 4096 // block_c)
     else:
@@ -255,7 +268,8 @@ def pool_blocks(channels: int, hw: int, channels_last: bool) -> tuple[int, int, 
 
 @dataclass(frozen=True)
 class PoolGroup:
-    """One launch: the taps of one dtype, memory format and alignment."""
+    """One launch: the taps of one dtype, memory format and alignment (and size class, when
+    small maps go apart)."""
 
     taps: tuple[int, ...]  # indices into the tap list
     channels_last: bool
@@ -291,7 +305,7 @@ def tap_signature(taps: Sequence[Tensor]) -> tuple:
 
 @functools.lru_cache(maxsize=64)
 def _plan(signature: tuple, device: torch.device, block_hw: int | None,
-          block_c: int | None) -> PoolPlan:
+          block_c: int | None, small_maps_apart: bool) -> PoolPlan:
     # Per tap: (copied, channels_last, batch stride) once the kernels can index it, and
     # whether its unit-stride axis and batch stride are multiples of 16 elements.
     layouts, kinds = [], {}
@@ -301,13 +315,14 @@ def _plan(signature: tuple, device: torch.device, block_hw: int | None,
         _, c, h, w = shape
         aligned = (c if channels_last else h * w) % 16 == 0 and dense.stride(0) % 16 == 0
         layouts.append((dense is not z, channels_last, dense.stride(0)))
+        small = small_maps_apart and h * w <= SMALL_HW
         # one launch per kind: the constexprs (and the tuple's pointer type) are shared
-        kinds.setdefault((dtype, channels_last, aligned), []).append(i)
+        kinds.setdefault((dtype, channels_last, aligned, small), []).append(i)
     blocks_of = {}
-    for (_, channels_last, _), members in kinds.items():
+    for (_, channels_last, _, small), members in kinds.items():
         auto = pool_blocks(max(signature[i][0][1] for i in members),
                            max(signature[i][0][2] * signature[i][0][3] for i in members),
-                           channels_last)
+                           channels_last, small)
         blocks_of.update({i: (block_hw or auto[0], block_c or auto[1], auto[2])
                           for i in members})
     offsets, reduce_rows = [], []  # per tap: (map, partials, gap) offsets in packed rows
@@ -319,7 +334,7 @@ def _plan(signature: tuple, device: torch.device, block_hw: int | None,
                         for c0 in range(0, c, REDUCE_BLOCK)]
         maps_len, parts_len, gaps_len = maps_len + h * w, parts_len + n_blocks * c, gaps_len + c
     groups = []
-    for (_, channels_last, aligned), members in kinds.items():
+    for (_, channels_last, aligned, _), members in kinds.items():
         rows, work = [], []
         for local, i in enumerate(members):
             (_, c, h, w), _, _ = signature[i]
@@ -346,9 +361,25 @@ def _plan(signature: tuple, device: torch.device, block_hw: int | None,
 
 
 def pool_plan(taps: Sequence[Tensor], block_hw: int | None = None,
-              block_c: int | None = None) -> PoolPlan:
-    """The plan of these taps' shapes, strides and dtypes, built once and kept on the device."""
-    return _plan(tap_signature(taps), taps[0].device, block_hw, block_c)
+              block_c: int | None = None, small_maps_apart: bool = False) -> PoolPlan:
+    """The plan of these taps' shapes, strides and dtypes, built once and kept on the device.
+    block_hw / block_c: one tile for every launch instead of pool_blocks' choice;
+    small_maps_apart: the taps of <= SMALL_HW positions in launches of their own, with their
+    own tile (one more launch per side and direction). Both are for measuring alternatives
+    (TILE_VARIANTS); the ops use the defaults."""
+    return _plan(tap_signature(taps), taps[0].device, block_hw, block_c, small_maps_apart)
+
+
+# The tiles measured and compiled against pool_blocks' choice before one may replace it
+# (`python -m kernels.bench --tiles`, `python -m kernels.compile_check --tile-variants`):
+# pool_plan's options for one squarer tile for every tap (more lanes hold data, twice the GAP
+# partials) and for the small taps launched apart with their own tile (one more launch per
+# side and direction). docs/benchmarks/kernel_plan.md has the model of each.
+TILE_VARIANTS: dict[str, dict] = {
+    "default": {},
+    "64x64 for all": {"block_hw": 64, "block_c": 64},
+    "small taps apart": {"small_maps_apart": True},
+}
 
 
 def _dense(taps: Sequence[Tensor], plan: PoolPlan) -> list[Tensor]:

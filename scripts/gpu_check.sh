@@ -7,13 +7,14 @@
 # Parts, in order (GPU_CHECK_PARTS=kernels,bench,step,train,ddp picks some):
 #   kernels  the kernel tests on CUDA: compiled Triton kernels vs float64 references
 #   bench    python -m kernels.bench: the feature loss, eager vs torch.compile vs fused
-#            (configs: GPU_CHECK_BENCH_CONFIGS)
+#            (configs: GPU_CHECK_BENCH_CONFIGS); on CUDA also --tiles (part "tiles"): the
+#            pool kernels alone with each tile variant, to pick the small maps' tile
 #   step     python -m fastibd.bench_step --data device: the whole training step
 #            (workloads: GPU_CHECK_STEP_WORKLOADS)
 #   train    compiled smoke runs on CUDA, on the bundled digits written as .npz (no FFCV
 #            needed): a PGD-AT teacher (part "teacher"), then an IBD student ("student")
 #   ddp      the IBD student again under `torchrun --nproc_per_node=1`: DDP over NCCL
-# Each part has its own time limit (GPU_CHECK_TIMEOUT_<PART>=seconds overrides it), 530 s in
+# Each part has its own time limit (GPU_CHECK_TIMEOUT_<PART>=seconds overrides it), 560 s in
 # all; one that fails or runs out of time is reported, and the others still run. The exit
 # status is 0 only when every part passed.
 #
@@ -168,6 +169,11 @@ if wants bench; then
     run_part bench 100 "$PYTHON" -m kernels.bench "${BENCH[@]}" --out "$RESULTS/kernels_bench"
     { echo; echo "## kernels.bench"; echo; echo '```';
       sed -n '/^ *config /,$p' "$RESULTS/bench.log"; echo '```'; } >>"$TABLES"
+    if [ "$DEVICE" = cuda ]; then  # times Triton kernels: nothing to rehearse on a CPU
+        run_part tiles 30 "$PYTHON" -m kernels.bench --tiles --configs "$BENCH_CONFIGS"
+        { echo; echo "## kernels.bench --tiles"; echo; echo '```';
+          sed -n '/^pool kernels alone/,$p' "$RESULTS/tiles.log"; echo '```'; } >>"$TABLES"
+    fi
 fi
 if wants step; then
     run_part step 120 "$PYTHON" -m fastibd.bench_step --data device "${STEP[@]}" \

@@ -6,6 +6,7 @@ streamed axis is aligned."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 pytest.importorskip("triton")
 
@@ -65,3 +66,21 @@ def test_the_rules_fire_on_real_sass(monkeypatch: pytest.MonkeyPatch) -> None:
     assert result.registers > 8 and result.loads.get(".<=32")
     assert any("no vectorized" in p for p in result.problems), result.problems
     assert any("registers >" in p for p in result.problems), result.problems
+
+
+def test_the_tile_variants_compile_too() -> None:
+    """--tile-variants: the pool launches of each alternative tile `kernels.bench --tiles`
+    measures (here ImageNet at 160 px, bf16 channels_last, sm_90) compile within the same
+    budget, and each variant is compiled, not only the default."""
+    results = compile_check.run_checks(["imagenet160"], ["bf16"], ["channels_last"], ["90"],
+                                       tile_variants=True)
+    table = compile_check.format_table(results)
+    assert not [r for r in results if r.problems], table
+    variants = {r.where.split("/")[3] for r in results if r.where.count("/") == 3}
+    assert variants == {"64x64 for all", "small taps apart"}, table
+    # the small taps' launch has a tile of its own (5x5: 32 positions x 128 channels)
+    tiles = {(x.kwargs["BLOCK_HW"], x.kwargs["BLOCK_C"])
+             for name, x in compile_check.variant_launches("imagenet160", torch.bfloat16,
+                                                           "channels_last")
+             if name == "small taps apart" and x.kernel.__name__ == "_pool_fwd_kernel"}
+    assert tiles == {(128, 32), (32, 128)}

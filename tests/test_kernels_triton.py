@@ -176,12 +176,43 @@ def test_grouped_pool_of_mixed_taps_matches_float64(block_hw, block_c) -> None:
     plan = pool.pool_plan(taps, block_hw, block_c)
     assert len(plan.groups) == 5  # fp32 NCHW, fp32 CL, bf16 NCHW, bf16 CL, fp16 CL
     assert (plan.reduce is None) == (block_hw is None)
-    batch = 2
+    check_grouped_pool(taps, plan)
+
+
+def test_small_maps_apart_match_float64() -> None:
+    """pool_plan(small_maps_apart=True), the alternative `kernels.bench --tiles` measures:
+    taps of <= 64 positions get launches and tiles of their own (all positions in one block,
+    the rest of the tile along channels), beside the large taps' launch, whose GAPs still
+    need the reduction; the packed rows are the same as with one launch."""
+    gen = torch.Generator().manual_seed(13)
+    cl = torch.channels_last
+
+    def tap(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return torch.randn(shape, generator=gen).to(dtype).contiguous(memory_format=cl)
+
+    taps = [tap(2, 24, 12, 12), tap(2, 40, 7, 7), tap(2, 200, 5, 5), tap(2, 16, 8, 8),
+            tap(2, 8, 9, 9), torch.randn(2, 6, 3, 3, generator=gen)]  # the last NCHW
+    plan = pool.pool_plan(taps, small_maps_apart=True)
+    tiles = {g.taps: (g.block_hw, g.block_c) for g in plan.groups}
+    # 12x12 and 9x9 (81 > 64 positions) share the default tile; 7x7 and 5x5 a tile of the
+    # larger's 64 positions x 64 channels (the 5x5's 200 channels: four blocks, one partly
+    # masked); the 8x8 tap's 16 channels are aligned, so it launches apart, 16 wide; the
+    # NCHW tap keeps the NCHW rule
+    assert tiles == {(0, 4): (128, 32), (1, 2): (64, 64), (3,): (64, 16), (5,): (16, 8)}, tiles
+    assert plan.reduce is not None  # the 12x12 tap spans two blocks of 128
+    assert len(pool.pool_plan(taps).groups) == 3  # without it: by alignment and layout only
+    check_grouped_pool(taps, plan)
+
+
+def check_grouped_pool(taps: list[torch.Tensor], plan: pool.PoolPlan) -> None:
+    """pool_fwd and pool_bwd of all taps with `plan` against the float64 reference, tap by
+    tap: maps and GAPs at each tap's offset of the packed rows, dz in its dtype and layout."""
+    batch = taps[0].shape[0]
     gen = torch.Generator().manual_seed(12)
     g_maps = torch.randn(batch, plan.maps_len, generator=gen)
     g_gaps = torch.randn(batch, plan.gaps_len, generator=gen)
-    maps, gaps = pool.pool_fwd(taps, block_hw, block_c)
-    dzs = pool.pool_bwd(taps, g_maps, g_gaps, block_hw, block_c)
+    maps, gaps = pool.pool_fwd(taps, plan=plan)
+    dzs = pool.pool_bwd(taps, g_maps, g_gaps, plan=plan)
     sizes = [(z.shape[2], z.shape[3]) for z in taps]
     want_maps = [reference.pool(z.double())[0] for z in taps]
     assert maps.shape == (batch, plan.maps_len) and gaps.shape == (batch, plan.gaps_len)

@@ -121,3 +121,46 @@ def test_the_one_node_op_checks_its_taps_on_the_triton_path() -> None:
             t_gaps, s_gaps, d = fused.feature_terms(*taps)
             assert (t_gaps.shape, s_gaps.shape, d.shape) == ((2, 3), (2, 5), (2, 1, 1))
         assert counter[0] == 2 * 3  # pool forward per side (one block each), pairs forward
+
+
+def test_tile_variants_table_of_a_small_config() -> None:
+    """kernels.bench --tiles' rows on CPU tensors, the kernels stubbed and the timer
+    injected (what is counted, not how fast): launches per forward and backward, each timed
+    call making them, and the forward's lane use by hand for the default tiles."""
+    config = bench.Config("tiny", "", ((24, 12), (40, 7)), ((24, 10), (40, 5)), 2)
+    calls = []
+
+    def one_call(fn) -> float:
+        fn()
+        calls.append(fn)
+        return 2.0
+
+    counter = [0]
+    with plan.stubbed_kernels(counter):
+        rows = bench.tile_rows(config, torch.device("cpu"), torch.float32, 1.0, one_call)
+    assert [row[:3] for row in rows] == [
+        ("tiny", "default", "3+1"),  # 12x12 spans two blocks of 128: the teacher's reduction
+        ("tiny", "64x64 for all", "4+1"),  # 10x10 spans two blocks of 64 too
+        ("tiny", "small taps apart", "5+2"),  # 7x7 and 5x5 launched apart, each one block
+    ]
+    assert len(calls) == 6 and counter[0] == (3 + 1) + (4 + 1) + (5 + 2)
+    # default tile 128 x 32: 12x12 -> 2 blocks x 1 channel block, 7x7 -> 1 x 2, 10x10 -> 1 x 1,
+    # 5x5 -> 1 x 2 (batch 2), against the data 24*144 + 40*49 + 24*100 + 40*25 per sample
+    slots = 2 * 128 * 32 * (2 + 2 + 1 + 2)
+    data = 2 * (24 * 144 + 40 * 49 + 24 * 100 + 40 * 25)
+    assert rows[0][3] == f"{data / slots:.0%}"
+    # GB/s against what any variant moves: every tap read forward (fp32), the student's read
+    # and their gradients written backward, in the 2 ms the timer reports
+    student = 2 * (24 * 100 + 40 * 25) * 4
+    for row in rows:
+        assert row[4:] == ("2.000", f"{(data * 4) / 2e-3 / 1e9:.3g}",
+                           f"{100 * (data * 4) / 2e-3 / 1e9:.1f}",
+                           "2.000", f"{2 * student / 2e-3 / 1e9:.3g}",
+                           f"{100 * 2 * student / 2e-3 / 1e9:.1f}"), row
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU --tiles runs")
+def test_tiles_need_a_gpu(capsys) -> None:
+    assert bench.main(["--tiles"]) == 2
+    err = capsys.readouterr().err
+    assert "on a CUDA GPU" in err and len(err.strip().splitlines()) == 1
