@@ -251,11 +251,11 @@ def pool_blocks(channels: int, hw: int, channels_last: bool, small_maps: bool = 
     thread at 8 warps), and in channels_last BLOCK_HW is large (128) so the GAP partials
     stay ~3% of the bytes of z. Untuned: see docs/benchmarks/README.md. `small_maps` (taps
     of <= SMALL_HW positions launched apart, see pool_plan): in channels_last one block
-    holds all of a tap's positions and the rest of the 4096 elements go to channels (7x7:
-    64 x 64, 5x5: 32 x 128), so no row of the tile is masked beyond next_pow2(H*W)."""
+    holds all positions of the group's largest tap and the rest of the 4096 elements go to
+    channels (7x7: 64 x 64, 5x5: 32 x 128): fewer masked rows than a tile of 128 positions."""
     if channels_last and small_maps:
         block_hw = next_pow2(hw)
-        block_c = min(next_pow2(channels), max(32, 4096 // block_hw))
+        block_c = min(next_pow2(channels), 4096 // block_hw)  # >= 64: hw <= SMALL_HW
     elif channels_last:
         block_c = min(next_pow2(channels), 32)
         block_hw = min(next_pow2(hw), 4096 // block_c)
