@@ -1,5 +1,6 @@
 """Compile every Triton kernel for real GPUs on a machine without one, and check the result:
-`python -m kernels.compile_check [--archs 80,90] [--configs cifar,imagenet160,imagenet224]`.
+`python -m kernels.compile_check [--archs 80,90] [--configs cifar,imagenet160,imagenet224]
+[--tile-variants]`.
 
 The launches are the ones training makes. For each config (the CIFAR teacher/student taps,
 ResNet-50 -> ResNet-50 at 160 and 224 px), dtype (bf16, fp16, fp32) and memory format (NCHW,

@@ -4,6 +4,9 @@
   makes it (teacher taps detached), captured from the real ops and their autograd backward
   with the launches intercepted; on the meta device, so the real batch costs no memory.
   kernels.compile_check compiles these launches for sm_80 / sm_90.
+- `pool_work`, `captured`: the pool kernels' share of one loss with a tile variant of
+  kernels.pool.TILE_VARIANTS, and the launches any call makes (kernels.bench --tiles,
+  kernels.compile_check --tile-variants).
 - `launch_bytes`, `programs`: what each launch moves (every tensor argument read or
   written once: the kernels are single-pass) and how many programs its grid has.
 - `projection`: the bandwidth-bound time those bytes need on a card, a *projection*.
@@ -144,7 +147,10 @@ def tensor_args(launch: Launch) -> Iterator[Tensor]:
 
 def launch_bytes(launch: Launch) -> int:
     """Bytes one launch moves: each distinct tensor argument once (a placeholder passed for
-    an absent gradient is the same tensor as z, so it is not counted twice)."""
+    an absent gradient is the same tensor as z, so it is not counted twice). Where a side
+    needs several pool groups (NCHW at ImageNet's shapes, small taps apart) each group's
+    launch gets the whole packed output rows and is counted with all of them, an overcount
+    of ~1 %; the channels_last plans `--model` prints have one group per side."""
     seen, total = set(), 0
     for arg in tensor_args(launch):
         if id(arg) not in seen:
