@@ -322,7 +322,7 @@ def tile_rows(config: Config, device: torch.device, dtype: torch.dtype, copy_gbp
             ms = time_ms(fn)
             cells.append((launches, ms, floor / (ms * 1e-3) / 1e9))
         (fwd_launches, *_), (bwd_launches, *_) = cells
-        uses = [plan.tile_use(x) for x in fwd_launches]  # (0, 0) for the GAP reduction
+        uses = [plan.tile_use(launch) for launch in fwd_launches]  # (0, 0): GAP reduction
         slots, data = sum(u[0] for u in uses), sum(u[1] for u in uses)
         rows.append((config.name, name, f"{len(fwd_launches)}+{len(bwd_launches)}",
                      f"{data / slots:.0%}",

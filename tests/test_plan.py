@@ -8,7 +8,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from kernels import bench, pairs, plan, pool  # noqa: E402  (after the skip: imports Triton)
+from kernels import bench, fused, pairs, plan, pool  # noqa: E402  (after the skip: imports Triton)
 
 
 def test_launches_of_one_forward_backward_at_the_imagenet_structure() -> None:
@@ -104,8 +104,6 @@ def test_the_one_node_op_checks_its_taps_on_the_triton_path() -> None:
     """fused.feature_terms on the Triton path (routed there on CPU tensors, kernels stubbed)
     refuses bad taps with the reference's errors, and keeps refusing them: the plans it caches
     per signature are stored only after the check passed."""
-    from kernels import fused
-
     counter = [0]
     with plan.stubbed_kernels(counter):
         for _ in range(2):
