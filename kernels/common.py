@@ -86,7 +86,12 @@ def use_triton(tensors: Sequence[Tensor]) -> bool:
     CPU under TRITON_INTERPRET=1 (tests); the eager reference for anything else."""
     if not tensors or any(t.dtype not in TRITON_DTYPES for t in tensors):
         return False
-    device = tensors[0].device.type
-    if device != "cuda" and not (device == "cpu" and interpreting()):
+    return triton_device(tensors[0].device)
+
+
+def triton_device(device: torch.device) -> bool:
+    """use_triton's rule for the device alone (a caller that checks the dtypes itself)."""
+    kind = device.type
+    if kind != "cuda" and not (kind == "cpu" and interpreting()):
         return False
     return triton_available()

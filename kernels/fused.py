@@ -29,13 +29,21 @@ weighted_sum stays the reference's torch expression: it reads two [B, n, m] tens
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from kernels import reference
-from kernels.common import eager_triton
-from kernels.pairs import packed_pair_distances, pair_distances, pairs_bwd, pairs_fwd
+from kernels.common import poison_enabled, triton_device, use_triton
+from kernels.pairs import (
+    PairPlan,
+    packed_pair_distances,
+    pair_distances,
+    pair_plan,
+    pairs_bwd,
+    pairs_fwd,
+)
 from kernels.pool import PoolPlan, pool, pool_bwd, pool_fwd, pool_plan, pool_taps, tap_signature
 
 __all__ = ["feature_terms", "weighted_sum", "pool_taps", "packed_pair_distances", "pool",
@@ -44,39 +52,58 @@ __all__ = ["feature_terms", "weighted_sum", "pool_taps", "packed_pair_distances"
 weighted_sum = reference.weighted_sum
 
 
-# (teacher taps, device, every tap's signature) -> both sides' pool plans; see _node_plans
-_NODE_PLANS: dict[tuple, tuple[PoolPlan, PoolPlan]] = {}
+class _NodePlans(NamedTuple):
+    """Everything the one-node op launches from, per tap signature (see _node_plans)."""
+
+    t: PoolPlan
+    s: PoolPlan
+    pairs: PairPlan
 
 
-def _node_plans(n_teacher: int, taps: Sequence[Tensor]) -> tuple[PoolPlan, PoolPlan]:
-    """The teacher's and the student's pool plans in one lookup (pool_plan per side would be
-    two, plus the check every call). A new key is checked first; the check reads only the
-    counts, ranks and batch sizes that the key fixes."""
-    key = (n_teacher, taps[0].device, tap_signature(taps))
+# (teacher taps, device, every tap's signature) -> the node's plans; see _node_plans
+_NODE_PLANS: dict[tuple, _NodePlans] = {}
+
+
+def _node_plans(t_taps: Sequence[Tensor], s_taps: Sequence[Tensor]) -> _NodePlans | None:
+    """The plans of both pools and the pairs in one lookup, or None off the Triton path
+    (another device or dtype: the reference runs, and checks the taps). One walk over the
+    taps per call (the signature); the dispatch rule's dtype check and the reference's tap
+    check run only for a new signature, which the key fixes: counts, ranks, batch sizes,
+    dtypes."""
+    taps = [*t_taps, *s_taps]
+    if not taps or not triton_device(taps[0].device):
+        return None
+    key = (len(t_taps), taps[0].device, tap_signature(taps))
     plans = _NODE_PLANS.get(key)
     if plans is None:
-        t_taps, s_taps = taps[:n_teacher], taps[n_teacher:]
+        if not use_triton(taps):
+            return None
         reference.check_feature_taps(t_taps, s_taps)
         if len(_NODE_PLANS) >= 64:  # shapes seen by one run: a handful (train, eval, last batch)
             _NODE_PLANS.clear()
-        plans = _NODE_PLANS[key] = (pool_plan(t_taps), pool_plan(s_taps))
+        t_plan, s_plan = pool_plan(t_taps), pool_plan(s_taps)
+        plans = _NODE_PLANS[key] = _NodePlans(
+            t_plan, s_plan, pair_plan(t_plan.sizes, s_plan.sizes, taps[0].device))
     return plans
 
 
 class _EagerFeatureTerms(torch.autograd.Function):
     """feature_terms on the Triton path as one autograd node (what an eager call runs): both
     pools and the pair distances forward; the pairs' and the student pool's backward in one
-    backward. torch.compile traces the custom ops instead (see `feature_terms`)."""
+    backward. The teacher's taps come in a tuple, which autograd does not look into: the node
+    has no edge into the teacher's graph (a constant, as detached). torch.compile traces the
+    custom ops instead (see `feature_terms`)."""
 
     @staticmethod
-    def forward(ctx, n_teacher: int, *taps: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        t_plan, s_plan = _node_plans(n_teacher, taps)
-        t_taps, s_taps = taps[:n_teacher], taps[n_teacher:]
-        t_maps, t_gaps = pool_fwd(t_taps, plan=t_plan)
-        s_maps, s_gaps = pool_fwd(s_taps, plan=s_plan)
-        d, stats = pairs_fwd(t_maps, s_maps, t_plan.sizes, s_plan.sizes)
+    def forward(ctx, plans: _NodePlans, t_taps: tuple[Tensor, ...], *s_taps: Tensor
+                ) -> tuple[Tensor, Tensor, Tensor]:
+        poison = poison_enabled()  # once (an environment read costs ~1.5 us)
+        t_maps, t_gaps = pool_fwd(t_taps, plan=plans.t, poison=poison)
+        s_maps, s_gaps = pool_fwd(s_taps, plan=plans.s, poison=poison)
+        d, stats = pairs_fwd(t_maps, s_maps, plans.t.sizes, plans.s.sizes, plan=plans.pairs,
+                             poison=poison)
         ctx.save_for_backward(t_maps, s_maps, stats, *s_taps)
-        ctx.plans = (t_plan, s_plan)
+        ctx.plans = plans
         ctx.set_materialize_grads(False)
         ctx.mark_non_differentiable(t_gaps)  # the teacher is a constant
         return t_gaps, s_gaps, d
@@ -84,18 +111,17 @@ class _EagerFeatureTerms(torch.autograd.Function):
     @staticmethod
     def backward(ctx, _g_t_gaps: Tensor | None, g_s_gaps: Tensor | None,
                  g_d: Tensor | None) -> tuple[Tensor | None, ...]:
-        # Runs only when a student tap asks for a gradient (the teacher's never do: detached
-        # by feature_terms) and d or s_gaps reached the loss (t_gaps cannot).
+        # Runs only when a student tap asks for a gradient and d or s_gaps reached the loss
+        # (t_gaps cannot).
         t_maps, s_maps, stats, *s_taps = ctx.saved_tensors
-        t_plan, s_plan = ctx.plans
-        needed = ctx.needs_input_grad[1 + len(t_plan.sizes):]
+        plans, poison = ctx.plans, poison_enabled()
         g_s_maps = None
         if g_d is not None:
-            _, g_s_maps = pairs_bwd(g_d, t_maps, s_maps, t_plan.sizes, s_plan.sizes, stats,
-                                    False, True)
-        dzs = pool_bwd(s_taps, g_s_maps, g_s_gaps, plan=s_plan)
-        return (None, *[None] * len(t_plan.sizes),
-                *[dz if need else None for dz, need in zip(dzs, needed, strict=True)])
+            _, g_s_maps = pairs_bwd(g_d, t_maps, s_maps, plans.t.sizes, plans.s.sizes, stats,
+                                    False, True, plan=plans.pairs, poison=poison)
+        dzs = pool_bwd(s_taps, g_s_maps, g_s_gaps, plan=plans.s, poison=poison)
+        return (None, None, *[dz if need else None
+                              for dz, need in zip(dzs, ctx.needs_input_grad[2:], strict=True)])
 
 
 def feature_terms(t_taps: Sequence[Tensor], s_taps: Sequence[Tensor]
@@ -105,9 +131,9 @@ def feature_terms(t_taps: Sequence[Tensor], s_taps: Sequence[Tensor]
     teacher's a constant; see kernels.reference.feature_terms. Eager on CUDA: one autograd
     node over 8 launches forward + backward. Traced by torch.compile, or off the Triton
     path: pool_taps per side and packed_pair_distances, each dispatching on its own."""
-    if eager_triton([*t_taps, *s_taps]):  # the node checks the taps (_node_plans)
-        if any(z.requires_grad for z in t_taps):  # a teacher not run under no_grad: do not
-            t_taps = [z.detach() for z in t_taps]  # keep its graph alive through this node
-        return _EagerFeatureTerms.apply(len(t_taps), *t_taps, *s_taps)
+    if not torch.compiler.is_compiling():  # dynamo traces the custom ops below instead
+        plans = _node_plans(t_taps, s_taps)
+        if plans is not None:
+            return _EagerFeatureTerms.apply(plans, tuple(t_taps), *s_taps)
     reference.check_feature_taps(t_taps, s_taps)
     return reference.composed_feature_terms(pool_taps, packed_pair_distances, t_taps, s_taps)

@@ -390,18 +390,20 @@ def _packed_rows(x: Tensor) -> Tensor:
     return x if x.shape[1] <= 1 or x.stride(1) == 1 else x.contiguous()
 
 
-def pairs_fwd(t_packed: Tensor, s_packed: Tensor, t_sizes: Sizes, s_sizes: Sizes
+def pairs_fwd(t_packed: Tensor, s_packed: Tensor, t_sizes: Sizes, s_sizes: Sizes,
+              plan: PairPlan | None = None, poison: bool | None = None
               ) -> tuple[Tensor, Tensor]:
     """Triton forward. t_packed: [B, sum Ht_i Wt_i] (n teacher maps of sizes t_sizes, packed
     as kernels.pool.pool_taps packs them); s_packed likewise; any float dtype except float64,
     on CUDA (or CPU under TRITON_INTERPRET=1).
 
     Returns (d [B, n, m] fp32, stats [3, B, n, m] fp32 = |t|^2, |r|^2, <t, r> per pair),
-    stats being what `pairs_bwd` needs."""
-    plan = pair_plan(tuple(t_sizes), tuple(s_sizes), t_packed.device)
+    stats being what `pairs_bwd` needs. `plan`: these sizes' pair_plan when the caller has
+    it; `poison`: common.poison_enabled() when the caller has read it."""
+    plan = plan or pair_plan(tuple(t_sizes), tuple(s_sizes), t_packed.device)
     batch, device = t_packed.shape[0], t_packed.device
     t_packed, s_packed = _packed_rows(t_packed), _packed_rows(s_packed)
-    poison = common.poison_enabled()
+    poison = common.poison_enabled() if poison is None else poison
     d = new_buffer((batch, plan.n, plan.m), torch.float32, device, poison)
     stats = new_buffer((3, batch, plan.n, plan.m), torch.float32, device, poison)
     if batch > 0:
@@ -415,14 +417,16 @@ def pairs_fwd(t_packed: Tensor, s_packed: Tensor, t_sizes: Sizes, s_sizes: Sizes
 
 
 def pairs_bwd(grad_d: Tensor, t_packed: Tensor, s_packed: Tensor, t_sizes: Sizes,
-              s_sizes: Sizes, stats: Tensor, need_t: bool, need_s: bool
+              s_sizes: Sizes, stats: Tensor, need_t: bool, need_s: bool,
+              plan: PairPlan | None = None, poison: bool | None = None
               ) -> tuple[Tensor, Tensor]:
-    """Triton backward. grad_d: [B, n, m]; stats: from `pairs_fwd`.
+    """Triton backward. grad_d: [B, n, m]; stats: from `pairs_fwd`; `plan`, `poison` as
+    pairs_fwd's.
 
     Returns (gt [B, LT], gs [B, LS]): fp32 gradients w.r.t. the packed teacher / student maps,
     each an empty [0] tensor when not asked for. The teacher gradient costs one extra store
     per teacher position."""
-    plan = pair_plan(tuple(t_sizes), tuple(s_sizes), t_packed.device)
+    plan = plan or pair_plan(tuple(t_sizes), tuple(s_sizes), t_packed.device)
     batch, device = t_packed.shape[0], t_packed.device
     empty = torch.empty((0,), dtype=torch.float32, device=device)
     if batch == 0 or not (need_t or need_s):
@@ -433,7 +437,7 @@ def pairs_bwd(grad_d: Tensor, t_packed: Tensor, s_packed: Tensor, t_sizes: Sizes
     gd = grad_d if grad_d.dtype == torch.float32 else grad_d.to(torch.float32)
     gd = gd if gd.is_contiguous() else gd.contiguous()
     stats = stats if stats.is_contiguous() else stats.contiguous()
-    poison = common.poison_enabled()
+    poison = common.poison_enabled() if poison is None else poison
     gt = new_buffer((batch, plan.t_len), torch.float32, device, poison) if need_t else empty
     gr = (new_buffer((batch, plan.m, plan.g_len), torch.float32, device, poison) if need_s
           else empty)

@@ -224,10 +224,11 @@ def projection_ms(launches: Sequence[Launch], gb_per_s: float) -> float:
 def routed_to_kernels() -> Iterator[None]:
     """The ops take their Triton path on any tensors (CPU, meta), as eager calls on CUDA do."""
     routes = [(module, name) for module in (pool, pairs, fused)
-              for name in ("use_triton", "eager_triton") if hasattr(module, name)]
+              for name in ("use_triton", "eager_triton", "triton_device")
+              if hasattr(module, name)]
     saved = [getattr(module, name) for module, name in routes]
     for module, name in routes:
-        setattr(module, name, lambda tensors: True)
+        setattr(module, name, lambda tensors_or_device: True)
     try:
         yield
     finally:

@@ -49,6 +49,7 @@ Autocast passes inputs through unchanged; outputs are fp32 (float64 stays float6
 """
 
 import functools
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -282,6 +283,13 @@ class PoolGroup:
     # fits; b * stride is formed in int64 in the kernels)
     work: Tensor  # [n_work, 2] int32
 
+    def pick(self, tensors: Sequence[Tensor]) -> tuple[Tensor, ...]:
+        """This launch's taps (or their gradients) from the side's list, as the kernel's
+        tuple argument."""
+        if len(self.taps) == len(tensors):  # one launch for the side (the usual case)
+            return tuple(tensors)  # (the indices are then 0, 1, ..., n - 1)
+        return tuple([tensors[i] for i in self.taps])
+
 
 @dataclass(frozen=True)
 class PoolPlan:
@@ -298,14 +306,20 @@ class PoolPlan:
     reduce: Tensor | None  # [n_items, 5] int32 (_gap_reduce_kernel); None: partials = GAPs
 
 
+_SHAPE_AND_DTYPE = operator.attrgetter("shape", "dtype")
+
+
 def tap_signature(taps: Sequence[Tensor]) -> tuple:
     """What a plan depends on: each tap's shape, strides and dtype (hashable)."""
-    return tuple([(z.shape, z.stride(), z.dtype) for z in taps])
+    # map over C-level getters: a third faster than a Python loop over the taps, and this
+    # runs on every call of the ops
+    return tuple(map(_SHAPE_AND_DTYPE, taps)), tuple(map(Tensor.stride, taps))
 
 
 @functools.lru_cache(maxsize=64)
-def _plan(signature: tuple, device: torch.device, block_hw: int | None,
+def _plan(key: tuple, device: torch.device, block_hw: int | None,
           block_c: int | None, small_maps_apart: bool) -> PoolPlan:
+    signature = [(shape, stride, dtype) for (shape, dtype), stride in zip(*key, strict=True)]
     # Per tap: (copied, channels_last, batch stride) once the kernels can index it, and
     # whether its unit-stride axis and batch stride are multiples of 16 elements.
     layouts, kinds = [], {}
@@ -390,22 +404,24 @@ def _dense(taps: Sequence[Tensor], plan: PoolPlan) -> list[Tensor]:
 
 
 def pool_fwd(taps: Sequence[Tensor], block_hw: int | None = None, block_c: int | None = None,
-             plan: PoolPlan | None = None) -> tuple[Tensor, Tensor]:
+             plan: PoolPlan | None = None, poison: bool | None = None
+             ) -> tuple[Tensor, Tensor]:
     """Triton forward of pool_taps. taps: [B, C_t, H_t, W_t] fp32/fp16/bf16, NCHW or
     channels_last, on CUDA (or CPU under TRITON_INTERPRET=1). Returns (maps [B, sum H*W],
     gaps [B, sum C]), fp32, contiguous, in tap order. block_hw / block_c override the
-    heuristic (tuning, tests); `plan`, the taps' pool_plan when the caller has it."""
+    heuristic (tuning, tests); `plan`, the taps' pool_plan when the caller has it; `poison`,
+    poison_enabled() when a caller of several host functions has read it."""
     plan = plan or pool_plan(taps, block_hw, block_c)
     taps = _dense(taps, plan)
     batch, device = taps[0].shape[0], taps[0].device
-    poison = poison_enabled()
+    poison = poison_enabled() if poison is None else poison
     maps = new_buffer((batch, plan.maps_len), torch.float32, device, poison)
     parts = new_buffer((batch, plan.parts_len), torch.float32, device, poison)
     if batch == 0:
         return maps, parts[:, :plan.gaps_len]
     for group in plan.groups:
         _pool_fwd_kernel[(batch, group.n_work)](
-            tuple(taps[i] for i in group.taps), group.tap_table, group.work, maps, parts,
+            group.pick(taps), group.tap_table, group.work, maps, parts,
             plan.maps_len, plan.parts_len, N_TAPS=len(group.taps),
             CHANNELS_LAST=group.channels_last, ALIGNED=group.aligned,
             BLOCK_HW=group.block_hw, BLOCK_C=group.block_c, num_warps=group.num_warps,
@@ -433,17 +449,18 @@ def _rows(t: Tensor) -> Tensor:
 
 def pool_bwd(taps: Sequence[Tensor], g_maps: Tensor | None, g_gaps: Tensor | None,
              block_hw: int | None = None, block_c: int | None = None,
-             plan: PoolPlan | None = None) -> list[Tensor]:
+             plan: PoolPlan | None = None, poison: bool | None = None) -> list[Tensor]:
     """Triton backward of pool_taps: dz per tap, in the tap's dtype and memory format.
 
     g_maps: [B, sum H*W] or None (then that term is skipped); g_gaps: [B, sum C] or None.
-    Both may have any batch stride (e.g. slices of a larger gradient). `plan` as pool_fwd's."""
+    Both may have any batch stride (e.g. slices of a larger gradient). `plan`, `poison` as
+    pool_fwd's."""
     plan = plan or pool_plan(taps, block_hw, block_c)
     # A tap the kernels cannot index is copied again here, not kept from the forward: kept,
     # the copy would hold an activation's worth of memory from the forward to the backward.
     taps = _dense(taps, plan)
     dzs = [_like(z, fmt) for z, fmt in zip(taps, plan.dz_formats, strict=True)]
-    if poison_enabled():
+    if poison_enabled() if poison is None else poison:
         for dz in dzs:
             dz.fill_(float("nan"))
     batch = taps[0].shape[0]
@@ -453,7 +470,7 @@ def pool_bwd(taps: Sequence[Tensor], g_maps: Tensor | None, g_gaps: Tensor | Non
     gg = _rows(g_gaps) if g_gaps is not None else taps[0]
     for group in plan.groups:
         _pool_bwd_kernel[(batch, group.n_work)](
-            tuple(taps[i] for i in group.taps), tuple(dzs[i] for i in group.taps),
+            group.pick(taps), group.pick(dzs),
             group.tap_table, group.work, gm, gg, gm.stride(0), gg.stride(0),
             N_TAPS=len(group.taps), CHANNELS_LAST=group.channels_last, ALIGNED=group.aligned,
             HAS_GMAP=g_maps is not None, HAS_GGAP=g_gaps is not None,

@@ -20,7 +20,7 @@ RANKS = {"base": 0, "data": 1, "models": 1, "kernels": 1, "method": 2, "eval": 3
 ENTRY_POINTS = {"fastibd.evaluate", "fastibd.report", "fastibd.export", "fastibd.bench_data",
                 "fastibd.sweep", "fastibd.bench_step", "fastibd.inspect_data",
                 "fastibd.teachers", "fastibd.train.__main__", "data_prep.write_ffcv",
-                "kernels.bench", "kernels.compile_check"}
+                "kernels.bench", "kernels.compile_check", "kernels.host_instructions"}
 PACKAGES = ("fastibd.data", "fastibd.models", "fastibd.method", "fastibd.eval",
             "fastibd.train", "fastibd.bench")
 
