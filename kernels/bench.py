@@ -439,23 +439,27 @@ def ops_only(ops) -> Callable[[Inputs], tuple[list[Tensor], list[Tensor]]]:
     return run
 
 
+def host_inputs(config: Config, dtype: torch.dtype) -> Callable[[], Inputs]:
+    """Fresh CPU inputs at the config's tap structure with batch 2, for the host-side
+    measurements (the host work does not depend on the batch)."""
+    return lambda: make_inputs(replace(config, batch=2), torch.device("cpu"), dtype)
+
+
 def host_report(configs: Sequence[Config], dtype: torch.dtype, reps: int) -> str:
     """Host ms of the fused loss per config with every kernel stubbed out, on this CPU, at
-    the config's tap structure with batch 2 (the host work does not depend on the batch):
-    the loss (ops_loss), and the ops alone (ops_only); first with glibc's malloc as it is
-    (the last column), then with freed memory kept for reuse, as on a GPU (the others)."""
-    def inputs(config: Config) -> Callable[[], Inputs]:
-        return lambda: make_inputs(replace(config, batch=2), torch.device("cpu"), dtype)
-
-    plain = [plan.host_ms(ops_loss(fused), inputs(config), reps)[1] for config in configs]
+    the config's tap structure (host_inputs): the loss (ops_loss), and the ops alone
+    (ops_only); first with glibc's malloc as it is (the last column), then with freed memory
+    kept for reuse, as on a GPU (the others)."""
+    plain = [plan.host_ms(ops_loss(fused), host_inputs(config, dtype), reps)[1]
+             for config in configs]
     head = ("config", "taps", "launches", "host ms fwd", "host ms fwd+bwd",
             "ops alone fwd+bwd", "no-op op fwd+bwd", "fwd+bwd, malloc as is")
     lines = [head]
     with plan.freed_memory_kept() as kept:
         for config, as_is in zip(configs, plain, strict=True):
-            fwd, both, launches = plan.host_ms(ops_loss(fused), inputs(config), reps)
-            _, alone, _ = plan.host_ms(ops_only(fused), inputs(config), reps)
-            floor = plan.autograd_floor_ms(inputs(config), reps)
+            fwd, both, launches = plan.host_ms(ops_loss(fused), host_inputs(config, dtype), reps)
+            _, alone, _ = plan.host_ms(ops_only(fused), host_inputs(config, dtype), reps)
+            floor = plan.autograd_floor_ms(host_inputs(config, dtype), reps)
             lines.append((config.name, f"{len(config.teacher)}+{len(config.student)}",
                           str(launches), f"{fwd:.3f}", f"{both:.3f}", f"{alone:.3f}",
                           f"{floor:.3f}", f"{as_is:.3f}"))

@@ -31,6 +31,8 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from kernels.bench import GPU_CONFIGS, aligned
+
 ROOT = Path(__file__).resolve().parents[1]
 PARTS = ("loss", "op", "floor")
 BASE_CALLS = 10
@@ -38,17 +40,11 @@ BASE_CALLS = 10
 
 def run_calls(config_name: str, calls: dict[str, int]) -> None:
     """The child: `calls[part]` host-side forward + backward calls of each part, stubbed."""
-    from dataclasses import replace
-
     import torch
 
     from kernels import bench, fused, plan
 
-    config = bench.GPU_CONFIGS[config_name]
-
-    def inputs() -> bench.Inputs:
-        return bench.make_inputs(replace(config, batch=2), torch.device("cpu"), torch.bfloat16)
-
+    inputs = bench.host_inputs(bench.GPU_CONFIGS[config_name], torch.bfloat16)
     losses = {"loss": bench.ops_loss(fused), "op": bench.ops_only(fused)}
     with plan.freed_memory_kept():
         for part in PARTS:
@@ -60,8 +56,9 @@ def run_calls(config_name: str, calls: dict[str, int]) -> None:
 
 def count(config_name: str, calls: dict[str, int]) -> int:
     """Instructions of one child process under callgrind."""
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONHASHSEED": "0",
-           "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+           "PYTHONPATH": path}
     spec = ",".join(f"{part}={n}" for part, n in calls.items())
     out = subprocess.run(
         ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable,
@@ -76,7 +73,6 @@ def count(config_name: str, calls: dict[str, int]) -> int:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     from fastibd.cli import ArgumentParser
-    from kernels.bench import GPU_CONFIGS
 
     paragraphs = __doc__.split("\n\n")
     p = ArgumentParser(prog="python -m kernels.host_instructions", description=paragraphs[0],
@@ -87,7 +83,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="tap structures to count at (kernels.bench's GPU configs)")
     p.add_argument("--calls", type=int, default=500,
                    help=f"calls counted per part beyond the {BASE_CALLS}-call base run "
-                   "(default: %(default)s; more: a steadier number, ~0.1 s of valgrind each)")
+                   "(default: %(default)s; more: a steadier number, a longer run)")
     p.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.calls < 1:
@@ -126,9 +122,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name in args.configs:
         per_call = [(counts[(name, part)] - counts[(name, None)]) / args.calls for part in PARTS]
         rows.append((name, *(f"{n / 1e6:.3f} M" for n in per_call)))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        print("  ".join(cell.rjust(width) for cell, width in zip(row, widths, strict=True)))
+    print(aligned(rows))
     return 0
 
 
