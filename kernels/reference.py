@@ -178,11 +178,14 @@ def weighted_sum(d: Tensor, attn: Tensor) -> Tensor:
             f"got {tuple(d.shape)} and {tuple(attn.shape)}"
         )
     dtype = accumulation_dtype(d, attn)
+    # .to only where it converts: a no-op .to still costs a dispatch (~2 us each here, and
+    # the fused loss's host side is timed against a budget; docs/benchmarks/kernel_plan.md)
+    d, attn = (t if t.dtype == dtype else t.to(dtype) for t in (d, attn))
     # Kept as sum over (i, j), then mean over b: a single sum / B has as many autograd nodes
     # but costs ~0.02 ms less host time (a full reduction and a division instead of a
     # reduction over dims and a mean), and sums in another order; this eager expression is
     # the one the README's demo numbers were measured with.
-    return (attn.to(dtype) * d.to(dtype)).sum(dim=(1, 2)).mean()
+    return (attn * d).sum(dim=(1, 2)).mean()
 
 
 def feature_distillation(

@@ -133,7 +133,7 @@ def interrupted_at_step(args: list[str], out: Path, step: int,
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
 # The README demo's runs compute with two threads, as on the 2-core development machine
 # where its numbers were measured: the thread count changes the float rounding, and so the
-# trained weights (with one thread the standard student keeps 55.6% under PGD, not 43.1%).
+# trained weights (with one thread the standard student keeps 61.1% under PGD, not 65.8%).
 DEMO_THREADS = {**os.environ, "OMP_NUM_THREADS": "2"}
 
 

@@ -260,4 +260,6 @@ def test_an_ibd_step_with_awp_moves_only_the_student_and_restores_it() -> None:
             assert not moved, key  # the feature head and BN/bias parameters: not perturbed
     after = dict(step.objective.named_parameters())
     for name, p in after.items():  # plain SGD from w with the gradient taken at w + v
-        torch.testing.assert_close(p, before[name] - 0.1 * p.grad, rtol=0, atol=1e-7)
+        # w.add(g, alpha=-lr) is SGD's own update (torch/optim/sgd.py), rounded once (a fused
+        # multiply-add); w - lr * g rounds twice, an ulp off in ~9 % of elements
+        torch.testing.assert_close(p, before[name].add(p.grad, alpha=-0.1), rtol=0, atol=0)

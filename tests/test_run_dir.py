@@ -74,7 +74,7 @@ def test_resume_with_other_settings_is_refused(finished_run: Path, digits_dir: P
     run = copy_of(finished_run, tmp_path)
     line = refused(capsys, run, [*RUN, *data_args(digits_dir), f"--training.out_dir={run}",
                                  "--optim.lr=0.05", "--attack.eps=4/255",
-                                 "--data.batch_size=64", "--training.epochs=5"],
+                                 "--data.batch_size=32", "--training.epochs=5"],
                    "other settings", "optim.lr 0.1 -> 0.05", "attack.eps", "data.batch_size",
                    "--training.resume_changed=true")
     assert "training.epochs" not in line  # more epochs is a resume, not another run

@@ -24,8 +24,10 @@ from fastibd.train.settings import RECIPES, load_settings
 from tests.conftest import ONE_THREAD, REPO, cli_error, data_args, interrupted_at_step
 
 # Margin of the IBD student's PGD-10 accuracy over the standard student's, on digits val
-# (measured, seed 0, on the 2-core development CPU: 68.9% vs 43.1%; README).
-ROBUSTNESS_MARGIN = 0.15
+# (measured on the 2-core development CPU, Intel Xeon: seed 0 82.5% vs 65.8%, seed 1 83.9% vs
+# 65.6%; README). Digits at 8/255 leave a standard student much of its accuracy; the clear
+# gap is at 16/255 (tests/test_evaluate.py).
+ROBUSTNESS_MARGIN = 0.1
 
 FAST = ["--cfg", "smoke_teacher", "--training.epochs=3", "--training.max_steps=6",
         "--data.holdout=64", "--attack.steps=2", "--attack.eval_steps=2",
@@ -211,7 +213,8 @@ def test_two_process_gloo_run(digits_dir: Path, tmp_path: Path) -> None:
                             env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     (epoch,) = [r for r in read_metrics(tmp_path) if r["kind"] == "epoch"]
-    assert epoch["images"] == 2 * 2 * 128  # both ranks' batches, summed over ranks
+    batch = load_settings(FAST).data.batch_size
+    assert epoch["images"] == 2 * 2 * batch  # both ranks' batches, summed over ranks
     assert sorted(p.name for p in tmp_path.glob("*.pt")) == ["best.pt", "last.pt"]
     assert result.stdout.count("final best") == 1  # rank 0 alone reports
 
