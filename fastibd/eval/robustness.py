@@ -37,7 +37,7 @@ CE_ATTACKS = ("fgsm", "pgd")  # follow the cross-entropy's gradient
 MARGIN_ATTACKS = ("cw", "aa-apgd", "aa")  # margin losses (CW, APGD-DLR/T), or AutoAttack
 HUGE_EPS, HUGE_STEPS, HUGE_STEP_SIZE = 0.5, 20, 0.05
 HUGE_EPS_MAX_ACCURACY = 0.02  # anything clearly above 0% at eps 0.5 means the gradients lie
-MONOTONIC_FALSE_ALARM = 1e-3  # a weaker attack's edge over a stronger one: when it is no noise
+MONOTONIC_FALSE_ALARM = 1e-3  # how often equally strong attacks may set off the monotonic flag
 LINF_ONLY = ("spsa",)  # attacks with no L2 form here
 # Masking checks. Each threshold leaves room for what honest models show: AutoAttack or CW
 # typically 1-5 points below PGD-20 (TRADES, RSLAD, IBD; the digits student: 0), never an
