@@ -54,11 +54,11 @@ def interpreting() -> bool:
 
 
 def new_buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
-               poison: bool | None = None) -> Tensor:
-    """An uninitialized buffer for a kernel to fill, or NaN-filled when poisoning is on
-    (`poison`: poison_enabled(), read once by a caller that allocates several)."""
+               poison: bool) -> Tensor:
+    """An uninitialized buffer for a kernel to fill, or NaN-filled when `poison` (the
+    caller's poison_enabled(), read once for all the buffers it allocates)."""
     out = torch.empty(shape, dtype=dtype, device=device)
-    if poison_enabled() if poison is None else poison:
+    if poison:
         out.fill_(float("nan"))
     return out
 

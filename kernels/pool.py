@@ -460,8 +460,7 @@ def pool_bwd(taps: Sequence[Tensor], g_maps: Tensor | None, g_gaps: Tensor | Non
     # the copy would hold an activation's worth of memory from the forward to the backward.
     taps = _dense(taps, plan)
     dzs = [_like(z, fmt) for z, fmt in zip(taps, plan.dz_formats, strict=True)]
-    if poison is None:
-        poison = poison_enabled()
+    poison = poison_enabled() if poison is None else poison
     if poison:
         for dz in dzs:
             dz.fill_(float("nan"))

@@ -5,6 +5,7 @@ the right and the wrong normalization, and `--teacher.name`."""
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 import socket
 import sys
@@ -291,7 +292,7 @@ def digits_teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     epochs, batch = 3, 64
     decay = torch.optim.lr_scheduler.LinearLR(opt, 1.0, 0.0,
-                                              total_iters=epochs * -(-len(y) // batch))
+                                              total_iters=epochs * math.ceil(len(y) / batch))
     for _ in range(epochs):
         for idx in torch.randperm(len(y)).split(batch):
             opt.zero_grad()
