@@ -11,12 +11,15 @@ a run making 10 of each, divided by `--calls`; what both runs share (the imports
 calls' plan building) cancels. One OpenMP thread, a fixed hash seed: nothing else differs.
 
 Columns: the loss (kernels.bench.ops_loss: the op, the weighted sum, a probe on the GAPs),
-the op alone (ops_only), and the no-op floor (an autograd.Function over the same taps that
-computes nothing: the autograd engine's share). Compare two commits by running this in a
-checkout of each. Instructions are a proxy for time (they ignore cache misses and the
-instructions' own costs), for comparing implementations of the same work, not a time.
+the same loss on taps with ~1/16 of the channels (kernels.bench.HOST_CHANNEL_DIVISOR: the
+instructions that the torch ops around the op spend computing on this CPU, device work on a
+GPU, shrink; the op's host work does not), the op alone (ops_only), and the no-op floor
+(an autograd.Function over the same taps that computes nothing: the autograd engine's
+share). Compare two commits by running this in a checkout of each. Instructions are a
+proxy for time (they ignore cache misses and the instructions' own costs), for comparing
+implementations of the same work, not a time.
 
-Needs valgrind (apt-get install valgrind) and Triton; ~14 minutes per config on 2 cores.
+Needs valgrind (apt-get install valgrind) and Triton; ~18 minutes per config on 2 cores.
 """
 
 from __future__ import annotations
@@ -31,10 +34,10 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from kernels.bench import GPU_CONFIGS, aligned
+from kernels.bench import GPU_CONFIGS, HOST_CHANNEL_DIVISOR, aligned
 
 ROOT = Path(__file__).resolve().parents[1]
-PARTS = ("loss", "op", "floor")
+PARTS = ("loss", "narrow", "op", "floor")
 BASE_CALLS = 10
 
 
@@ -44,14 +47,17 @@ def run_calls(config_name: str, calls: dict[str, int]) -> None:
 
     from kernels import bench, fused, plan
 
-    inputs = bench.host_inputs(bench.GPU_CONFIGS[config_name], torch.bfloat16)
-    losses = {"loss": bench.ops_loss(fused), "op": bench.ops_only(fused)}
+    config = bench.GPU_CONFIGS[config_name]
+    inputs = bench.host_inputs(config, torch.bfloat16)
+    narrow = bench.host_inputs(config, torch.bfloat16, bench.HOST_CHANNEL_DIVISOR)
+    runs = {"loss": (bench.ops_loss(fused), inputs), "narrow": (bench.ops_loss(fused), narrow),
+            "op": (bench.ops_only(fused), inputs)}
     with plan.freed_memory_kept():
         for part in PARTS:
             if part == "floor":
                 plan.autograd_floor_ms(inputs, calls[part] - 1)
             else:  # host_ms makes reps + 1 calls
-                plan.host_ms(losses[part], inputs, calls[part] - 1)
+                plan.host_ms(*runs[part], calls[part] - 1)
 
 
 def count(config_name: str, calls: dict[str, int]) -> int:
@@ -109,7 +115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     base = dict.fromkeys(PARTS, BASE_CALLS)
     jobs = [(name, part) for name in args.configs for part in (None, *PARTS)]
-    print(f"counting {len(jobs)} runs under callgrind (~14 minutes per config on 2 cores)...",
+    print(f"counting {len(jobs)} runs under callgrind (~18 minutes per config on 2 cores)...",
           file=sys.stderr, flush=True)
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         counts = dict(zip(jobs, pool.map(
@@ -118,7 +124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"host side of the fused loss, kernels stubbed, batch 2, bf16: instructions per "
           f"forward + backward call (callgrind; {args.calls} calls beyond a {BASE_CALLS}-call "
           "base run)")
-    rows = [("config", "loss", "op alone", "no-op floor")]
+    rows = [("config", "loss", f"loss, C / {HOST_CHANNEL_DIVISOR}", "op alone", "no-op floor")]
     for name in args.configs:
         per_call = [(counts[(name, part)] - counts[(name, None)]) / args.calls for part in PARTS]
         rows.append((name, *(f"{n / 1e6:.3f} M" for n in per_call)))

@@ -281,26 +281,39 @@ def host_ms(loss, make_inputs, reps: int = 20) -> tuple[float, float, int]:
     """(median host ms of loss(inputs), of loss(inputs).backward(), launches per forward +
     backward) with the kernels stubbed; `make_inputs()` gives fresh CPU inputs. `loss` may
     also return (outputs, gradients) for torch.autograd.backward instead of a scalar."""
+    return host_ms_side_by_side([(loss, make_inputs)], reps)[0]
+
+
+def host_ms_side_by_side(runs: Sequence[tuple[Callable, Callable]], reps: int = 20
+                         ) -> list[tuple[float, float, int]]:
+    """host_ms of each (loss, make_inputs) pair, their calls taken in turn (one call of
+    each per round): a shared machine's drift in speed then moves every pair alike, so
+    their ratios hold within one run where timings taken one after another would not."""
     counter = [0]
     with stubbed_kernels(counter):
-        inputs = make_inputs()
-        forward, both = [], []
+        inputs = [make_inputs() for _, make_inputs in runs]
+        forward: list[list[float]] = [[] for _ in runs]
+        both: list[list[float]] = [[] for _ in runs]
+        launches = [0] * len(runs)
         for rep in range(reps + 1):
-            for s in inputs.student:
-                s.grad = None
-            counter[0] = 0
-            start = time.perf_counter()
-            value = loss(inputs)
-            middle = time.perf_counter()
-            if isinstance(value, tuple):
-                torch.autograd.backward(*value)
-            else:
-                value.backward()
-            end = time.perf_counter()
-            if rep:  # the first call pays one-time costs (plans, caches)
-                forward.append((middle - start) * 1e3)
-                both.append((end - start) * 1e3)
-        return statistics.median(forward), statistics.median(both), counter[0]
+            for i, ((loss, _), x) in enumerate(zip(runs, inputs, strict=True)):
+                for s in x.student:
+                    s.grad = None
+                counter[0] = 0
+                start = time.perf_counter()
+                value = loss(x)
+                middle = time.perf_counter()
+                if isinstance(value, tuple):
+                    torch.autograd.backward(*value)
+                else:
+                    value.backward()
+                end = time.perf_counter()
+                launches[i] = counter[0]
+                if rep:  # the first call pays one-time costs (plans, caches)
+                    forward[i].append((middle - start) * 1e3)
+                    both[i].append((end - start) * 1e3)
+        return [(statistics.median(f), statistics.median(b), n)
+                for f, b, n in zip(forward, both, launches, strict=True)]
 
 
 class _NoOp(torch.autograd.Function):
@@ -323,4 +336,9 @@ def autograd_floor_ms(make_inputs, reps: int = 200) -> float:
     `make_inputs()` (the student's asking for gradients): the autograd engine's own cost for
     an op with these inputs (its fixed cost plus a few us per tap on this CPU), the floor
     under host_ms's numbers that no implementation of the ops can remove."""
-    return host_ms(lambda x: _NoOp.apply(*x.teacher, *x.student), make_inputs, reps)[1]
+    return host_ms(no_op_loss, make_inputs, reps)[1]
+
+
+def no_op_loss(x) -> Tensor:
+    """The no-op op over every tap of kernels.bench's inputs (see autograd_floor_ms)."""
+    return _NoOp.apply(*x.teacher, *x.student)

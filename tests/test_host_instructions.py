@@ -18,14 +18,14 @@ def test_the_child_makes_each_part_s_calls(monkeypatch: pytest.MonkeyPatch) -> N
         return host_ms(loss, make_inputs, reps)
 
     monkeypatch.setattr(plan, "host_ms", counted)
-    host_instructions.run_calls("cifar-b128", {"loss": 2, "op": 3, "floor": 2})
-    assert made == [2, 3, 2]  # loss, op alone, then the no-op floor (through host_ms too)
+    host_instructions.run_calls("cifar-b128", {"loss": 2, "narrow": 4, "op": 3, "floor": 2})
+    assert made == [2, 4, 3, 2]  # loss, at C / 16, op alone, the no-op floor (host_ms too)
 
 
 def test_the_table_is_instructions_per_call_beyond_the_base_run(
         monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
-    # a fake callgrind: 7e9 for the imports, then 2.5e6 / 1.5e6 / 0.75e6 per call
-    per_call = {"loss": 2.5e6, "op": 1.5e6, "floor": 0.75e6}
+    # a fake callgrind: 7e9 for the imports, then 2.5e6 / 2.0e6 / 1.5e6 / 0.75e6 per call
+    per_call = {"loss": 2.5e6, "narrow": 2.0e6, "op": 1.5e6, "floor": 0.75e6}
     runs = []
 
     def fake_count(config_name: str, calls: dict[str, int]) -> int:
@@ -40,7 +40,7 @@ def test_the_table_is_instructions_per_call_beyond_the_base_run(
         [("imagenet160-b256", base)] + [("imagenet160-b256", {**base, part: base[part] + 40})
                                         for part in host_instructions.PARTS], key=str)
     row = capsys.readouterr().out.splitlines()[-1].split()
-    assert row == ["imagenet160-b256", "2.500", "M", "1.500", "M", "0.750", "M"]
+    assert row == ["imagenet160-b256", "2.500", "M", "2.000", "M", "1.500", "M", "0.750", "M"]
 
 
 def test_without_valgrind_one_line(monkeypatch: pytest.MonkeyPatch,

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -76,8 +78,27 @@ def test_model_and_host_reports(capsys) -> None:
     assert "all (floor 429.9 MB" in out and "_pairs_bwd_student_kernel" in out
     host = out.split("kernels stubbed out", 1)[1].splitlines()[-1].split()
     assert host[:3] == ["cifar-b128", "15+8", "8"]  # 2 pool fwd, 2 GAP sums, 3 pairs, 1 bwd
-    assert len(host) == 8 and all(float(ms) > 0 for ms in host[3:])  # the no-op floor too
+    assert len(host) == 9 and all(float(ms) > 0 for ms in host[3:])  # the no-op floor too
     assert bench.main(["--model", "--configs", "cifar-cpu"]) == 2
+
+
+def test_host_timings_side_by_side_keep_each_run_apart() -> None:
+    """host_ms_side_by_side times each run on its own inputs (launch counts per run), and the
+    --host column's narrow taps keep every tap's size and alignment: channels multiples of
+    16, ~1/16 of the original."""
+    config = bench.GPU_CONFIGS["cifar-b128"]
+    narrow = bench.host_inputs(config, torch.float32, bench.HOST_CHANNEL_DIVISOR)()
+    full = bench.host_inputs(config, torch.float32)()
+    for ours, theirs in zip([*narrow.teacher, *narrow.student], [*full.teacher, *full.student],
+                            strict=True):
+        assert ours.shape[0] == theirs.shape[0] == 2 and ours.shape[2:] == theirs.shape[2:]
+        assert ours.shape[1] % 16 == 0 and ours.shape[1] == 16 * math.ceil(theirs.shape[1] / 256)
+    results = plan.host_ms_side_by_side(
+        [(bench.ops_loss(fused), bench.host_inputs(config, torch.float32)),
+         (plan.no_op_loss, bench.host_inputs(config, torch.float32)),
+         (bench.ops_loss(fused), bench.host_inputs(config, torch.float32, 16))], reps=2)
+    assert [launches for _, _, launches in results] == [8, 0, 8]
+    assert all(0 < fwd < both for fwd, both, _ in results)
 
 
 def test_the_host_functions_never_read_the_device() -> None:
