@@ -466,9 +466,10 @@ def host_inputs(config: Config, dtype: torch.dtype, channel_divisor: int = 1
 
 def host_report(configs: Sequence[Config], dtype: torch.dtype, reps: int) -> str:
     """Host ms of the fused loss per config with every kernel stubbed out, on this CPU, at
-    the config's tap structure (host_inputs): the loss (ops_loss), and the ops alone
-    (ops_only); first with glibc's malloc as it is (the last column), then with freed memory
-    kept for reuse, as on a GPU (the others, measured side by side: one call of each in
+    the config's tap structure (host_inputs): the loss (ops_loss), the loss on taps with
+    fewer channels (HOST_CHANNEL_DIVISOR), the ops alone (ops_only) and the no-op floor;
+    first the loss with glibc's malloc as it is (the last column), then the others with
+    freed memory kept for reuse, as on a GPU, measured side by side (one call of each in
     turn)."""
     plain = [plan.host_ms(ops_loss(fused), host_inputs(config, dtype), reps)[1]
              for config in configs]
@@ -590,7 +591,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--host", action="store_true",
                    help="time the host side of the fused loss instead, every kernel stubbed "
                    "out, at the GPU configs' tap structures on this CPU, with freed memory "
-                   "kept for reuse as on a GPU (and once with malloc as it is; needs Triton)")
+                   "kept for reuse as on a GPU (also on taps with 1/16 of the channels, "
+                   "and with malloc as it is; needs Triton)")
     p.add_argument("--tiles", action="store_true",
                    help="time the pool kernels alone at the GPU configs with each pool tile "
                    "variant (the default, 64x64 for all taps, small taps apart) against the "

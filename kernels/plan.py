@@ -13,6 +13,7 @@
 - `host_ms`: the host side of the fused loss (Python, torch.library dispatch, autograd,
   allocations, the non-Triton torch ops) with every kernel stubbed out: what the GPU would
   wait for if the kernels took no time.
+  `host_ms_side_by_side` times several such losses in turn, call by call.
 
 `python -m kernels.bench --model` and `--host` print them.
 """
