@@ -74,8 +74,10 @@ GPU_CONFIGS = {
 }
 
 
-def _shrink(taps: tuple[Tap, ...], divisor: int) -> tuple[Tap, ...]:
-    return tuple((max(1, c // divisor), s) for c, s in taps)
+def _shrink(taps: tuple[Tap, ...], divisor: int, multiple: int = 1) -> tuple[Tap, ...]:
+    """The taps with their channels divided by `divisor`, rounded up to a multiple of
+    `multiple` (at least one multiple)."""
+    return tuple((multiple * math.ceil(c / (divisor * multiple)), s) for c, s in taps)
 
 
 # Same tap structure (so the same n x m pairs and resizes), channels and batch cut down so
@@ -454,13 +456,10 @@ def host_inputs(config: Config, dtype: torch.dtype, channel_divisor: int = 1
     """Fresh CPU inputs at the config's tap structure with batch 2, for the host-side
     measurements (the host work does not depend on the batch, nor on the channels:
     `channel_divisor` > 1 divides them, see HOST_CHANNEL_DIVISOR)."""
-    def narrow(taps: tuple[Tap, ...]) -> tuple[Tap, ...]:
-        if channel_divisor == 1:
-            return taps
-        return tuple((16 * math.ceil(c / (16 * channel_divisor)), s) for c, s in taps)
-
-    config = replace(config, batch=2, teacher=narrow(config.teacher),
-                     student=narrow(config.student))
+    config = replace(config, batch=2)
+    if channel_divisor > 1:  # multiples of 16: the alignment the pool launches group by
+        config = replace(config, teacher=_shrink(config.teacher, channel_divisor, 16),
+                         student=_shrink(config.student, channel_divisor, 16))
     return lambda: make_inputs(config, torch.device("cpu"), dtype)
 
 

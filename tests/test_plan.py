@@ -87,16 +87,16 @@ def test_host_timings_side_by_side_keep_each_run_apart() -> None:
     --host column's narrow taps keep every tap's size and alignment: channels multiples of
     16, ~1/16 of the original."""
     config = bench.GPU_CONFIGS["cifar-b128"]
-    narrow = bench.host_inputs(config, torch.float32, bench.HOST_CHANNEL_DIVISOR)()
-    full = bench.host_inputs(config, torch.float32)()
+    make_full = bench.host_inputs(config, torch.float32)
+    make_narrow = bench.host_inputs(config, torch.float32, bench.HOST_CHANNEL_DIVISOR)
+    narrow, full = make_narrow(), make_full()
     for ours, theirs in zip([*narrow.teacher, *narrow.student], [*full.teacher, *full.student],
                             strict=True):
         assert ours.shape[0] == theirs.shape[0] == 2 and ours.shape[2:] == theirs.shape[2:]
         assert ours.shape[1] % 16 == 0 and ours.shape[1] == 16 * math.ceil(theirs.shape[1] / 256)
     results = plan.host_ms_side_by_side(
-        [(bench.ops_loss(fused), bench.host_inputs(config, torch.float32)),
-         (plan.no_op_loss, bench.host_inputs(config, torch.float32)),
-         (bench.ops_loss(fused), bench.host_inputs(config, torch.float32, 16))], reps=2)
+        [(bench.ops_loss(fused), make_full), (plan.no_op_loss, make_full),
+         (bench.ops_loss(fused), make_narrow)], reps=2)
     assert [launches for _, _, launches in results] == [8, 0, 8]
     assert all(0 < fwd < both for fwd, both, _ in results)
 
