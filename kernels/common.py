@@ -63,6 +63,17 @@ def new_buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
     return out
 
 
+def refuse_double_backward(op: str) -> None:
+    """Called first in the backward of an eager node: its backward is not differentiable, so
+    create_graph=True (grad mode on inside a backward) is an error here, not a gradient that
+    silently drops its second-order terms (once_differentiable lets that through when the
+    incoming gradients are constants)."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(f"{op} has no double backward: the fused kernels' gradients cannot "
+                           "be differentiated again (create_graph=True); use "
+                           "kernels.reference for a gradient penalty")
+
+
 def next_pow2(x: int) -> int:
     """Smallest power of two >= x (>= 1): Triton block shapes must be powers of two."""
     return 1 if x <= 1 else 1 << (int(x) - 1).bit_length()

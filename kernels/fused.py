@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from kernels import reference
-from kernels.common import poison_enabled, triton_device, use_triton
+from kernels.common import poison_enabled, refuse_double_backward, triton_device, use_triton
 from kernels.pairs import (
     PairPlan,
     packed_pair_distances,
@@ -111,6 +111,7 @@ class _EagerFeatureTerms(torch.autograd.Function):
     @staticmethod
     def backward(ctx, _g_t_gaps: Tensor | None, g_s_gaps: Tensor | None,
                  g_d: Tensor | None) -> tuple[Tensor | None, ...]:
+        refuse_double_backward("feature_terms")
         # Runs only when a student tap asks for a gradient and d or s_gaps reached the loss
         # (t_gaps cannot).
         t_maps, s_maps, stats, *s_taps = ctx.saved_tensors

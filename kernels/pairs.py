@@ -40,7 +40,7 @@ and `fastibd::pair_distances_backward` (its autograd formula) -> packed gradient
 pair, saved for the backward) is empty on the reference path. Use `packed_pair_distances`
 (or `pair_distances` of separate maps), which return d only; outside torch.compile they
 run the same host functions through a plain autograd.Function (kernels.common.eager_triton).
-Double backward is not supported.
+Double backward is not supported: differentiating a gradient raises.
 """
 
 import functools
@@ -51,7 +51,15 @@ import torch
 from torch import Tensor
 
 from kernels import common, reference
-from kernels.common import eager_triton, new_buffer, next_pow2, tl, triton, use_triton
+from kernels.common import (
+    eager_triton,
+    new_buffer,
+    next_pow2,
+    refuse_double_backward,
+    tl,
+    triton,
+    use_triton,
+)
 from kernels.reference import NORMALIZE_EPS, Sizes, sizes_of
 
 # ------------------------------------------------------------------------ device helpers
@@ -383,11 +391,12 @@ def pack(maps: Sequence[Tensor]) -> Tensor:
 
 
 def _packed_rows(x: Tensor) -> Tensor:
-    """fp32 [B, L] with contiguous rows, as the kernels index it (a no-op for pool's maps)."""
+    """fp32 [B, L], contiguous (the kernels find row b at b * L): a no-op for pool's maps, a
+    copy for a column slice or a batch step of a larger tensor."""
     # attributes first: a no-op .to() or .contiguous() still costs a dispatch (~1 us)
     if x.dtype != torch.float32:
         x = x.to(torch.float32)
-    return x if x.shape[1] <= 1 or x.stride(1) == 1 else x.contiguous()
+    return x if x.is_contiguous() else x.contiguous()
 
 
 def pairs_fwd(t_packed: Tensor, s_packed: Tensor, t_sizes: Sizes, s_sizes: Sizes,
@@ -608,6 +617,7 @@ class _EagerPairDistances(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_d: Tensor | None):
+        refuse_double_backward("pair_distances")
         t_packed, s_packed, stats = ctx.saved_tensors
         return _map_grads(pairs_bwd, grad_d, t_packed, s_packed, ctx.sizes, stats,
                           *ctx.needs_input_grad[:2])

@@ -62,6 +62,7 @@ from kernels.common import (
     new_buffer,
     next_pow2,
     poison_enabled,
+    refuse_double_backward,
     tl,
     triton,
     use_triton,
@@ -224,16 +225,32 @@ def sample_layout(z: Tensor) -> bool | None:
     return None
 
 
+def _copy_format(z: Tensor) -> torch.memory_format:
+    """The memory format a dense copy of z gets: channels_last when channels are z's unit
+    stride, as torch would suggest."""
+    return torch.channels_last if z.stride(1) == 1 else torch.contiguous_format
+
+
 def dense_sample_layout(z: Tensor) -> tuple[Tensor, bool]:
     """(z, channels_last) with z per-sample dense; copies only a layout the kernels cannot
     index (e.g. a channel slice), to the memory format torch suggests for it."""
     layout = sample_layout(z)
     if layout is None:
-        z = z.contiguous(memory_format=torch.channels_last if z.stride(1) == 1 else
-                         torch.contiguous_format)
+        z = z.contiguous(memory_format=_copy_format(z))
         layout = sample_layout(z)
         assert layout is not None
     return z, layout
+
+
+def dz_memory_format(z: Tensor) -> torch.memory_format | None:
+    """The layout of dz for tap z, one rule for the Triton path, the torch path and the
+    custom op's fake (torch.compile checks the strides a fake promises): None = z's own
+    strides, when z is dense and the kernels index it in place; otherwise dense in the
+    format z's copy gets (a batch slice, a channel slice, a permuted tap)."""
+    _, c, h, w = z.shape
+    if z.stride(0) == c * h * w and sample_layout(z) is not None:
+        return None
+    return _copy_format(z)
 
 
 # Taps of at most this many positions (8x8: ImageNet's 7x7 and 5x5, CIFAR's 8x8 and 4x4)
@@ -300,7 +317,7 @@ class PoolPlan:
     parts_len: int  # P = sum (spatial blocks * C)
     gaps_len: int  # CG = sum C
     copy: tuple[int, ...]  # taps the kernels cannot index in place (copied each call)
-    # per tap, the memory format dz is allocated in; None: like z (z is dense)
+    # per tap, the memory format dz is allocated in (dz_memory_format of the tap)
     dz_formats: tuple[torch.memory_format | None, ...]
     groups: tuple[PoolGroup, ...]
     reduce: Tensor | None  # [n_items, 5] int32 (_gap_reduce_kernel); None: partials = GAPs
@@ -322,10 +339,11 @@ def _plan(key: tuple, device: torch.device, block_hw: int | None,
     signature = [(shape, stride, dtype) for (shape, dtype), stride in zip(*key, strict=True)]
     # Per tap: (copied, channels_last, batch stride) once the kernels can index it, and
     # whether its unit-stride axis and batch stride are multiples of 16 elements.
-    layouts, kinds = [], {}
+    layouts, kinds, dz_formats = [], {}, []
     for i, (shape, stride, dtype) in enumerate(signature):
         z = torch.empty_strided(shape, stride, dtype=dtype, device="meta")
         dense, channels_last = dense_sample_layout(z)
+        dz_formats.append(dz_memory_format(z))
         _, c, h, w = shape
         aligned = (c if channels_last else h * w) % 16 == 0 and dense.stride(0) % 16 == 0
         layouts.append((dense is not z, channels_last, dense.stride(0)))
@@ -341,8 +359,10 @@ def _plan(key: tuple, device: torch.device, block_hw: int | None,
                           for i in members})
     offsets, reduce_rows = [], []  # per tap: (map, partials, gap) offsets in packed rows
     maps_len = parts_len = gaps_len = 0
+    one_block = True  # every tap fits one spatial block: its partials are its GAPs
     for i, ((_, c, h, w), _, _) in enumerate(signature):
         n_blocks = triton.cdiv(h * w, blocks_of[i][0])
+        one_block = one_block and n_blocks == 1
         offsets.append((maps_len, parts_len, gaps_len))
         reduce_rows += [(parts_len, n_blocks, c, c0, gaps_len)
                         for c0 in range(0, c, REDUCE_BLOCK)]
@@ -360,16 +380,11 @@ def _plan(key: tuple, device: torch.device, block_hw: int | None,
             block_hw=block_hw, block_c=block_c, num_warps=num_warps, n_work=len(work),
             tap_table=torch.tensor(rows, dtype=torch.int32).to(device),
             work=torch.tensor(work, dtype=torch.int32).reshape(-1, 2).to(device)))
-    one_block = parts_len == gaps_len  # every tap fits one spatial block: partials = GAPs
     return PoolPlan(
         sizes=tuple((shape[2], shape[3]) for shape, _, _ in signature),
         maps_len=maps_len, parts_len=parts_len, gaps_len=gaps_len,
         copy=tuple(i for i, (copied, _, _) in enumerate(layouts) if copied),
-        dz_formats=tuple(
-            None if stride_b == shape[1] * shape[2] * shape[3] else
-            torch.channels_last if channels_last else torch.contiguous_format
-            for (shape, _, _), (_, channels_last, stride_b) in zip(signature, layouts,
-                                                                   strict=True)),
+        dz_formats=tuple(dz_formats),
         groups=tuple(groups),
         reduce=None if one_block else torch.tensor(reduce_rows, dtype=torch.int32).to(device))
 
@@ -436,7 +451,8 @@ def pool_fwd(taps: Sequence[Tensor], block_hw: int | None = None, block_c: int |
 
 
 def _like(z: Tensor, fmt: torch.memory_format | None) -> Tensor:
-    """An uninitialized dz for z: dense (batch stride C*H*W), in z's within-sample layout."""
+    """An uninitialized dz for z: dense (batch stride C*H*W), laid out as
+    dz_memory_format(z) says (`fmt`)."""
     if fmt is None:  # z is dense itself: empty_like keeps its strides (the cheap case)
         return torch.empty_like(z)
     return torch.empty(tuple(z.shape), dtype=z.dtype, device=z.device, memory_format=fmt)
@@ -458,8 +474,8 @@ def pool_bwd(taps: Sequence[Tensor], g_maps: Tensor | None, g_gaps: Tensor | Non
     plan = plan or pool_plan(taps, block_hw, block_c)
     # A tap the kernels cannot index is copied again here, not kept from the forward: kept,
     # the copy would hold an activation's worth of memory from the forward to the backward.
-    taps = _dense(taps, plan)
     dzs = [_like(z, fmt) for z, fmt in zip(taps, plan.dz_formats, strict=True)]
+    taps = _dense(taps, plan)
     poison = poison_enabled() if poison is None else poison
     if poison:
         for dz in dzs:
@@ -517,7 +533,7 @@ def pool_backward_torch(taps: Sequence[Tensor], g_maps: Tensor | None, g_gaps: T
         if g_gaps is not None:
             g_gap = g_gaps[:, gap_off:gap_off + channels]
             grad = grad + (g_gap.to(dtype) / (h * w))[:, :, None, None]
-        dz = torch.empty_like(z)  # same memory format as z
+        dz = _like(z, dz_memory_format(z))  # the Triton path's layout
         dz.copy_(grad.expand(z.shape))
         dzs.append(dz)
         map_off, gap_off = map_off + h * w, gap_off + channels
@@ -541,7 +557,7 @@ def pool_taps_backward_op(taps: list[Tensor], g_maps: Tensor | None, g_gaps: Ten
 @pool_taps_backward_op.register_fake
 def _pool_taps_backward_fake(taps: list[Tensor], g_maps: Tensor | None,
                              g_gaps: Tensor | None) -> list[Tensor]:
-    return [torch.empty_like(z) for z in taps]
+    return [_like(z, dz_memory_format(z)) for z in taps]
 
 
 def _pool_setup_context(ctx, inputs, output) -> None:
@@ -583,6 +599,7 @@ class _EagerPoolTaps(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_maps: Tensor | None, g_gaps: Tensor | None):
+        refuse_double_backward("pool_taps")
         def backward(taps, g_maps, g_gaps):
             return pool_bwd(taps, g_maps, g_gaps, plan=ctx.plan)
 

@@ -60,12 +60,14 @@ def pool(z: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def check_taps(taps: Sequence[Tensor]) -> None:
-    """ValueError unless taps is a non-empty list of [B, C, H, W] maps of one batch size."""
+    """ValueError unless taps is a non-empty list of [B, C, H, W] maps of one batch size,
+    each with at least one channel and one position (an empty map has no mean)."""
     shapes = [z.shape for z in taps]  # plain sizes, no slicing: this runs every step
     batch = shapes[0][0] if shapes and len(shapes[0]) == 4 else None
-    if batch is None or any(len(shape) != 4 or shape[0] != batch for shape in shapes):
-        raise ValueError("pool expects [B, C, H, W] feature maps with one batch size, got "
-                         f"shapes {[tuple(shape) for shape in shapes]}")
+    if batch is None or any(len(shape) != 4 or shape[0] != batch or
+                            shape[1] * shape[2] * shape[3] == 0 for shape in shapes):
+        raise ValueError("pool expects [B, C, H, W] feature maps with one batch size and "
+                         f"C, H, W >= 1, got shapes {[tuple(shape) for shape in shapes]}")
 
 
 def pool_taps(taps: Sequence[Tensor]) -> tuple[Tensor, Tensor]:

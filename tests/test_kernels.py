@@ -87,6 +87,10 @@ def test_errors_match_the_reference() -> None:
         fused.pair_distances([], [torch.rand(1, 2, 2)])
     with pytest.raises(ValueError, match="one batch size"):
         fused.pair_distances([torch.rand(2, 2, 2)], [torch.rand(3, 2, 2)])
+    for empty in ((2, 4, 1, 0), (2, 0, 3, 3)):  # no position or no channel: no mean
+        for ops in (fused, reference):
+            with pytest.raises(ValueError, match="C, H, W >= 1"):
+                ops.pool_taps([torch.rand(2, 4, 3, 3), torch.rand(empty)])
     for ops in (fused, reference):
         with pytest.raises(ValueError, match="at least one teacher tap and one student tap"):
             ops.feature_terms([], [torch.rand(2, 3, 2, 2)])
@@ -204,6 +208,12 @@ def test_opcheck_all_ops() -> None:
     torch.library.opcheck(pool.pool_taps_backward_op, ([z.detach()], torch.randn(2, 12), None))
     torch.library.opcheck(pool.pool_taps_backward_op,
                           ([z_cl, z.detach()], None, torch.randn(2, 10)))
+    # taps the kernels would copy (H and W transposed, a channel slice of channels_last, a
+    # batch step): the fake promises the layout of the real dz
+    base = torch.randn(4, 6, 3, 4, generator=gen)
+    awkward = [base.permute(0, 1, 3, 2), base.to(memory_format=torch.channels_last)[::2, 1:4]]
+    torch.library.opcheck(pool.pool_taps_backward_op,
+                          ([awkward[0][::2], awkward[1]], torch.randn(2, 24), torch.randn(2, 9)))
     t_maps = positive_maps(2, [(4, 4), (3, 5)], gen)
     s_maps = positive_maps(2, [(3, 3), (8, 8), (1, 1)], gen)
     t_sizes = [v for m in t_maps for v in m.shape[1:]]

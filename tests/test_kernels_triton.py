@@ -359,6 +359,28 @@ def test_pairs_kernels_all_zero_maps_follow_normalize_eps() -> None:
     assert torch.isfinite(d).all()
 
 
+def test_pairs_kernels_read_packed_rows_of_any_batch_stride() -> None:
+    """Packed maps that are views of larger tensors (a column slice: the row stride is wider
+    than the packed row; every other sample: a batch step) give the float64 reference's
+    distances and gradients, the gradient reaching the larger tensor through the view."""
+    gen = torch.Generator().manual_seed(14)
+    t_sizes, s_sizes = [(4, 4), (2, 3)], [(5, 5), (3, 3)]
+    lt, ls = sum(h * w for h, w in t_sizes), sum(h * w for h, w in s_sizes)
+    t_big = torch.rand(3, lt + 7, generator=gen) + 0.05
+    s_big = (torch.rand(6, ls, generator=gen) + 0.05).requires_grad_()
+    t_packed, s_packed = t_big[:, 3:3 + lt], s_big[::2]
+    assert t_packed.stride(0) != lt and s_packed.stride(0) != ls
+    d = fused.packed_pair_distances(t_packed, s_packed, t_sizes, s_sizes)
+    grad_d = torch.rand(d.shape, generator=gen)
+    (g_big,) = torch.autograd.grad(d, s_big, grad_d)
+    want_d, _, want_gs = pairs_reference64(reference.unpack_maps(t_packed, t_sizes),
+                                           reference.unpack_maps(s_packed.detach(), s_sizes),
+                                           grad_d)
+    assert_distances_close(d, want_d, reference.unpack_maps(t_packed, t_sizes))
+    assert torch.all(g_big[1::2] == 0)  # the samples the view skips
+    assert_grads_close(reference.unpack_maps(g_big[::2], s_sizes), want_gs, 1e-4)
+
+
 def test_pairs_kernels_accept_low_precision_maps() -> None:
     gen = torch.Generator().manual_seed(7)
     t_maps = [m.bfloat16() for m in positive_maps(2, [(4, 4)], gen)]
@@ -399,6 +421,46 @@ def test_ops_run_triton_and_pass_opcheck() -> None:
                           fused.packed_pair_distances(args[0], args[1], t_sizes, s_sizes))
     for a, b in zip(by_op, by_function, strict=True):
         assert torch.equal(a, b)
+
+
+def test_pool_backward_fake_promises_the_real_strides() -> None:
+    """The backward op's fake (what torch.compile plans memory with) gives dz the strides
+    the kernels write, also for taps the kernels cannot index in place and copy: H and W
+    transposed, a channel slice of channels_last, a batch step."""
+    gen = torch.Generator().manual_seed(15)
+    base = torch.randn(4, 6, 5, 3, generator=gen)
+    cl = base.to(memory_format=torch.channels_last)
+    for z in (base.permute(0, 1, 3, 2), cl[:, 1:4], cl[::2], base[::2], cl):
+        sizes = z.shape[2] * z.shape[3]
+        g_maps = torch.randn(z.shape[0], sizes, generator=gen)
+        g_gaps = torch.randn(z.shape[0], z.shape[1], generator=gen)
+        (dz,) = pool.pool_taps_backward_op([z], g_maps, g_gaps)
+        assert dz.stride() == pool._like(z, pool.dz_memory_format(z)).stride()
+        torch.library.opcheck(pool.pool_taps_backward_op, ([z], g_maps, g_gaps))
+        torch.library.opcheck(pool.pool_taps_op, ([z.detach().requires_grad_()],))
+
+
+@pytest.mark.parametrize("node", ["pool", "pairs", "feature_terms"])
+def test_eager_nodes_refuse_double_backward(node: str) -> None:
+    """The eager autograd nodes' backwards are not differentiable: asking for a gradient
+    with create_graph=True is an error, not a gradient whose own gradient is silently
+    missing (its second-order terms)."""
+    gen = torch.Generator().manual_seed(16)
+    node_op = {"pool": "pool_taps", "pairs": "pair_distances", "feature_terms": "feature_terms"}
+    z = torch.randn(2, 3, 4, 4, generator=gen).requires_grad_()
+    if node == "pool":
+        maps, gaps = fused.pool_taps([z])
+        out = maps.sum() + gaps.sum()
+    elif node == "pairs":
+        z = (torch.rand(2, 4, 4, generator=gen) + 0.05).requires_grad_()
+        out = fused.pair_distances([torch.rand(2, 3, 3, generator=gen) + 0.05], [z]).sum()
+    else:
+        _, s_gaps, d = fused.feature_terms([torch.randn(2, 5, 2, 2, generator=gen)], [z])
+        out = s_gaps.sum() + d.sum()
+    with pytest.raises(RuntimeError, match=f"{node_op[node]} has no double backward"):
+        torch.autograd.grad(out, z, create_graph=True)
+    (g,) = torch.autograd.grad(out, z)  # first order: unchanged
+    assert torch.isfinite(g).all()
 
 
 def test_launches_per_loss_forward_backward() -> None:
