@@ -11,6 +11,8 @@ The project's code is then loaded with the port's weights and must give the same
   `defense/IBD_module.py`, `Dist_Module.train`, same commit.
 - RSLAD loss: zibojia/RSLAD `resnet18_rslad_cifar10.py` (`kl_loss`) and `rslad_loss.py`
   (`rslad_inner_loss`) at c40e04f6c4edcd87431d0250b168d503b1293745.
+- PGD-AT's training attack on a train-mode model: csdongxian/AWP `AT_AWP/train_cifar10.py`
+  (`attack_pgd`) at a7acf5d842fccf1bbb4b91644352ce157d370a26.
 """
 
 from __future__ import annotations
@@ -435,3 +437,59 @@ def test_rslad_attack_equals_rslad_inner_loss() -> None:
                          "normal", torch.Generator().manual_seed(8))
     torch.testing.assert_close(got, x_adv, rtol=0, atol=0)
     assert model.training
+
+
+# ------------------------------------ the port of AT_AWP/train_cifar10.py (`attack_pgd`)
+
+
+def port_at_awp_attack_pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epsilon: float,
+                           alpha: float, attack_iters: int, start: torch.Tensor
+                           ) -> torch.Tensor:
+    """`attack_pgd` of csdongxian/AWP `AT_AWP/train_cifar10.py` at
+    a7acf5d842fccf1bbb4b91644352ce157d370a26, Linf, one restart, no early stop, as its
+    training loop calls it: on the model in whatever mode it is in (train, from the loop's
+    `model.train()`), each step a mean cross-entropy `loss.backward()` into delta. What
+    differs: `start` is the uniform delta it draws (ours, so both begin at one point); the
+    model normalizes inside (the code's `normalize`), and it has no upper/lower limits other
+    than [0, 1]."""
+    delta = start.clone()
+    delta = torch.max(torch.min(delta, 1 - x), 0 - x)  # clamp(delta, lower - X, upper - X)
+    delta.requires_grad = True
+    for _ in range(attack_iters):
+        output = model(x + delta)
+        loss = F.cross_entropy(output, y)
+        loss.backward()
+        grad = delta.grad.detach()
+        d = torch.clamp(delta + alpha * torch.sign(grad), min=-epsilon, max=epsilon)
+        d = torch.max(torch.min(d, 1 - x), 0 - x)
+        delta.data = d
+        delta.grad.zero_()
+    return (x + delta).detach()
+
+
+def test_pgd_at_attack_with_train_mode_batchnorm_equals_the_at_awp_code() -> None:
+    """attack.batchnorm=train (the cifar10_teacher_pgdat recipes): pgd_ce attacks the
+    training student on batch statistics, as AT-AWP's `attack_pgd` (the PGD-AT code of Rice
+    et al.): the same x_adv, and the same BatchNorm running statistics afterwards (each step
+    updates them); with the default (eval) the statistics stay and x_adv differs."""
+    model = TapNet((4, 6), batchnorm=True, seed=9)
+    generator = torch.Generator().manual_seed(10)
+    x = torch.rand(6, 3, 8, 8, generator=generator)
+    x[:, :, :2] = 0.0  # pixels at the box's edge
+    y = torch.randint(0, 10, (6,), generator=generator)
+    eps, alpha = 8 / 255, 2 / 255
+    start = (2.0 * torch.rand(x.shape, generator=torch.Generator().manual_seed(11)) - 1.0) * eps
+    port_model = copy.deepcopy(model).train()
+    want = port_at_awp_attack_pgd(port_model, x, y, eps, alpha, 10, start)
+    model.train()
+    got = attacks.pgd_ce(model, x, y, eps, alpha, 10, generator=torch.Generator().manual_seed(11),
+                         batchnorm="train")
+    assert model.training
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    for (name, ours), theirs in zip(model.named_buffers(), port_model.buffers(), strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-7, msg=name)
+    before = copy.deepcopy(model.state_dict())
+    in_eval = attacks.pgd_ce(model, x, y, eps, alpha, 10,
+                             generator=torch.Generator().manual_seed(11))
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert (in_eval - got).abs().max() > 1e-3

@@ -3,6 +3,7 @@ whose input gradient sign is known."""
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 
 import pytest
@@ -115,6 +116,31 @@ def test_attacks_run_in_eval_mode_and_restore_modes(trained, name: str, start_tr
     for key, value in model.state_dict().items():
         if key in buffers:
             assert torch.equal(value, buffers[key]), key
+
+
+@pytest.mark.parametrize(("kind", "steps"), [("kl", 5), ("kl", 1), ("ce", 5), ("ce", 1)])
+def test_train_mode_batchnorm_attacks_on_batch_statistics(trained, kind: str, steps: int):
+    """attack.batchnorm=train: every attack (KL-PGD, Fast-IBD's FGSM, PGD, Fast-AT's FGSM)
+    runs the training model as it is, so BatchNorm normalizes with batch statistics and
+    updates its running ones once per gradient taken; the model's modes are untouched."""
+    model, x, y = trained
+    model = copy.deepcopy(model).train()
+    seen_modes: list[bool] = []
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.register_forward_pre_hook(lambda mod, _: seen_modes.append(mod.training))
+    settings = attacks.AttackSettings(eps=EPS, step_size=STEP, steps=steps, batchnorm="train")
+    counts = model.block1[1].num_batches_tracked.item()
+    if kind == "kl":
+        x_adv = attacks.kl_attack(model, x[:16], smoothed_labels(y[:16]), settings, None)
+    else:
+        x_adv = attacks.ce_attack(model, x[:16], y[:16], settings, None)
+    assert_in_ball(x_adv, x[:16], EPS)
+    assert seen_modes and all(seen_modes)
+    assert model.block1[1].num_batches_tracked.item() == counts + steps
+    assert all(m.training for m in model.modules())
+    with pytest.raises(ValueError, match="batchnorm"):
+        attacks.pgd_ce(model, x[:4], y[:4], EPS, STEP, 1, batchnorm="frozen")
 
 
 def test_mixed_module_modes_are_restored_exactly(trained) -> None:

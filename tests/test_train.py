@@ -288,6 +288,34 @@ def test_every_shipped_config_is_valid(name: str) -> None:
         assert settings["teacher"]["arch"] in ARCHITECTURES and settings["teacher"]["path"]
 
 
+def test_recipes_that_name_an_upstream_code_hold_its_defaults() -> None:
+    """Each value as the code the recipe names has it (epochs there counted from 1, here
+    from 0): yaodongyu/TRADES train_trades_cifar10.py (76 epochs, `epoch >= 75`, eps 0.031,
+    step 0.007, wd 2e-4); csdongxian/AWP trades_AWP/train_trades_cifar.py (`epoch >= 100`,
+    `>= 150`, warmup 10, eps 8, step 2, wd 5e-4) and AT_AWP/train_cifar10.py (the attack on
+    the train-mode model); locuslab/fast_adversarial CIFAR10/train_fgsm.py (15 epochs, cyclic
+    peak at half, alpha 10 at eps 8, model.train()); SkyKuang/IBD train.py + train.sh
+    (`range(0, max_epoch + 1)` with max_epoch 150, lr /10 at t >= 100, t >= 125)."""
+    got = {name: load_settings(["--cfg", name]) for name in (
+        "cifar10_teacher_trades", "cifar10_teacher_trades_awp", "cifar10_teacher_pgdat",
+        "cifar10_teacher_pgdat_l2", "cifar10_fast_at", "cifar10_wrn34_code")}
+    trades, trades_awp = got["cifar10_teacher_trades"], got["cifar10_teacher_trades_awp"]
+    assert (trades.training.epochs, trades.optim.milestones) == (76, (74,))
+    assert (trades.attack.eps, trades.attack.step_size) == (0.031, 0.007)
+    assert (trades.optim.weight_decay, trades.attack.batchnorm) == (2e-4, "eval")
+    assert (trades_awp.training.epochs, trades_awp.optim.milestones) == (200, (99, 149))
+    assert (trades_awp.attack.eps, trades_awp.attack.step_size) == (8 / 255, 2 / 255)
+    assert (trades_awp.awp.warmup, trades_awp.optim.weight_decay) == (9, 5e-4)
+    for name in ("cifar10_teacher_pgdat", "cifar10_teacher_pgdat_l2", "cifar10_fast_at"):
+        assert got[name].attack.batchnorm == "train", name
+    fast = got["cifar10_fast_at"]
+    assert (fast.training.epochs, fast.optim.peak_epoch, fast.optim.lr) == (15, 7.5, 0.2)
+    assert fast.attack.fgsm_alpha * fast.attack.eps == pytest.approx(10 / 255)
+    code = got["cifar10_wrn34_code"]
+    assert (code.training.epochs, code.optim.milestones, code.loss.alpha) == (151, (100, 125),
+                                                                              0.8)
+
+
 def test_a_config_overrides_the_recipe_it_names_as_base(tmp_path: Path) -> None:
     child = tmp_path / "child.yaml"
     child.write_text("base: smoke\nloss:\n  alpha: 0.5\n")

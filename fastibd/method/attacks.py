@@ -7,7 +7,9 @@ Every attack here
 - returns a detached x_adv with |x_adv - x| <= eps elementwise (Linf) or
   ||x_adv - x||_2 <= eps per example (L2), and 0 <= x_adv <= 1;
 - runs the model in eval mode, so BatchNorm neither uses batch statistics nor updates its
-  running averages on adversarial inputs, and restores every submodule's mode afterwards;
+  running averages on adversarial inputs, and restores every submodule's mode afterwards
+  (`batchnorm="train"`: in the model's own modes instead, as the PGD-AT code of Rice et
+  al. / AT-AWP and Fast-AT's code attack their training model);
 - differentiates with respect to the input only (torch.autograd.grad), so no gradient is
   accumulated into the model's parameters;
 - computes the attack loss in fp32 from the logits, so it works under torch.autocast.
@@ -21,7 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +34,7 @@ from fastibd.errors import UserError
 
 STARTS = ("normal", "uniform", "none")
 NORMS = ("linf", "l2")
+BATCHNORM_MODES = ("eval", "train")  # the model's modes during a training attack
 NORMAL_START_STD = 0.001  # the TRADES / RSLAD / IBD code starts at x + 0.001 * N(0, 1)
 TINY_NORM = 1e-12  # a zero gradient gives a zero L2 step (as F.normalize), not NaN
 
@@ -51,6 +54,11 @@ class AttackSettings:
     eval_step_size: float = option(Number(0), "PGD step for model selection (0: eps/4)", 0.0)
     norm: str = option(Choice(*NORMS), "threat model: linf (sign steps, box) or l2 (normalized "
                        "gradient steps, L2 ball)", "linf")
+    batchnorm: str = option(Choice(*BATCHNORM_MODES), "the student's mode while it is attacked: "
+                            "eval (running statistics, left alone; the IBD, RSLAD and TRADES "
+                            "codes) or train (batch statistics, running ones updated at every "
+                            "step; the PGD-AT code of Rice et al. / AT-AWP, Fast-AT's code)",
+                            "eval")
 
     def __post_init__(self) -> None:
         if self.norm != "linf":
@@ -60,6 +68,14 @@ class AttackSettings:
                 raise UserError(f"attack.{key}={getattr(self, key)} is above 1: a Linf budget "
                                 "is in pixel space on [0, 1] images (write 8/255, not 8); "
                                 "only attack.norm=l2 takes budgets above 1")
+
+
+def attack_mode(model: nn.Module, batchnorm: str) -> AbstractContextManager:
+    """The context an attack runs the model in: eval_mode, or with batchnorm="train" the
+    model's own modes (a training student's: BatchNorm on batch statistics)."""
+    if batchnorm not in BATCHNORM_MODES:
+        raise ValueError(f"batchnorm must be one of {BATCHNORM_MODES}, got {batchnorm!r}")
+    return eval_mode(model) if batchnorm == "eval" else nullcontext()
 
 
 @contextmanager
@@ -214,20 +230,21 @@ def kl_pgd(
     start: str = "normal",
     generator: torch.Generator | None = None,
     norm: str = "linf",
+    batchnorm: str = "eval",
 ) -> Tensor:
     """PGD that maximizes kl_div(log_softmax(model(x_adv)), target_probs), in `norm`'s ball.
 
     x: [B, C, H, W] images in [0, 1]. target_probs: [B, K], the teacher's soft label
     (RSLAD / IBD), or None for TRADES: the model's own clean softmax (`model_probs`).
     start: "normal" (x + 0.001 N(0,1), the authors' code) or "uniform" (in the eps-ball).
-    Returns x_adv, detached, same shape and dtype as x.
+    batchnorm: see `attack_mode`. Returns x_adv, detached, same shape and dtype as x.
     """
     check_budget(eps, step_size, norm=norm)
     x = x.detach()
     if target_probs is None:
         target_probs = model_probs(model, x)
     target_probs = target_probs.detach()
-    with eval_mode(model):
+    with attack_mode(model, batchnorm):
         x_adv = attack_start(x, eps, start, generator, norm)
         return sign_ascent(model, x, x_adv, target_probs, eps, step_size, steps, norm=norm)
 
@@ -240,18 +257,19 @@ def fgsm_rs(
     alpha: float | None = None,
     generator: torch.Generator | None = None,
     norm: str = "linf",
+    batchnorm: str = "eval",
 ) -> Tensor:
     """FGSM with a uniform random start (Wong et al. 2020; Fast-IBD on ImageNet); with
     norm="l2" its L2 form, FGM (one normalized-gradient step) from the L2 random start.
 
     Start at random in the eps-ball, take one step of `alpha` (default 1.25 * eps), project.
     target: [B, K] probabilities (KL to a teacher, Fast-IBD) or [B] integer labels
-    (cross-entropy, Fast-AT). Returns x_adv, detached.
+    (cross-entropy, Fast-AT). batchnorm: see `attack_mode`. Returns x_adv, detached.
     """
     step = 1.25 * eps if alpha is None else alpha
     check_budget(eps, step, norm=norm)
     x = x.detach()
-    with eval_mode(model):
+    with attack_mode(model, batchnorm):
         x_adv = attack_start(x, eps, "uniform", generator, norm)
         return sign_ascent(model, x, x_adv, target.detach(), eps, step, steps=1, norm=norm)
 
@@ -266,16 +284,17 @@ def pgd_ce(
     random_start: bool = True,
     generator: torch.Generator | None = None,
     norm: str = "linf",
+    batchnorm: str = "eval",
 ) -> Tensor:
     """Cross-entropy PGD (Madry et al. 2018), for adversarially training teachers; PGD-L2
     with norm="l2".
 
     x: [B, C, H, W] in [0, 1]; y: [B] labels. random_start: uniform start in the eps-ball.
-    Returns x_adv, detached.
+    batchnorm: see `attack_mode`. Returns x_adv, detached.
     """
     check_budget(eps, step_size, norm=norm)
     x = x.detach()
-    with eval_mode(model):
+    with attack_mode(model, batchnorm):
         x_adv = attack_start(x, eps, "uniform" if random_start else "none", generator, norm)
         return sign_ascent(model, x, x_adv, y.detach(), eps, step_size, steps, norm=norm)
 
@@ -286,9 +305,9 @@ def kl_attack(model: nn.Module, x: Tensor, target_probs: Tensor, settings: Attac
     FGSM (L2: FGM) from a uniform start with a step of fgsm_alpha * eps (Fast-IBD)."""
     if settings.steps == 1:
         return fgsm_rs(model, x, target_probs, settings.eps, settings.fgsm_alpha * settings.eps,
-                       generator, settings.norm)
+                       generator, settings.norm, settings.batchnorm)
     return kl_pgd(model, x, target_probs, settings.eps, settings.step_size, settings.steps,
-                  settings.start, generator, settings.norm)
+                  settings.start, generator, settings.norm, settings.batchnorm)
 
 
 def ce_attack(model: nn.Module, x: Tensor, y: Tensor, settings: AttackSettings,
@@ -298,7 +317,7 @@ def ce_attack(model: nn.Module, x: Tensor, y: Tensor, settings: AttackSettings,
     fgsm_alpha * eps."""
     if single_step or settings.steps == 1:
         return fgsm_rs(model, x, y, settings.eps, settings.fgsm_alpha * settings.eps, generator,
-                       settings.norm)
+                       settings.norm, settings.batchnorm)
     return pgd_ce(model, x, y, settings.eps, settings.step_size, settings.steps, True, generator,
-                  settings.norm)
+                  settings.norm, settings.batchnorm)
 
