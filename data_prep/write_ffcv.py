@@ -58,7 +58,7 @@ def build_parser() -> ArgumentParser:
                         help=f"where the source data is (or is downloaded to, for cifar10, "
                              f"cifar100, svhn and tiny-imagenet; default {DOWNLOADS}). Required "
                              "for imagenet/folder")
-    parser.add_argument("--out-dir", type=Path, default=None,
+    parser.add_argument("--out-dir", default=None,
                         help="where train.beton and val.beton go (default data/DATASET)")
     parser.add_argument("--format", choices=("beton", "npz"), default="beton",
                         help="beton: FFCV files (any dataset); npz: uint8 arrays the trainer "
@@ -118,22 +118,24 @@ def stack_images(data: datasets.ImageDataset, count: int) -> tuple[np.ndarray, n
 @exit_on_user_error("write_ffcv.py")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    out_dir = args.out_dir if args.out_dir is not None else Path("data") / args.dataset
+    if args.out_dir is not None and not args.out_dir.strip():
+        raise UserError("--out-dir is empty: name the folder train and val go to")
+    out_dir = Path(args.out_dir) if args.out_dir is not None else Path("data") / args.dataset
     outputs = {split: out_dir / f"{split}.{args.format}" for split in datasets.SPLITS}
     existing = [str(p) for p in outputs.values() if p.exists()]
     if existing and not args.overwrite:  # checked before any slow work
         raise UserError(f"{', '.join(existing)} already exists; pass --overwrite to replace")
-    writable_directory(out_dir, "--out-dir", create=False)  # made when the first file is
+    writable_directory(out_dir, "--out-dir", create=False)  # made once the sources are read
 
     defaults = FOLDER_DEFAULTS if args.dataset in FOLDER_DATASETS else SMALL_DEFAULTS
     storage = {key: defaults[key] if getattr(args, key) is None else getattr(args, key)
                for key in defaults}
     splits = load_splits(args.dataset, args.data_dir)
+    writable_directory(out_dir, "--out-dir")  # now made: the sources are there
     for split, data in splits.items():
         count = len(data) if args.limit is None else min(args.limit, len(data))
         print(f"{args.dataset} {split}: {count} images -> {outputs[split]}", flush=True)
         if args.format == "npz":
-            out_dir.mkdir(parents=True, exist_ok=True)
             write_npz(outputs[split], *stack_images(data, count))
             continue
         write_beton(data, outputs[split], image=image_field(**storage),

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import functools
 import re
+import signal
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import ParamSpec
 
@@ -43,6 +46,29 @@ def require_file(path: str | Path, what: str, hint: str = "",
     if not path.is_file():
         raise UserError(f"no {what} {path}{hint}")
     return path
+
+
+@contextmanager
+def interrupts_kept() -> Iterator[None]:
+    """Ctrl-C inside raises KeyboardInterrupt as usual, and is also remembered: one that a
+    library swallowed (a KeyboardInterrupt raised in a worker pool's callback is printed as
+    "Exception ignored" and dropped) is raised again when the block ends."""
+    if threading.current_thread() is not threading.main_thread():  # no handlers there
+        yield
+        return
+    seen: list[int] = []
+
+    def remember(signum: int, _frame) -> None:
+        seen.append(signum)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, remember)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if seen:
+        raise KeyboardInterrupt
 
 
 def exit_on_user_error(prog: str) -> Callable[[Callable[P, int | None]], Callable[P, int]]:

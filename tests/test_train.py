@@ -113,6 +113,50 @@ def test_interrupted_run_resumes_to_the_same_weights(
     assert epoch_2(tmp_path) == epoch_2(reference_run)
 
 
+def signal_during(monkeypatch: pytest.MonkeyPatch, owner: object, name: str) -> None:
+    """Send this process a real SIGINT (as Ctrl-C) the first time owner.name is called."""
+    real, sent = getattr(owner, name), []
+
+    def interrupted(*args, **kwargs):
+        if not sent:
+            sent.append(True)
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, interrupted)
+
+
+def test_ctrl_c_outside_a_step_stops_the_run_too(
+        digits_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture) -> None:
+    """A Ctrl-C during the setup, during the held-out evaluation after the last step, or
+    during the final validation is not lost: the run stops (130) with what it trained saved,
+    and the same command carries on from there."""
+    from fastibd.train import trainer
+
+    args = [*FAST, "--training.epochs=1", *data_args(digits_dir)]
+    with monkeypatch.context() as patch:  # while the data is read: nothing trained yet
+        signal_during(patch, trainer, "training_data")
+        assert main([*args, f"--training.out_dir={tmp_path / 'setup'}"]) == 130
+    assert "stopped by SIGINT before the first step; nothing was trained" in \
+        capsys.readouterr().err
+    assert not (tmp_path / "setup" / "last.pt").exists()
+    out = tmp_path / "held"
+    with monkeypatch.context() as patch:  # the epoch's held-out evaluation
+        signal_during(patch, trainer.Trainer, "evaluate")
+        assert main([*args, f"--training.out_dir={out}"]) == 130
+    assert f"stopped by SIGINT after epoch 1; saved {out / 'last.pt'}" in capsys.readouterr().err
+    assert [r["kind"] for r in read_metrics(out)] == ["epoch"]  # no final validation yet
+    with monkeypatch.context() as patch:  # the final validation: ends at once
+        signal_during(patch, trainer.Trainer, "_final_report")
+        assert main([*args, f"--training.out_dir={out}"]) == 130
+    captured = capsys.readouterr()
+    assert f"resuming {out / 'last.pt'} after epoch 1" in captured.out
+    assert "fastibd.train: interrupted" in captured.err
+    assert main([*args, f"--training.out_dir={out}"]) == 0  # the validation, now
+    assert [r["kind"] for r in read_metrics(out)] == ["epoch", "final"]
+
+
 def test_kill_during_save_keeps_the_previous_checkpoint(tmp_path: Path) -> None:
     target = tmp_path / "last.pt"
     atomic_save({"epoch": 1}, target)

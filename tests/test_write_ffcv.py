@@ -195,3 +195,42 @@ def test_write_beton_progress_bar_can_be_silenced(tmp_path: Path,
     write_beton(data, tmp_path / "quiet.beton", num_workers=1, progress=False)
     assert capfd.readouterr().err == ""
     assert (tmp_path / "quiet.beton").read_bytes() == (tmp_path / "loud.beton").read_bytes()
+
+
+def test_out_dir_empty_or_impossible_is_one_line(tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture) -> None:
+    for out_dir, needle in (("", "--out-dir is empty"),
+                            ("/proc/fastibd-no-such-dir", "cannot create --out-dir")):
+        assert write_ffcv.main(["--dataset", "digits", "--out-dir", out_dir]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and needle in err, err
+    assert not list(Path.cwd().glob("*.beton"))
+
+
+def test_a_ctrl_c_a_worker_pool_swallows_still_stops_the_write(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A KeyboardInterrupt raised inside a library's callback can be dropped there ("Exception
+    ignored"): the writer still stops when FFCV returns, and leaves no file."""
+    import signal
+
+    from ffcv.writer import DatasetWriter
+
+    from fastibd.data.beton import write_beton
+    from fastibd.data.sources import ArrayDataset
+
+    real = DatasetWriter.from_indexed_dataset
+
+    def swallowing(self, *args, **kwargs):
+        try:
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C, handled inside the library
+        except KeyboardInterrupt:
+            pass
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(DatasetWriter, "from_indexed_dataset", swallowing)
+    data = ArrayDataset(np.zeros((4, 8, 8, 3), np.uint8), np.arange(4))
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        write_beton(data, tmp_path / "x.beton", num_workers=1, progress=False)
+    assert list(tmp_path.iterdir()) == []
+    assert signal.getsignal(signal.SIGINT) is before  # restored

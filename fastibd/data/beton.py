@@ -24,7 +24,7 @@ import numpy as np
 
 from fastibd.data.ffcv_loaders import keep_torch_threads
 from fastibd.data.sources import ImageDataset
-from fastibd.errors import UserError
+from fastibd.errors import UserError, interrupts_kept
 
 WriteMode = Literal["raw", "jpg", "proportion", "smart"]
 WRITE_MODES: tuple[str, ...] = ("raw", "jpg", "proportion", "smart")
@@ -127,7 +127,7 @@ def write_beton(
     # FFCV draws its bar with the tqdm it imported and offers no switch for it.
     bar = ffcv_writer.tqdm if progress else functools.partial(ffcv_writer.tqdm, disable=True)
     try:
-        with mock.patch.object(ffcv_writer, "tqdm", bar):
+        with mock.patch.object(ffcv_writer, "tqdm", bar), interrupts_kept():
             writer.from_indexed_dataset(
                 guard, indices=None if indices is None else list(indices), chunksize=chunksize
             )

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import tqdm
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
@@ -105,6 +106,7 @@ def accuracy_vs_eps(model: TappedModel, batches: Sequence[tuple[Tensor, Tensor]]
                     eps_values: Sequence[float], steps: int, seed: int) -> list[float]:
     """PGD-`steps` accuracy at each eps (step 2.5 eps / steps, Madry et al.); eps 0 = clean."""
     accuracies = []
+    bar = _bar(len(eps_values) * len(batches), "accuracy vs eps")
     for eps in eps_values:
         correct = total = 0
         for index, (x, y) in enumerate(batches):
@@ -115,7 +117,9 @@ def accuracy_vs_eps(model: TappedModel, batches: Sequence[tuple[Tensor, Tensor]]
                                        seed=seed + index).correct
             correct += int(hit.sum())
             total += len(y)
+            bar.update()
         accuracies.append(correct / total)
+    bar.close()
     return accuracies
 
 
@@ -126,11 +130,20 @@ def accuracy_vs_steps(model: TappedModel, batches: Sequence[tuple[Tensor, Tensor
     longest = max(steps)
     correct = torch.zeros(longest + 1)
     total = 0
+    bar = _bar(len(batches), f"accuracy vs steps (PGD-{longest})")
     for index, (x, y) in enumerate(batches):
         result = eval_attacks.pgd(model, x, y, eps, step_size, longest, seed=seed + index)
         correct += result.correct_by_step.sum(dim=1).cpu().float()
         total += len(y)
+        bar.update()
+    bar.close()
     return [float(correct[k]) / total for k in steps]
+
+
+def _bar(batches: int, what: str) -> tqdm.tqdm:
+    """A progress bar on stderr, drawn on a terminal only (tqdm's disable=None)."""
+    return tqdm.tqdm(total=batches, desc=what, unit="batch", file=sys.stderr, leave=False,
+                     disable=None)
 
 
 def plot_robustness(eps_values: Sequence[float], eps_acc: Sequence[float], eps_steps: int,

@@ -500,13 +500,13 @@ def _norm_name(norm: str) -> str:
 
 def clean_and_pgd(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], eps: float,
                   step_size: float, steps: int, seed: int = 0, num_classes: int = 10,
-                  norm: str = "linf") -> dict[str, Any]:
+                  norm: str = "linf", progress: bool = False) -> dict[str, Any]:
     """Clean and PGD-`steps` accuracy, exactly as `fastibd.evaluate --attacks pgdK --eps EPS
     --step-size STEP --seed SEED --norm NORM` reports them (cross-entropy, one random start,
-    fp32)."""
+    fp32); `progress`: a bar over the batches."""
     name = f"pgd{steps}"
     settings = Settings(eps, step_size, 1, seed, num_classes, norm=norm)
-    results, _ = run_attacks(model, batches, [name], settings, progress=False,
+    results, _ = run_attacks(model, batches, [name], settings, progress=progress,
                              gradient_check=False)
     n = max(results.n, 1)
     budget = (f"eps {eps * 255:.4g}/255, step {step_size * 255:.4g}/255" if norm == "linf" else

@@ -21,6 +21,13 @@ from fastibd.method.step import TrainingStep
 from fastibd.models.checkpoint import atomic_save, model_checkpoint
 
 
+def position(epoch: int, step_in_epoch: int) -> str:
+    """Where a run stands, as the stop and resume messages say it (epochs counted from 1)."""
+    if step_in_epoch:
+        return f"at epoch {epoch + 1}, step {step_in_epoch}"
+    return f"after epoch {epoch}" if epoch else "before the first step"
+
+
 @dataclass
 class TrainState:
     """A training step's state and the run's position."""

@@ -1,6 +1,9 @@
-"""Ctrl-C and SIGTERM while training: the first asks the loop to stop after the step in
-flight (the trainer then saves last.pt and exits 130 / 143, so running the same command
-resumes); a second one stops at once."""
+"""Ctrl-C and SIGTERM while training: the first asks the run to stop after the step in
+flight, or after the setup or held-out evaluation in flight (the trainer then saves last.pt
+and exits 130 / 143, so running the same command resumes); a second one stops at once.
+Asked for from the start of a run's setup, not only in the loop: a KeyboardInterrupt raised
+inside a library callback (numba compiling FFCV's pipeline, say) can be swallowed there,
+the request cannot."""
 
 from __future__ import annotations
 
@@ -34,6 +37,7 @@ class StopRequests:
                  trace: TracebackType | None) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+        self._previous = {}  # a second exit restores nothing twice
 
     def _request(self, signum: int, _frame: FrameType | None) -> None:
         if self.signum is not None:  # a second Ctrl-C: stop now

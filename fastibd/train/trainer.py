@@ -29,7 +29,7 @@ from fastibd.run_dir import BEST, LAST, RunDirectory, epoch_line
 from fastibd.train.meter import EpochMeter, LossWatch, StepBar
 from fastibd.train.schedule import build_optimizer, build_scheduler
 from fastibd.train.settings import Settings
-from fastibd.train.state import TrainState
+from fastibd.train.state import TrainState, position
 from fastibd.train.stopping import EXIT_CODES, Stopped, StopRequests
 
 
@@ -47,6 +47,8 @@ class Trainer:
         self.run_dir, self.log, self.stops = self.run.path, None, StopRequests()
         if world.is_main:
             self.run.lock()
+        # Ctrl-C is a stop request from here on (see fastibd.train.stopping); close() ends it
+        self.stops.__enter__()
         try:
             self._build(s, runtime)
         except BaseException:
@@ -85,8 +87,7 @@ class Trainer:
         self.state = state = TrainState(self.step, s.as_dict(), world.size)
         changes = state.load(last, s.training.resume_changed) if last else {}
         if last:
-            print(f"resuming {last}: epoch {state.epoch}, step {state.step_in_epoch}",
-                  flush=True)
+            print(f"resuming {last} {position(state.epoch, state.step_in_epoch)}", flush=True)
         if world.is_main:
             self.run.check_free_space(state.size_estimate())
             self.log = self.run.begin(state.settings, changes, state.epoch,
@@ -98,6 +99,7 @@ class Trainer:
         if self.log is not None:
             self.log.close()
             self.log = None
+        self.stops.__exit__(None, None, None)
         self.run.unlock(failed)
 
     # ------------------------------------------------------------------ the loop
@@ -155,42 +157,52 @@ class Trainer:
         return clean_and_pgd(self.step.student, loader, attack.eps,
                              attack.eval_step_size or attack.eps / 4, attack.eval_steps,
                              self.settings.training.seed, self.data.num_classes,
-                             norm=attack.norm)
+                             norm=attack.norm, progress=self.settings.logging.progress)
 
     def fit(self) -> int:
         training, state = self.settings.training, self.state
         try:
-            with self.stops:
-                while state.epoch < training.epochs:
-                    metrics = self.train_epoch()
-                    state.epoch, state.step_in_epoch = state.epoch + 1, 0
-                    record = {"kind": "epoch", "epoch": state.epoch,
-                              "lr": self.step.scheduler.get_last_lr()[0], **metrics,
-                              "device": device_name(self.runtime.device),
-                              "processes": self.world.size}
-                    state.check_finite(self.run_dir / LAST)  # before best.pt may be saved
-                    due = state.epoch % training.eval_every == 0 or state.epoch == training.epochs
-                    if self.data.holdout is not None and due:
-                        if self.world.is_main:
-                            held = self.evaluate(self.data.holdout)
-                            record |= {f"holdout_{k}": v for k, v in held.items()}
-                            state.keep_if_best(held, self.run_dir / BEST)
-                        barrier(self.world)
-                    self._save_state(check=False)
-                    if self.log is not None:
-                        self.log.write(record)
-                        print(epoch_line(record), flush=True)
+            self._stop_if_asked()  # during the setup
+            while state.epoch < training.epochs:
+                metrics = self.train_epoch()
+                state.epoch, state.step_in_epoch = state.epoch + 1, 0
+                record = {"kind": "epoch", "epoch": state.epoch,
+                          "lr": self.step.scheduler.get_last_lr()[0], **metrics,
+                          "device": device_name(self.runtime.device),
+                          "processes": self.world.size}
+                state.check_finite(self.run_dir / LAST)  # before best.pt may be saved
+                due = state.epoch % training.eval_every == 0 or state.epoch == training.epochs
+                if self.data.holdout is not None and due:
+                    if self.world.is_main:
+                        held = self.evaluate(self.data.holdout)
+                        record |= {f"holdout_{k}": v for k, v in held.items()}
+                        state.keep_if_best(held, self.run_dir / BEST)
+                    barrier(self.world)
+                self._save_state(check=False)
+                if self.log is not None:
+                    self.log.write(record)
+                    print(epoch_line(record), flush=True)
+                self._stop_if_asked()  # during the held-out evaluation or the save
+            # Training is saved: from here Ctrl-C ends the final validation at once (the
+            # run's command, run again, repeats only the validation).
+            self.stops.__exit__(None, None, None)
             if self.world.is_main:
                 self._final_report()
             return 0
         except Stopped as stopped:
             if self.world.is_main:
-                print(f"stopped by {stopped} at epoch {state.epoch + 1}, step "
-                      f"{state.step_in_epoch}; saved {self.run_dir / LAST}. Run the same "
-                      "command to resume.", file=sys.stderr)
+                saved = (f"; saved {self.run_dir / LAST}. Run the same command to resume"
+                         if (self.run_dir / LAST).exists() else "; nothing was trained")
+                print(f"stopped by {stopped} {position(state.epoch, state.step_in_epoch)}"
+                      f"{saved}.", file=sys.stderr)
             return EXIT_CODES[stopped.signum]
         finally:
             self.close()
+
+    def _stop_if_asked(self) -> None:
+        """Stopped, when a stop was asked for outside a training step (its state is saved)."""
+        if self.stops.signum is not None:
+            raise Stopped(self.stops.signum)
 
     def _final_report(self) -> None:
         """Validation accuracy of the best checkpoint (or the last, without a held-out slice)."""
