@@ -17,15 +17,28 @@ from fastibd.errors import EXIT_USER_ERROR, UserError
 class ArgumentParser(argparse.ArgumentParser):
     """argparse that reports a bad command line in one line (plus a pointer to --help), and
     reads a negative fraction such as `-2/255` as a value (so the value's own check says
-    what is wrong with it), not as an unknown option."""
+    what is wrong with it), not as an unknown option. A `prog` of `python -m NAME` (the
+    usage line) is named NAME in errors, as `exit_on_user_error(NAME)` names it."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._negative_number_matcher = re.compile(r"^-\d*\.?\d+(e-?\d+)?(/\d*\.?\d+)?$")
 
     def error(self, message: str) -> NoReturn:
-        print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
+        prog = self.prog.removeprefix("python -m ")
+        print(f"{prog}: error: {message} (see --help)", file=sys.stderr)
         raise SystemExit(EXIT_USER_ERROR)
+
+
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Each option's help followed by its default, unless the help already says it or there
+    is none to say (None, or a flag's False)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default is None or action.default is False or "default" in text:
+            return text
+        return super()._get_help_string(action)
 
 
 def bounded(kind: type, low: float | None = None, high: float | None = None) -> Callable:
@@ -109,4 +122,21 @@ def writable_directory(path: Path, option: str, create: bool = True) -> Path:
             path.mkdir(parents=True, exist_ok=True)
         except OSError as err:
             raise UserError(f"cannot create {option} {path}: {err.strerror}") from None
+    return path
+
+
+def writable_file(path: Path, option: str, make_folder: bool = False, example: str = "") -> Path:
+    """`path` checked, before any slow work, to be a file this process can write: not a
+    directory (`example`, a file name to suggest in it), not a read-only file, in a folder
+    that exists (with `make_folder`: or that can be made; it is then made) and can be written
+    to. `option` names the setting in the one-line error."""
+    if path.is_dir():
+        such_as = f"; give a file name such as {path / example}" if example else ""
+        raise UserError(f"{option} {path} is a directory, not a file{such_as}")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise UserError(f"{option} {path} is not writable")
+    folder = path.parent
+    if not make_folder and not folder.exists():
+        raise UserError(f"{option} {path}: folder {folder} does not exist")
+    writable_directory(folder, f"{option} folder", create=make_folder)
     return path

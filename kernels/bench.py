@@ -41,8 +41,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from fastibd.cli import ArgumentParser, choice_list
+from fastibd.cli import ArgumentParser, choice_list, writable_directory
 from fastibd.device import device_name
+from fastibd.errors import UserError, exit_on_user_error
 from kernels import common, fused, plan, pool, reference
 
 # ----------------------------------------------------------------------------- configs
@@ -551,16 +552,19 @@ def write_plot(rows: Sequence[Row], path: Path, title: str) -> bool:
 
 # -------------------------------------------------------------------------------- main
 
+PROG = "kernels.bench"
+
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     all_configs = [*GPU_CONFIGS, *CPU_CONFIGS]
     p = ArgumentParser(  # one-line errors, as every command of the project
-        prog="python -m kernels.bench",
+        prog=f"python -m {PROG}",
         description="Time the feature-distillation loss (pool all taps + pair distances + "
         "weighted sum) for the eager reference, torch.compile of it, and the fused kernels.",
     )
     p.add_argument("--out", type=Path, default=Path("bench-out"),
-                   help="directory for results.csv and results.png (default: bench-out)")
+                   help="directory for results.csv and results.png (default: bench-out; "
+                   "made if missing)")
     p.add_argument("--configs", type=lambda v: choice_list(v, all_configs, "config"),
                    default=None, help="comma-separated; GPU: " + ", ".join(GPU_CONFIGS)
                    + " (default all); CPU: " + ", ".join(CPU_CONFIGS) + " (default all)")
@@ -599,12 +603,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+@exit_on_user_error(PROG)
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     cuda = torch.cuda.is_available()
     if args.device == "cuda" and not cuda:
-        print("error: --device cuda, but CUDA is not available on this machine", file=sys.stderr)
-        return 2
+        raise UserError("--device cuda, but CUDA is not available on this machine")
     device = torch.device("cuda" if cuda and args.device != "cpu" else "cpu")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     if args.model or args.host:
@@ -615,10 +619,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     names = args.configs or list(catalog)
     wrong = [n for n in names if n not in catalog]
     if wrong:
-        print(f"error: config(s) {', '.join(wrong)} are for the "
-              f"{'CPU' if device.type == 'cuda' else 'GPU'}; on {device.type} choose from "
-              f"{', '.join(catalog)}", file=sys.stderr)
-        return 2
+        raise UserError(f"config(s) {', '.join(wrong)} are for the "
+                        f"{'CPU' if device.type == 'cuda' else 'GPU'}; on {device.type} choose "
+                        f"from {', '.join(catalog)}")
+    writable_directory(args.out, "--out", create=False)  # before timing, not after
     providers = args.providers or list(
         DEFAULT_GPU_PROVIDERS if device.type == "cuda" else DEFAULT_CPU_PROVIDERS)
 
@@ -651,8 +655,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(line, flush=True)
             failed |= not ok
         if failed:
-            print("error: the fused kernels disagree with the reference; not timing them",
-                  file=sys.stderr)
+            print(f"{PROG}: error: the fused kernels disagree with the reference; not timing "
+                  "them", file=sys.stderr)
             return 1
 
     rows: list[Row] = []
@@ -674,27 +678,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def gpu_configs(names: Sequence[str] | None, mode: str) -> list[Config] | None:
-    """The named GPU configs (all by default), or None after a one-line error for any other
-    name (the CPU configs: `mode` works on the GPU configs' shapes)."""
+def gpu_configs(names: Sequence[str] | None, mode: str) -> list[Config]:
+    """The named GPU configs (all by default); a UserError for any other name (the CPU
+    configs: `mode` works on the GPU configs' shapes)."""
     names = names or list(GPU_CONFIGS)
     wrong = [n for n in names if n not in GPU_CONFIGS]
     if wrong:
-        print(f"error: {mode} take GPU configs ({', '.join(GPU_CONFIGS)}), not "
-              f"{', '.join(wrong)}", file=sys.stderr)
-        return None
+        raise UserError(f"{mode} take GPU configs ({', '.join(GPU_CONFIGS)}), not "
+                        f"{', '.join(wrong)}")
     return [GPU_CONFIGS[n] for n in names]
 
 
 def tiles_main(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> int:
     """--tiles: the pool tile variants, on a GPU."""
     if device.type != "cuda" or not common.triton_available():
-        print("error: --tiles times the Triton pool kernels on a CUDA GPU, and this machine "
-              "has none (--model gives their plan without one)", file=sys.stderr)
-        return 2
+        raise UserError("--tiles times the Triton pool kernels on a CUDA GPU, and this "
+                        "machine has none (--model gives their plan without one)")
     configs = gpu_configs(args.configs, "--tiles")
-    if configs is None:
-        return 2
     copy_gbps = copy_bandwidth_gbps(device, args.warmup, args.rep)
     print(f"pool kernels alone per tile variant, {device_name(device)}, {args.dtype} "
           f"channels_last taps; copy bandwidth {copy_gbps:.0f} GB/s (1 GiB D2D copy); "
@@ -706,11 +706,8 @@ def tiles_main(args: argparse.Namespace, device: torch.device, dtype: torch.dtyp
 def plan_main(args: argparse.Namespace, dtype: torch.dtype) -> int:
     """--model / --host: what needs Triton but no GPU."""
     if not common.triton_available():
-        print("error: --model and --host need Triton (pip install triton)", file=sys.stderr)
-        return 2
+        raise UserError("--model and --host need Triton (pip install triton)")
     configs = gpu_configs(args.configs, "--model / --host")
-    if configs is None:
-        return 2
     if args.model:
         print(f"PROJECTION (not a measurement): the fused loss's launch plan, {args.dtype} "
               "channels_last taps; time = bytes / the card's peak HBM bandwidth ("

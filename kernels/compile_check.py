@@ -201,13 +201,22 @@ def main(argv: list[str] | None = None) -> int:
                             epilog=__doc__.split("\n\n", 1)[1],
                             formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", type=lambda v: choice_list(v, list(CONFIGS), "config"),
-                        default=list(CONFIGS))
+                        default=list(CONFIGS),
+                        help="tap structures whose launches are compiled, comma-separated: "
+                        "cifar (WRN-34-10 -> ResNet-18), imagenet160, imagenet224 (ResNet-50 "
+                        "-> ResNet-50); default all")
     parser.add_argument("--dtypes", type=lambda v: choice_list(v, list(DTYPES), "dtype"),
-                        default=list(DTYPES))
+                        default=list(DTYPES),
+                        help="dtypes of the taps, comma-separated: bf16, fp16, fp32 (default "
+                        "all)")
     parser.add_argument("--layouts", type=lambda v: choice_list(v, LAYOUTS, "layout"),
-                        default=list(LAYOUTS))
+                        default=list(LAYOUTS),
+                        help="memory formats of the taps, comma-separated: nchw, channels_last "
+                        "(default both)")
     parser.add_argument("--archs", type=lambda v: choice_list(v, ARCHS, "arch"),
-                        default=list(ARCHS), help="CUDA compute capabilities: 80, 90")
+                        default=list(ARCHS),
+                        help="CUDA compute capabilities compiled for, comma-separated: 80, 90 "
+                        "(default both)")
     parser.add_argument("--tile-variants", action="store_true",
                         help="also the pool launches of the alternative tiles that "
                         "`kernels.bench --tiles` measures (kernels.pool.TILE_VARIANTS)")

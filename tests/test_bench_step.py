@@ -95,3 +95,33 @@ def test_loaders_mode_without_ffcv_is_one_line(capsys: pytest.CaptureFixture,
                         lambda name, *a: None if name == "ffcv" else find_spec(name, *a))
     line = cli_error(bench_step.main, ["--device", "cpu", "--data", "loaders"], capsys)
     assert "needs ffcv" in line and "--data device" in line, line
+
+
+def test_a_json_that_cannot_be_written_is_refused_before_measuring(
+        tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    def reached(*args, **kwargs):
+        raise AssertionError("measured before checking --json")
+
+    monkeypatch.setattr(bench_step, "measure", reached)
+    (tmp_path / "file").write_text("")
+    cases = {
+        tmp_path / "file" / "r.json": f"--json folder {tmp_path / 'file'} is a file, not a "
+                                      "directory",
+        tmp_path / "missing" / "r.json": f"--json {tmp_path / 'missing' / 'r.json'}: folder "
+                                         f"{tmp_path / 'missing'} does not exist",
+        tmp_path: f"--json {tmp_path} is a directory, not a file; give a file name such as "
+                  f"{tmp_path / 'step.json'}",
+    }
+    for path, expected in cases.items():
+        line = cli_error(bench_step.main, ["--device", "cpu", "--data", "device", "--json",
+                                           str(path)], capsys)
+        assert line == f"fastibd.bench_step: error: {expected}", line
+    assert not (tmp_path / "missing").exists()
+
+
+def test_every_option_has_help_and_errors_name_the_command(capsys: pytest.CaptureFixture
+                                                           ) -> None:
+    for action in bench_step.build_parser()._actions:
+        assert action.help, action.option_strings
+    line = cli_error(bench_step.main, ["--steps", "0"], capsys)
+    assert line.startswith("fastibd.bench_step: error: argument --steps"), line

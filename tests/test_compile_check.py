@@ -5,6 +5,8 @@ streamed axis is aligned."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -84,3 +86,14 @@ def test_the_tile_variants_compile_too() -> None:
                                                            "channels_last")
              if name == "small taps apart" and x.kernel.__name__ == "_pool_fwd_kernel"}
     assert tiles == {(128, 32), (32, 128)}
+
+
+def test_every_option_has_help(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as stop:
+        compile_check.main(["--help"])
+    text = capsys.readouterr().out
+    assert stop.value.code == 0
+    for option, words in {"--configs": "tap structures", "--dtypes": "dtypes of the taps",
+                          "--layouts": "memory formats", "--archs": "CUDA compute"}.items():
+        pattern = rf"{option} [A-Z]+\s+" + r"\s+".join(words.split())
+        assert re.search(pattern, text), (option, text)

@@ -8,6 +8,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import re
 import subprocess
 import sys
@@ -409,6 +410,67 @@ def test_cli_as_a_process(standard_ckpt: Path, three_class_ckpt: Path, digits_di
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert lines == [f"fastibd.evaluate: error: {lines[0].partition('error: ')[2]}"]
     assert expected in lines[0] and proc.stdout == ""
+
+
+def no_slow_work(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make reading the data, loading a checkpoint and attacking fail the test if reached."""
+    def reached(*args, **kwargs):
+        raise AssertionError("the slow work started before the check")
+
+    for name in ("dataset_labels", "load_evaluated", "run_attacks"):
+        monkeypatch.setattr(evaluate, name, reached)
+
+
+def test_an_out_that_cannot_be_written_is_refused_before_any_work(
+        tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch) -> None:
+    no_slow_work(monkeypatch)
+    (tmp_path / "file").write_text("")
+    (tmp_path / "locked").mkdir()
+    base = ["--ckpt", str(tmp_path / "m.pt"), "--data", str(tmp_path / "v.beton")]
+    cases = {
+        str(tmp_path): f"--out {tmp_path} is a directory, not a file; give a file name such "
+                       f"as {tmp_path / 'report.json'}",
+        str(tmp_path / "file" / "r.json"): f"--out folder {tmp_path / 'file'} is a file, not "
+                                           "a directory",
+        str(tmp_path / "locked" / "r.json"): f"--out folder {tmp_path / 'locked'} is not "
+                                             "writable",
+    }
+    access = os.access
+    monkeypatch.setattr("fastibd.cli.os.access",  # root may write anywhere: say it may not
+                        lambda path, mode: Path(path).name != "locked" and access(path, mode))
+    for out, expected in cases.items():
+        line = cli_error(evaluate.main, [*base, "--out", out], capsys)
+        assert line == f"fastibd.evaluate: error: {expected}", line
+
+
+def test_every_error_names_the_command_alike(capsys) -> None:
+    """argparse's errors and the tool's own both start `fastibd.evaluate: error:`."""
+    line = cli_error(evaluate.main, ["--ckpt", "m.pt", "--data", "v.beton", "--n", "0"], capsys)
+    assert line.startswith("fastibd.evaluate: error: argument --n: 0 is out of range"), line
+
+
+def test_the_help_describes_every_option_once() -> None:
+    parser = evaluate.build_parser()
+    text = parser.format_help()
+    assert "(default: None)" not in text and "(default: False)" not in text
+    assert re.search(r"--n N\s+evaluate the first N examples \(default: all\)\n", text)
+    for action in parser._actions:
+        assert action.help, action.option_strings
+
+
+def test_a_file_without_classifier_weights_says_what_it_is(tmp_path: Path, capsys) -> None:
+    """No linear.weight / fc.weight: not a checkpoint of these models (evaluate takes no
+    class count: the message must not ask for one)."""
+    ckpt = tmp_path / "opt.pt"
+    torch.save({"exp_avg": torch.zeros(3), "step": torch.ones(1)}, ckpt)
+    data = npz(tmp_path / "v.npz", np.zeros((2, 32, 32, 3), np.uint8), np.array([0, 1]))
+    line = cli_error(evaluate.main, ["--ckpt", str(ckpt), "--arch", "resnet18", "--data",
+                                     str(data), "--device", "cpu", "--no-progress", "--out",
+                                     str(tmp_path / "r.json")], capsys)
+    assert line == (f"fastibd.evaluate: error: {ckpt} holds no classifier weights "
+                    "(linear.weight or fc.weight, read as format 'state_dict'; its first keys: "
+                    "exp_avg, step): probably not a model checkpoint, or not in that format")
+    assert "explicitly" not in line and "num_classes" not in line
 
 
 # ------------------------------------------------- evaluation a wrong input cannot fool

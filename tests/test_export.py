@@ -354,6 +354,11 @@ def test_bad_runs_and_outputs_are_one_line(tmp_path: Path, capsys) -> None:
     }
     for needle, argv in cases.items():
         assert needle in cli_error(export.main, argv, capsys)
+    pth = tmp_path / "m.pth"  # README: an output name that is not .pt is refused
+    assert cli_error(export.main, [str(run), "--robustbench", str(pth)], capsys) == (
+        f"fastibd.export: error: --robustbench {pth}: name the file .pt (RobustBench's model "
+        "files are)")
+    assert not pth.exists()
     (run / "config.yaml").unlink()
     assert "no config.yaml" in cli_error(export.main, [str(run), "--robustbench",
                                                        str(tmp_path / "m.pt")], capsys)

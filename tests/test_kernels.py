@@ -20,6 +20,7 @@ from torch.autograd import gradcheck
 
 from fastibd.method.loss import kernel_backend
 from kernels import bench, common, fused, pairs, pool, reference
+from tests.conftest import cli_error
 from tests.feature_loss_check import assert_fused_matches_eager
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -297,8 +298,23 @@ def test_bench_rejects_bad_arguments(capsys) -> None:
     err = capsys.readouterr().err
     assert stop.value.code == 2 and "unknown provider nope" in err
     assert len(err.strip().splitlines()) == 1 and err.rstrip().endswith("(see --help)")
-    assert bench.main(["--device", "cpu", "--configs", "cifar-b128"]) == 2
-    assert "for the GPU" in capsys.readouterr().err
+    assert err.startswith("kernels.bench: error: argument --providers"), err
+    line = cli_error(bench.main, ["--device", "cpu", "--configs", "cifar-b128"], capsys)
+    assert line.startswith("kernels.bench: error: config(s) cifar-b128 are for the GPU"), line
+
+
+def test_bench_refuses_an_out_that_is_a_file_before_timing(
+        tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch) -> None:
+    def reached(*args, **kwargs):
+        raise AssertionError("timed before checking --out")
+
+    for name in ("check_fused", "run_config"):
+        monkeypatch.setattr(bench, name, reached)
+    taken = tmp_path / "results.csv"
+    taken.write_text("")
+    line = cli_error(bench.main, ["--device", "cpu", "--configs", "imagenet160-cpu", "--out",
+                                  str(taken)], capsys)
+    assert line == f"kernels.bench: error: --out {taken} is a file, not a directory", line
 
 
 def test_bench_shapes_are_the_documented_taps() -> None:

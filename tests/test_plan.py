@@ -80,6 +80,9 @@ def test_model_and_host_reports(capsys) -> None:
     assert host[:3] == ["cifar-b128", "15+8", "8"]  # 2 pool fwd, 2 GAP sums, 3 pairs, 1 bwd
     assert len(host) == 9 and all(float(ms) > 0 for ms in host[3:])  # the no-op floor too
     assert bench.main(["--model", "--configs", "cifar-cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("kernels.bench: error: --model / --host take GPU configs") and \
+        err.count("\n") == 1, err
 
 
 def test_host_timings_side_by_side_keep_each_run_apart() -> None:
@@ -183,3 +186,4 @@ def test_tiles_need_a_gpu(capsys) -> None:
     assert bench.main(["--tiles"]) == 2
     err = capsys.readouterr().err
     assert "on a CUDA GPU" in err and len(err.strip().splitlines()) == 1
+    assert err.startswith("kernels.bench: error: --tiles"), err

@@ -1,13 +1,16 @@
 """python -m fastibd.sweep: a 2 x 2 grid of real (tiny) runs on the digits, rerun skips
-what finished, the table and the figure."""
+what finished, the table and the figure; what would stop a run at its start is refused
+before any run starts."""
 
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import pytest
 
+from fastibd.run_dir import LAST, METRICS_FILE
 from fastibd.train import main as train_main
 from fastibd.train.sweep import main, parse_grid, plan
 from tests.conftest import cli_error, data_args
@@ -60,6 +63,80 @@ def test_a_bad_combination_fails_before_any_run(tmp_path: Path, capsys) -> None:
     assert "lr=-1" in line and "optim.lr" in line
     line = cli_error(main, ["--cfg", "smoke_teacher", "--grid", "alpha=1"], capsys)
     assert "--grid section.key=v1,v2" in line
+
+
+def no_training(argv: list[str]) -> int:
+    raise AssertionError("nothing may train")
+
+
+@pytest.fixture
+def empty_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Empty train.beton and val.beton in the (current) tmp_path: the up-front checks only
+    look for the files; their overrides."""
+    monkeypatch.chdir(tmp_path)
+    for name in ("train.beton", "val.beton"):
+        Path(name).touch()
+    return ["--data.train_path=train.beton", "--data.val_path=val.beton"]
+
+
+def test_a_missing_teacher_in_the_second_combination_is_refused_before_any_run(
+        empty_data: list[str], capsys) -> None:
+    Path("ok.pt").touch()
+    argv = ["--cfg", "smoke", "--grid", "teacher.path=ok.pt,nope.pt", "--out", "sweep",
+            *empty_data]
+    line = cli_error(lambda a: main(a, train=no_training), argv, capsys)
+    assert line == ("fastibd.sweep: error: 1 of 2 runs to train would be refused at its start,"
+                    " so none was started: path=nope.pt: no checkpoint file nope.pt")
+    # a catalog teacher is not fetched by the trainer: its message says how to get it
+    line = cli_error(lambda a: main(a, train=no_training),
+                     [*argv, "--teacher.name=Zhang2019Theoretically"], capsys)
+    assert ("path=nope.pt: no teacher checkpoint nope.pt: python -m fastibd.teachers fetch "
+            "Zhang2019Theoretically") in line and "path=ok.pt" not in line
+    # a distilling mode without a teacher; the mode without one passes
+    line = cli_error(lambda a: main(a, train=no_training),
+                     ["--cfg", "smoke_teacher", "--grid", "loss.mode=pgd_at,ibd", *empty_data],
+                     capsys)
+    assert line.endswith("so none was started: mode=ibd: loss.mode=ibd distils from a "
+                         "teacher: set teacher.path (train one with loss.mode=pgd_at or "
+                         "trades)")
+    assert not Path("sweep").exists() and not Path("runs").exists()
+
+
+def test_a_missing_data_file_is_refused_before_any_run(empty_data: list[str], capsys) -> None:
+    line = cli_error(lambda a: main(a, train=no_training),
+                     ["--cfg", "smoke_teacher", "--grid", "optim.lr=0.05,0.1", "--out", "sweep",
+                      *empty_data, "--data.val_path=val.npz"], capsys)
+    assert line == ("fastibd.sweep: error: 2 of 2 runs to train would be refused at their "
+                    "start, so none was started: all 2 runs: no dataset file val.npz; write "
+                    "one with data_prep/write_ffcv.py --format npz")
+    line = cli_error(lambda a: main(a, train=no_training),
+                     ["--cfg", "smoke_teacher", "--grid", "data.train_path=train.beton,b,c",
+                      "--out", "sweep", *empty_data], capsys)
+    assert ("2 of 3 runs to train would be refused at their start, so none was started: "
+            "train_path=b: no dataset file b; write one with data_prep/write_ffcv.py; "
+            "train_path=c: no dataset file c;") in line
+    assert not Path("sweep").exists()
+
+
+def test_the_dry_run_says_which_runs_resume(empty_data: list[str], capsys) -> None:
+    argv = ["--cfg", "smoke_teacher", "--grid", "optim.lr=0.05,0.1,0.2", "--out", "sweep",
+            *empty_data, "--dry-run"]
+    done, partial = Path("sweep/lr=0.05"), Path("sweep/lr=0.1")
+    for run in (done, partial):
+        run.mkdir(parents=True)
+    (done / METRICS_FILE).write_text(json.dumps({"kind": "final", "epoch": 1}) + "\n")
+    (partial / LAST).touch()  # interrupted: a checkpoint, no final record
+    assert main(argv, train=no_training) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert [line.split(" python ")[0] for line in printed] == [
+        "[1/3] done   ", "[2/3] resumes", "[3/3] to run "]
+    # a run it may not resume is refused up front too (the finished one is skipped)
+    line = cli_error(lambda a: main(a, train=no_training),
+                     [*argv, "--training.resume=false"], capsys)
+    assert line.endswith("1 of 2 runs to train would be refused at its start, so none was "
+                         f"started: lr=0.1: {partial} already holds a run ({partial / LAST}); "
+                         "choose another training.out_dir, or resume it with "
+                         "training.resume=true")
 
 
 def test_grid_parsing() -> None:

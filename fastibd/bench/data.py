@@ -53,7 +53,7 @@ from PIL import Image
 from torch import Tensor
 from tqdm import tqdm
 
-from fastibd.cli import ArgumentParser, bounded, choice_list, comma_list
+from fastibd.cli import ArgumentParser, bounded, choice_list, comma_list, writable_file
 from fastibd.data import CIFAR_PAD, LoaderOptions
 from fastibd.device import resolve_device, synchronize
 from fastibd.errors import UserError, exit_on_user_error
@@ -419,10 +419,7 @@ def check_args(args: argparse.Namespace) -> None:
     """Problems found before any slow work."""
     resolve_device(args.device, "--device")
     if args.json is not None:
-        if args.json.is_dir():
-            raise UserError(f"--json {args.json} is a directory")
-        if not args.json.parent.is_dir():
-            raise UserError(f"--json {args.json}: folder {args.json.parent} does not exist")
+        writable_file(args.json, "--json", example="bench.json")
     if args.work_dir is not None:
         if args.work_dir.exists() and not args.work_dir.is_dir():
             raise UserError(f"--work-dir {args.work_dir} is not a directory")

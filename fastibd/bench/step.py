@@ -40,7 +40,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from fastibd.bench.data import LoadSetup, TorchvisionBatches, prepare
-from fastibd.cli import ArgumentParser, bounded, comma_list
+from fastibd.cli import ArgumentParser, bounded, comma_list, writable_file
 from fastibd.device import Runtime, device_name, resolve_device, resolve_runtime, synchronize
 from fastibd.errors import UserError, exit_on_user_error
 from fastibd.method.attacks import AttackSettings
@@ -221,7 +221,9 @@ def build_parser() -> ArgumentParser:
                             description=__doc__.split("\n\n")[0],
                             epilog=__doc__.split("\n\n", 1)[1],
                             formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="auto: CUDA when available, else the CPU (which has its own "
+                             "workloads)")
     parser.add_argument("--workloads", default="",
                         help=f"comma-separated; CUDA: {', '.join(GPU_WORKLOADS)} (default all); "
                              f"CPU: {', '.join(CPU_WORKLOADS)}")
@@ -236,8 +238,10 @@ def build_parser() -> ArgumentParser:
                         help="untimed steps first (default 5 on CUDA, 1 on CPU)")
     parser.add_argument("--steps", type=bounded(int, 1), default=None,
                         help="timed steps (default 20 on CUDA, 2 on CPU)")
-    parser.add_argument("--json", type=Path, help="also write the results here")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--json", type=Path, metavar="PATH",
+                        help="also write the results here (updated after each row)")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress bars (the table rows still print)")
     return parser
 
 
@@ -254,6 +258,8 @@ def resolve_data(mode: str) -> str:
 @exit_on_user_error("fastibd.bench_step")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.json is not None:  # before measuring, not after
+        writable_file(args.json, "--json", example="step.json")
     device = resolve_device(args.device, "--device")
     on_gpu = device.type == "cuda"
     known = GPU_WORKLOADS if on_gpu else CPU_WORKLOADS
@@ -289,7 +295,10 @@ def main(argv: list[str] | None = None) -> int:
         print(row(result, baseline.get(result.workload)), flush=True)
         if args.json:
             report["results"].append(asdict(result))
-            args.json.write_text(json.dumps(report, indent=2))
+            try:
+                args.json.write_text(json.dumps(report, indent=2))
+            except OSError as err:
+                raise UserError(f"cannot write {args.json}: {err.strerror}") from None
 
     print(HEADER)
     print("-" * len(HEADER), flush=True)

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from fastibd.cli import ArgumentParser, bounded, parse_budget
+from fastibd.cli import ArgumentParser, DefaultsHelpFormatter, bounded, parse_budget, writable_file
 from fastibd.data import LoaderOptions, dataset_labels, dataset_resolution, first_examples
 from fastibd.device import resolve_device
 from fastibd.errors import UserError, exit_on_user_error
@@ -364,7 +364,7 @@ def normalization_probe(model: TappedModel, x: Tensor, y: Tensor, batch_size: in
 
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog=f"python -m {PROG}", description=__doc__.split("\n\n")[0],
-                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                            formatter_class=DefaultsHelpFormatter)
     parser.add_argument("--ckpt", type=Path, required=True,
                         help="checkpoint: fastibd, RobustBench, robustness library, state_dict")
     parser.add_argument("--data", type=Path, required=True,
@@ -421,10 +421,15 @@ def build_parser() -> ArgumentParser:
                              "runs out of memory; the results do not depend on it)")
     parser.add_argument("--n", type=bounded(int, 1), default=None,
                         help="evaluate the first N examples (default: all)")
-    parser.add_argument("--batch-size", type=bounded(int, 1), default=256)
-    parser.add_argument("--seed", type=bounded(int, 0), default=0)
-    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--batch-size", type=bounded(int, 1), default=256,
+                        help="examples attacked together (one forward / backward pass)")
+    parser.add_argument("--seed", type=bounded(int, 0), default=0,
+                        help="seed of the attacks' randomness (random starts, Square, SPSA)")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                        help="precision the model runs in under attack (bf16: autocast, "
+                             "flagged in the report)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="auto: CUDA when available, else the CPU")
     parser.add_argument("--pipeline", choices=("auto", "cifar", "imagenet"), default="auto",
                         help="cifar: images as stored; imagenet: center crop + resize; auto: by "
                              "the architecture's input size")
@@ -439,7 +444,8 @@ def build_parser() -> ArgumentParser:
                         help="images for the huge-eps PGD and normalization probes (0: skip "
                              "them; flagged)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--out", type=Path, default=Path("report.json"), help="JSON report")
+    parser.add_argument("--out", type=Path, default=Path("report.json"),
+                        help="JSON report (its folder is made if missing)")
     return parser
 
 
@@ -454,7 +460,8 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(str(err)) from None
     started = time.perf_counter()
     transfer = wanted_surrogate(args.attacks, args.surrogate)
-    check_writable(args.out)  # before the attacks, not after hours of them
+    # before loading anything or attacking, not after hours of attacks
+    writable_file(args.out, "--out", make_folder=True, example="report.json")
     device = resolve_device(args.device, "--device")
     labels = dataset_labels(args.data)  # cheap: fail on bad data before loading anything big
     evaluated = load_evaluated(args.ckpt, args.arch, args.format, args, device, labels,
@@ -535,16 +542,6 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"cannot write {args.out}: {err.strerror}") from None
     print(f"report      {args.out}")
     return 0
-
-
-def check_writable(path: Path) -> None:
-    """Fail early when the report could not be written."""
-    if path.is_dir():
-        raise UserError(f"--out {path} is a directory; give a file name such as {path}/report.json")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise UserError(f"cannot create the folder of --out {path}: {err.strerror}") from None
 
 
 def _version(package: str) -> str | None:

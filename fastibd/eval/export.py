@@ -517,8 +517,8 @@ def model_card(spec: ModelSpec, wrap: bool) -> dict[str, Any]:
 
 
 def check_out(out: Path, run_dir: Path) -> None:
-    """A .pt/.pth name in a writable folder, and never one of the run's own checkpoints."""
-    if out.suffix not in (".pt", ".pth"):
+    """A .pt name in a writable folder, and never one of the run's own checkpoints."""
+    if out.suffix != ".pt":
         raise UserError(f"--robustbench {out}: name the file .pt (RobustBench's model files are)")
     if out.is_dir():
         raise UserError(f"--robustbench {out} is a directory; give a file name such as "

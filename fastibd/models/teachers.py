@@ -82,16 +82,12 @@ class TeacherSettings:
                                 "can run code, so only for files you trust", False)
 
 
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".tar")  # what a checkpoint is named
+
 def run_teacher(settings: TeacherSettings, mode: str, num_classes: int) -> TappedModel:
     """The teacher a run's `teacher` section names (on the CPU, eval mode, no gradients),
     checked to predict `num_classes` classes. `mode` is the loss mode that asked for it."""
-    settings = with_catalog(settings)
-    if not settings.path:
-        get = (f"get it with {settings.source}" if settings.name
-               else "train one with loss.mode=pgd_at or trades")
-        raise UserError(f"loss.mode={mode} distils from a teacher: set teacher.path ({get})")
-    if settings.source and not Path(settings.path).is_file():
-        raise UserError(f"no teacher checkpoint {settings.path}: {settings.source}")
+    settings = teacher_file(settings, mode)
     loaded = load_checkpoint(settings.arch, settings.path, settings.format,
                              normalization=settings.normalization or None,
                              width_mult=settings.width_mult, trust_pickle=settings.trust_pickle,
@@ -105,10 +101,27 @@ def run_teacher(settings: TeacherSettings, mode: str, num_classes: int) -> Tappe
     return teacher
 
 
-def with_catalog(settings: TeacherSettings) -> TeacherSettings:
+def teacher_file(settings: TeacherSettings, mode: str, notes: bool = True) -> TeacherSettings:
+    """`settings` with its catalog entry filled in (with_catalog; `notes` as there), refused
+    in one line unless teacher.path is a checkpoint file: no path (how to get one), no file
+    there (a catalog teacher's: how to fetch it). Reads nothing: what run_teacher checks
+    before it loads, and the sweep before its first run."""
+    settings = with_catalog(settings, notes)
+    if not settings.path:
+        get = (f"get it with {settings.source}" if settings.name
+               else "train one with loss.mode=pgd_at or trades")
+        raise UserError(f"loss.mode={mode} distils from a teacher: set teacher.path ({get})")
+    if settings.source and not Path(settings.path).is_file():
+        raise UserError(f"no teacher checkpoint {settings.path}: {settings.source}")
+    require_file(settings.path, "checkpoint file", suffixes=CHECKPOINT_SUFFIXES)
+    return settings
+
+
+def with_catalog(settings: TeacherSettings, notes: bool = True) -> TeacherSettings:
     """`settings` with what the catalog entry `settings.name` says filled into the arch,
     format and normalization left at their defaults (and `source`, said when the file is
-    missing). An explicit setting wins; a note says when it differs from the catalog's."""
+    missing). An explicit setting wins; a note says when it differs from the catalog's
+    (unless not `notes`)."""
     if not settings.name:
         return settings
     entry = catalog_entry(settings.name)
@@ -120,7 +133,7 @@ def with_catalog(settings: TeacherSettings) -> TeacherSettings:
         mine = getattr(settings, key)
         if mine == defaults[key]:
             filled[key] = value
-        elif key != "source" and mine != value:
+        elif key != "source" and mine != value and notes:
             print(f"note: teacher: teacher.{key}={mine} overrides the catalog's {value} for "
                   f"{entry.name}", file=sys.stderr, flush=True)
     return replace(settings, **filled)
@@ -267,7 +280,8 @@ def load_checkpoint(
         raise UserError(f"say which architecture {path} holds ({', '.join(ARCHITECTURES)})")
     if arch in WIDE_RESNETS and any(k.startswith("sub_block1.") for k in state):
         options.setdefault("sub_block1", True)  # TRADES / AWP files carry this unused block
-    num_classes = num_classes if num_classes is not None else _infer_num_classes(state, path)
+    if num_classes is None:
+        num_classes = _infer_num_classes(state, path, fmt)
     normalization, override = _choose_normalization(normalization, stats, arch, path)
     notes += [override] if override else []
 
@@ -284,7 +298,7 @@ def read_checkpoint(path: str | Path, trust_pickle: bool = False,
                     trust_option: str = "--trust-pickle") -> Any:
     """torch.load with weights_only=True; a full pickle only when the user trusts it
     (`trust_option` is how the calling command spells the flag, for the message)."""
-    path = require_file(path, "checkpoint file", suffixes=(".pt", ".pth", ".ckpt", ".tar"))
+    path = require_file(path, "checkpoint file", suffixes=CHECKPOINT_SUFFIXES)
     unreadable = f"cannot read {path}: truncated or not a PyTorch checkpoint"
     try:
         with warnings.catch_warnings():  # torch warns about odd pickle protocols of bad bytes
@@ -390,12 +404,16 @@ def _stats(state: Mapping[str, Any], mean_key: str, std_key: str) -> Stats | Non
     return mean, std  # type: ignore[return-value]
 
 
-def _infer_num_classes(state: Mapping[str, torch.Tensor], path: str | Path) -> int:
+def _infer_num_classes(state: Mapping[str, torch.Tensor], path: str | Path, fmt: str) -> int:
+    """The class count, off the classifier's weights (every architecture here names them
+    linear.weight or fc.weight)."""
     for key in ("linear.weight", "fc.weight"):
         if key in state:
             return int(state[key].shape[0])
-    raise UserError(f"cannot tell num_classes from {path}: no linear.weight or fc.weight; "
-                    "pass it explicitly")
+    keys = ", ".join(list(map(str, state))[:3]) or "none"
+    raise UserError(f"{path} holds no classifier weights (linear.weight or fc.weight, read as "
+                    f"format {fmt!r}; its first keys: {keys}): probably not a model "
+                    "checkpoint, or not in that format")
 
 
 def _choose_normalization(asked: str | Stats | None, carried: str | Stats | None, arch: str,

@@ -8,7 +8,9 @@ Each combination is a run directory of its own under --out (named by its values)
 `python -m fastibd.train` in this process, one after another (a run uses every GPU the
 trainer sees: `--training.nproc` as usual). A finished run (its metrics.jsonl has the final
 record) is skipped, an unfinished one resumes, so rerunning the same command continues the
-sweep. Every combination's settings are checked before the first run starts. At the end
+sweep. Before the first run starts, every combination's settings are checked, and so are
+the files each run still to train would refuse at its start (its data files, its teacher
+checkpoint when its loss mode distils one): all refusals in one error. At the end
 (and with --collect-only) results.csv and sweep.png are written to --out from the runs'
 final records (validation clean and PGD accuracy of each run's chosen checkpoint).
 """
@@ -26,9 +28,13 @@ from pathlib import Path
 from typing import Any
 
 from fastibd.cli import ArgumentParser, parse_number, writable_directory
+from fastibd.data.ffcv_loaders import is_npz
+from fastibd.data.options import dataset_file
 from fastibd.errors import EXIT_INTERRUPTED, UserError, exit_on_user_error
-from fastibd.run_dir import LAST, final_record, read_metrics
-from fastibd.train.settings import load_settings
+from fastibd.method.modes import MODES
+from fastibd.models.teachers import teacher_file
+from fastibd.run_dir import LAST, RunDirectory, final_record, read_metrics
+from fastibd.train.settings import Settings, load_settings
 
 PROG = "fastibd.sweep"
 KEY = re.compile(r"^[a-z_]+\.[a-z_0-9]+$")
@@ -95,13 +101,61 @@ def _safe(value: str) -> str:
     return re.sub(r"[^\w.+-]", "_", value)
 
 
-def check_settings(runs: list[Run], base: Sequence[str]) -> None:
-    """Every combination must be a valid training command (before hours of the others)."""
+def check_settings(runs: list[Run], base: Sequence[str]) -> list[Settings]:
+    """Every combination must be a valid training command (before hours of the others);
+    the settings of each."""
+    settings = []
     for run in runs:
         try:
-            load_settings(run.argv(base))
+            settings.append(load_settings(run.argv(base)))
         except UserError as err:
             raise UserError(f"{run.directory.name}: {err}") from None
+    return settings
+
+
+def check_inputs(runs: list[Run], settings: list[Settings]) -> None:
+    """What each run still to train would refuse at its start besides its settings (the
+    trainer's own checks of its run directory, data files and teacher file, run without
+    reading the files), all in one error, so that no run trains for hours before another
+    is found unable to start. A finished run is skipped by the sweep, so it is not checked."""
+    todo = [(run, s) for run, s in zip(runs, settings, strict=True) if run.final is None]
+    refused: dict[str, list[str]] = {}  # the trainer's message: the runs it refuses
+    for run, s in todo:
+        for message in _refusals(s):
+            names = refused.setdefault(message, [])
+            if run.directory.name not in names:
+                names.append(run.directory.name)
+    if not refused:
+        return
+    bad = len({name for names in refused.values() for name in names})
+    said = [f"{f'all {len(todo)} runs' if len(names) == len(todo) > 1 else ', '.join(names)}"
+            f": {message}" for message, names in refused.items()]
+    raise UserError(f"{bad} of {len(todo)} runs to train would be refused at "
+                    f"{'its' if bad == 1 else 'their'} start, so none was started: "
+                    + "; ".join(said))
+
+
+def _refusals(s: Settings) -> list[str]:
+    """The messages of the trainer's start-up checks that `s` fails, in the trainer's order:
+    a run directory it may not resume (fastibd.run_dir), the training and validation files
+    (as fastibd.data.training_data reads them), the teacher file when the loss mode distils
+    one (as fastibd.models.teachers.run_teacher finds it, before it loads anything)."""
+    messages = []
+
+    def check(refuse: Callable[..., object], *args: Any, **kwargs: Any) -> None:
+        try:
+            refuse(*args, **kwargs)
+        except UserError as err:
+            messages.append(str(err))
+
+    check(RunDirectory(s.training.out_dir).resumable, s.training.resume, tidy=False)
+    for path in (s.data.train_path, s.data.val_path):
+        check(dataset_file, path, " --format npz" if is_npz(path) else "")
+    if MODES[s.loss.mode].teacher:
+        check(teacher_file, s.teacher, s.loss.mode, notes=False)  # the run prints its notes
+    return messages
+
+
 
 
 def collect(runs: list[Run], out: Path) -> list[dict[str, Any]]:
@@ -205,10 +259,13 @@ def main(argv: list[str] | None = None,
     base = ["--cfg", args.cfg, *overrides]
     out = args.out or Path("runs") / f"sweep-{Path(args.cfg).stem}"
     runs = plan(args.grid, out)
-    check_settings(runs, base)
+    settings = check_settings(runs, base)
+    if not args.collect_only:
+        check_inputs(runs, settings)
     if args.dry_run:
         for index, run in enumerate(runs, 1):
-            status = "done" if run.final else "to run"
+            status = ("done" if run.final else
+                      "resumes" if (run.directory / LAST).exists() else "to run")
             print(f"[{index}/{len(runs)}] {status:<7} python -m fastibd.train "
                   + " ".join(run.argv(base)))
         return 0
