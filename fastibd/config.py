@@ -159,6 +159,9 @@ class Recipes:
         path = Path(name)
         if path.suffix in (".yaml", ".yml") and path.is_file():
             return path
+        if path.is_file():  # a file, but not named as a recipe: say so, not "unknown"
+            raise UserError(f"--cfg {name} is not a .yaml file: name a recipe "
+                            f"({', '.join(self.names())}) or a path ending in .yaml")
         path = self.directory / f"{name}.yaml"
         if not path.is_file():
             close = difflib.get_close_matches(name, self.names(), n=3)
@@ -272,7 +275,10 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     try:
         content = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
-        raise UserError(f"{path} is not valid YAML: {str(err).splitlines()[0]}") from None
+        mark = getattr(err, "problem_mark", None)  # where the parser gave up, 0-based
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise UserError(f"{path} is not valid YAML{where}: {problem}") from None
     if content is None:
         return {}
     if not isinstance(content, dict):

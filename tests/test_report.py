@@ -102,7 +102,8 @@ def test_missing_inputs_are_skipped_with_a_note(tmp_path: Path, digits_dir: Path
     printed = capsys.readouterr().out
     assert_picture(out / "curves.png")
     assert not (out / "robustness.png").exists() and not (out / "attention.png").exists()
-    assert "skipped the robustness curves" in printed
+    assert f"the run's {tmp_path / 'nowhere.beton'} is not there" in printed
+    assert "--data; skipped the robustness curves" in printed
     assert "no attention module" in printed
 
     # an empty directory: every figure skipped, and that is an error (nothing was made)

@@ -212,6 +212,10 @@ def test_bad_input_fails_before_training(capsys: pytest.CaptureFixture, digits_d
                                          tmp_path: Path) -> None:
     base = ["--cfg", "smoke", *data_args(digits_dir), f"--training.out_dir={tmp_path / 'r'}"]
     one_line_error(capsys, ["--cfg", "smok"], "unknown config", "smoke")
+    (tmp_path / "recipe").write_text("loss:\n  alpha: [0.5\n")  # no .yaml, and broken
+    one_line_error(capsys, ["--cfg", str(tmp_path / "recipe")], "is not a .yaml file")
+    (tmp_path / "recipe").rename(tmp_path / "recipe.yaml")
+    one_line_error(capsys, ["--cfg", str(tmp_path / "recipe.yaml")], "is not valid YAML (line 3")
     one_line_error(capsys, [*base, "--optim.lrr=0.1"], "unknown parameter", "optim.lr")
     one_line_error(capsys, [*base, "--training.epochs=ten"], "training.epochs", "integer")
     one_line_error(capsys, [*base, "--attack.eps=8"], "attack.eps")

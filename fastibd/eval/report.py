@@ -328,8 +328,10 @@ def main(argv: list[str] | None = None) -> int:
     if ckpt is None:
         note(f"no {BEST} or {LAST} in {run_dir}: skipped the robustness curves")
     elif data is None:
-        note("no validation data (--data, or the run's data.val_path): skipped the robustness "
-             "curves and the attention map")
+        recorded = (config.get("data") or {}).get("val_path") if isinstance(config, dict) else None
+        tried = f" (the run's {recorded} is not there from {Path.cwd()})" if recorded else ""
+        note(f"no validation data{tried}: give it with --data; skipped the robustness curves "
+             "and the attention map")
     else:
         model = load_teacher(None, ckpt, device=device).to(memory_format=torch.channels_last)
         if not pipeline:
