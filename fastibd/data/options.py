@@ -18,9 +18,10 @@ DATASET_SUFFIXES = (".beton", ".npz")  # what write_ffcv.py writes
 DEFAULT_CROP_RATIO = 224 / 256
 
 
-def dataset_file(path: str | Path, how: str = "") -> Path:
+def dataset_file(path: str | Path) -> Path:
     """`path` as a dataset file that exists (.beton or .npz), or a one-line UserError that
-    says how to write one (`how`: extra flags for write_ffcv.py)."""
+    says how to write one (with --format npz for an .npz path)."""
+    how = " --format npz" if Path(path).suffix == ".npz" else ""
     return require_file(path, "dataset file", f"; write one with data_prep/write_ffcv.py{how}",
                         DATASET_SUFFIXES)
 

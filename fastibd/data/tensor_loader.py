@@ -29,7 +29,7 @@ def read_npz(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     several times (labels, resolution, then the train and held-out loaders): the last two
     files read are kept, and reread only when they change on disk. Callers must not modify
     the arrays."""
-    path = dataset_file(path, " --format npz")
+    path = dataset_file(path)
     stat = path.stat()
     try:
         return _read_checked(path.resolve(), stat.st_mtime_ns, stat.st_size)

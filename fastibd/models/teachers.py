@@ -55,6 +55,7 @@ from fastibd.models.catalog import FILE_FORMATS, CatalogEntry, CatalogName, cata
 from fastibd.models.checkpoint import FORMAT as FASTIBD_FORMAT
 
 FORMATS = ("auto", *FILE_FORMATS)
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".tar")  # what a checkpoint file is named
 _SHOWN = 4  # keys listed per kind of mismatch
 NORMALIZATION_GAP = 0.15  # accuracy another normalization must add to be "the right one"
 # How far below its published clean accuracy a catalog teacher may score before it is
@@ -81,8 +82,6 @@ class TeacherSettings:
     trust_pickle: bool = option(Flag(), "allow a full pickle (robustness-library files): it "
                                 "can run code, so only for files you trust", False)
 
-
-CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".tar")  # what a checkpoint is named
 
 def run_teacher(settings: TeacherSettings, mode: str, num_classes: int) -> TappedModel:
     """The teacher a run's `teacher` section names (on the CPU, eval mode, no gradients),

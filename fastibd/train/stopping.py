@@ -29,15 +29,23 @@ class StopRequests:
         self.signum: int | None = None
         self._previous: dict[int, object] = {}
 
-    def __enter__(self) -> StopRequests:
+    def start(self) -> StopRequests:
+        """Ctrl-C and SIGTERM become requests from now on."""
         self._previous = {sig: signal.signal(sig, self._request) for sig in EXIT_CODES}
         return self
 
-    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
-                 trace: TracebackType | None) -> None:
+    def end(self) -> None:
+        """The previous handlers back (a second call restores nothing twice)."""
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
-        self._previous = {}  # a second exit restores nothing twice
+        self._previous = {}
+
+    def __enter__(self) -> StopRequests:
+        return self.start()
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 trace: TracebackType | None) -> None:
+        self.end()
 
     def _request(self, signum: int, _frame: FrameType | None) -> None:
         if self.signum is not None:  # a second Ctrl-C: stop now

@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 from fastibd.cli import ArgumentParser, parse_number, writable_directory
-from fastibd.data.ffcv_loaders import is_npz
 from fastibd.data.options import dataset_file
 from fastibd.errors import EXIT_INTERRUPTED, UserError, exit_on_user_error
 from fastibd.method.modes import MODES
@@ -150,13 +149,10 @@ def _refusals(s: Settings) -> list[str]:
 
     check(RunDirectory(s.training.out_dir).resumable, s.training.resume, tidy=False)
     for path in (s.data.train_path, s.data.val_path):
-        check(dataset_file, path, " --format npz" if is_npz(path) else "")
+        check(dataset_file, path)
     if MODES[s.loss.mode].teacher:
         check(teacher_file, s.teacher, s.loss.mode, notes=False)  # the run prints its notes
     return messages
-
-
-
 
 def collect(runs: list[Run], out: Path) -> list[dict[str, Any]]:
     """One row per run (finished or not) into out/results.csv; the rows."""

@@ -48,7 +48,7 @@ class Trainer:
         if world.is_main:
             self.run.lock()
         # Ctrl-C is a stop request from here on (see fastibd.train.stopping); close() ends it
-        self.stops.__enter__()
+        self.stops.start()
         try:
             self._build(s, runtime)
         except BaseException:
@@ -99,7 +99,7 @@ class Trainer:
         if self.log is not None:
             self.log.close()
             self.log = None
-        self.stops.__exit__(None, None, None)
+        self.stops.end()
         self.run.unlock(failed)
 
     # ------------------------------------------------------------------ the loop
@@ -185,7 +185,7 @@ class Trainer:
                 self._stop_if_asked()  # during the held-out evaluation or the save
             # Training is saved: from here Ctrl-C ends the final validation at once (the
             # run's command, run again, repeats only the validation).
-            self.stops.__exit__(None, None, None)
+            self.stops.end()
             if self.world.is_main:
                 self._final_report()
             return 0
