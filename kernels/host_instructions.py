@@ -34,11 +34,13 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from fastibd.errors import UserError, exit_on_user_error
 from kernels.bench import GPU_CONFIGS, HOST_CHANNEL_DIVISOR, aligned
 
 ROOT = Path(__file__).resolve().parents[1]
 PARTS = ("loss", "narrow", "op", "floor")
 BASE_CALLS = 10
+PROG = "kernels.host_instructions"
 
 
 def run_calls(config_name: str, calls: dict[str, int]) -> None:
@@ -81,7 +83,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     from fastibd.cli import ArgumentParser
 
     paragraphs = __doc__.split("\n\n")
-    p = ArgumentParser(prog="python -m kernels.host_instructions", description=paragraphs[0],
+    p = ArgumentParser(prog=f"python -m {PROG}", description=paragraphs[0],
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        epilog="\n\n".join(paragraphs[2:]))
     p.add_argument("--configs", nargs="+", choices=list(GPU_CONFIGS),
@@ -97,6 +99,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
+@exit_on_user_error(PROG)
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.child:
@@ -104,15 +107,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         run_calls(name, {k: int(v) for k, v in (kv.split("=") for kv in spec.split(","))})
         return 0
     if shutil.which("valgrind") is None:
-        print("error: valgrind is not installed (apt-get install valgrind); "
-              "python -m kernels.bench --host times the same calls", file=sys.stderr)
-        return 2
+        raise UserError("valgrind is not installed (apt-get install valgrind); "
+                        "python -m kernels.bench --host times the same calls")
     from kernels import common
 
     if not common.triton_available():
-        print("error: the host side runs the ops' Triton path: it needs Triton "
-              "(pip install triton)", file=sys.stderr)
-        return 2
+        raise UserError("the host side runs the ops' Triton path: it needs Triton "
+                        "(pip install triton)")
     base = dict.fromkeys(PARTS, BASE_CALLS)
     jobs = [(name, part) for name in args.configs for part in (None, *PARTS)]
     print(f"counting {len(jobs)} runs under callgrind (~18 minutes per config on 2 cores)...",

@@ -281,7 +281,7 @@ def test_the_export_loads_strictly_into_an_independent_definition(arch: str,
     # fastibd reads what it writes (the RobustBench naming teachers.py strips)
     again = load_checkpoint(arch, tmp_path / "out" / "model.pt", width_mult=width_mult).model
     same_logits(model, again, size)
-    card = json.loads((tmp_path / "out" / "model_card.json").read_text())
+    card = json.loads((tmp_path / "out" / "model.model_card.json").read_text())
     assert card["export"]["layout"] == ("normalize_model" if arch in IMAGENET else "plain")
     assert card["export"]["exact_counterpart"] == (width_mult == 1)
 
@@ -293,7 +293,7 @@ def test_the_imagenet_export_is_robustbench_s_wrapper_layout(tmp_path: Path) -> 
     assert all(key.startswith("model.") for key in list(state)[2:])
     torch.testing.assert_close(state["normalize.std"].flatten(),
                                torch.tensor(IMAGENET_STATS[1]))
-    card = json.loads((tmp_path / "model_card.json").read_text())
+    card = json.loads((tmp_path / "model.model_card.json").read_text())
     code = card["export"]["loading_code"]
     assert "from torchvision.models import resnet18" in code
     assert "normalize_model(resnet18(num_classes=10), (0.485, 0.456, 0.406)" in code
@@ -305,7 +305,7 @@ def test_a_normalized_cifar_student_is_refused_unless_wrapped(tmp_path: Path,
     run, out = make_run(tmp_path / "run", model), tmp_path / "model.pt"
     line = cli_error(export.main, [str(run), "--robustbench", str(out)], capsys)
     assert "normalizes its input (cifar10)" in line and "--wrap-normalization" in line
-    assert not out.exists() and not (tmp_path / "MODEL_CARD.md").exists()
+    assert not out.exists() and not (tmp_path / "model.MODEL_CARD.md").exists()
 
     state = exported(run, out, "--wrap-normalization")
     reference = normalize_model(PreActResNet([2, 2, 2, 2], 10, 1 / 8), (0.0,) * 3, (1.0,) * 3)
@@ -398,8 +398,8 @@ def test_the_model_card_holds_the_evaluator_s_numbers(evaluated_run, tmp_path: P
     run, report_path, teacher = evaluated_run
     exported(run, tmp_path / "model.pt", "--report", str(report_path))
     report = json.loads(report_path.read_text())
-    card = json.loads((tmp_path / "model_card.json").read_text())
-    markdown = (tmp_path / "MODEL_CARD.md").read_text()
+    card = json.loads((tmp_path / "model.model_card.json").read_text())
+    markdown = (tmp_path / "model.MODEL_CARD.md").read_text()
 
     evaluation = card["evaluation"]
     for name in ("clean", "pgd2"):
@@ -451,7 +451,7 @@ def test_without_best_report_or_metrics_the_card_says_what_is_missing(tmp_path: 
                    "--training.device=cpu", best=False)
     exported(run, tmp_path / "model.pt")
     assert "no --report" in capsys.readouterr().err
-    card = json.loads((tmp_path / "model_card.json").read_text())
+    card = json.loads((tmp_path / "model.model_card.json").read_text())
     assert card["source"]["checkpoint"] == str(run / "last.pt")
     assert "no best.pt" in card["source"]["why"]
     assert card["evaluation"] == "not evaluated: no --report given"
@@ -460,9 +460,28 @@ def test_without_best_report_or_metrics_the_card_says_what_is_missing(tmp_path: 
     assert (hardware["device"], hardware["device_source"]) == ("cpu",
                                                                "config.yaml training.device")
     assert hardware["images_per_s"] == hardware["training_seconds"] == "not recorded"
-    markdown = (tmp_path / "MODEL_CARD.md").read_text()
+    markdown = (tmp_path / "model.MODEL_CARD.md").read_text()
     assert "none (mode pgd_at trains without one)" in markdown
     assert "not evaluated" in markdown
+
+
+def test_two_exports_in_one_folder_keep_their_own_cards(tmp_path: Path, capsys) -> None:
+    """RobustBench's zoo keeps many models in one folder: a second export there must not
+    overwrite the first one's card (both were MODEL_CARD.md before)."""
+    runs = {name: make_run(tmp_path / name, student("resnet18", 1 / 8, "none"),
+                           f"--loss.mode={mode}", "--training.device=cpu")
+            for name, mode in (("at", "pgd_at"), ("trades", "trades"))}
+    for name, run in runs.items():
+        exported(run, tmp_path / "zoo" / f"{name}.pt")
+    assert str(tmp_path / "zoo" / "trades.model_card.json") in capsys.readouterr().out
+    for name, run in runs.items():
+        card = json.loads((tmp_path / "zoo" / f"{name}.model_card.json").read_text())
+        assert card["source"]["run_dir"] == str(run)
+        assert card["export"]["path"] == str(tmp_path / "zoo" / f"{name}.pt")
+        assert str(run) in (tmp_path / "zoo" / f"{name}.MODEL_CARD.md").read_text()
+    assert sorted(p.name for p in (tmp_path / "zoo").iterdir()) == [
+        "at.MODEL_CARD.md", "at.model_card.json", "at.pt",
+        "trades.MODEL_CARD.md", "trades.model_card.json", "trades.pt"]
 
 
 def test_the_recipe_writes_an_l2_budget_as_a_radius() -> None:

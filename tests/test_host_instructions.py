@@ -48,4 +48,5 @@ def test_without_valgrind_one_line(monkeypatch: pytest.MonkeyPatch,
     monkeypatch.setattr(host_instructions.shutil, "which", lambda name: None)
     assert host_instructions.main([]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: valgrind is not installed") and err.count("\n") == 1
+    assert err.startswith("kernels.host_instructions: error: valgrind is not installed")
+    assert err.count("\n") == 1

@@ -2,7 +2,8 @@
 
 Writes OUT.pt, a plain state_dict in the parameter names of the RobustBench class (for
 ImageNet, torchvision's, as RobustBench uses it) that computes what the run's student
-computes, and beside it MODEL_CARD.md and model_card.json: the recipe (config.yaml), the
+computes, and beside it OUT.MODEL_CARD.md and OUT.model_card.json (named after the export, so
+exports sharing a folder keep their own cards): the recipe (config.yaml), the
 teacher, the data, the evaluator's numbers (--report: a report.json of fastibd.evaluate on
 the exported checkpoint) and the time and hardware metrics.jsonl recorded.
 
@@ -50,7 +51,7 @@ from fastibd.run_dir import (
 
 PROG = "fastibd.export"
 CARD_VERSION = 1
-CARD_MD, CARD_JSON = "MODEL_CARD.md", "model_card.json"
+CARD_MD, CARD_JSON = "MODEL_CARD.md", "model_card.json"  # suffixes after the export's stem
 ARCHITECTURES_MODULE = "robustbench.model_zoo.architectures"
 NORMALIZE_MODEL = f"{ARCHITECTURES_MODULE}.utils_architectures"
 NOT_RECORDED = "not recorded"
@@ -342,7 +343,7 @@ def _total(values: list[Any]) -> float | str:
 
 
 def format_card(card: dict[str, Any]) -> str:
-    """MODEL_CARD.md: what model_card.json holds, for a person."""
+    """The .MODEL_CARD.md: what the .model_card.json holds, for a person."""
     export, model, source = card["export"], card["model"], card["source"]
     lines = [f"# {Path(export['path']).name}", "",
              f"A {model['arch']} ({model['num_classes']} classes) trained by fastibd in mode "
@@ -426,7 +427,7 @@ def _recipe_lines(recipe: dict[str, Any], teacher: dict[str, Any] | None) -> lis
                  ("teacher catalog name", teacher["catalog_name"] or "none given")]
     return ["## Recipe", "", *_table(rows),
             "", f"The whole configuration: the run's {CONFIG_FILE}, and `recipe.config` in "
-            f"{CARD_JSON}.", ""]
+            f"the {CARD_JSON} beside this card.", ""]
 
 
 def _hardware_lines(hardware: dict[str, Any]) -> list[str]:
@@ -482,9 +483,16 @@ def export_run(run_dir: Path, out: Path, report_path: Path | None,
         evaluation_card(report, report_path),
         "hardware": hardware_card(run_dir, config),
     }
-    write_text(out.parent / CARD_JSON, json.dumps(card, indent=2, allow_nan=False) + "\n")
-    write_text(out.parent / CARD_MD, format_card(card))
+    card_md, card_json = card_paths(out)
+    write_text(card_json, json.dumps(card, indent=2, allow_nan=False) + "\n")
+    write_text(card_md, format_card(card))
     return card
+
+
+def card_paths(out: Path) -> tuple[Path, Path]:
+    """OUT.MODEL_CARD.md and OUT.model_card.json: one pair per export, even in a shared folder
+    (RobustBench's model zoo keeps many models in one folder)."""
+    return (out.with_name(f"{out.stem}.{CARD_MD}"), out.with_name(f"{out.stem}.{CARD_JSON}"))
 
 
 def export_card(out: Path, counterpart: Counterpart, spec: ModelSpec,
@@ -541,7 +549,7 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("run_dir", type=Path, help="run directory of fastibd.train")
     parser.add_argument("--robustbench", type=Path, required=True, metavar="OUT.pt",
                         help="write the run's best.pt (else last.pt) as a RobustBench "
-                             f"state_dict; {CARD_MD} and {CARD_JSON} go beside it")
+                             f"state_dict; OUT.{CARD_MD} and OUT.{CARD_JSON} go beside it")
     parser.add_argument("--report", type=Path, default=None, metavar="REPORT.json",
                         help=f"report.json of {EVALUATE_PROG} on the exported checkpoint: "
                              "the card's robustness numbers")
@@ -563,8 +571,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"exported    {card['source']['checkpoint']} ({card['source']['why']})")
     print(f"robustbench {export['robustbench']['constructor']}"
           + (" in normalize_model" if export["robustbench"]["normalize_model"] else ""))
-    print(f"wrote       {export['path']}, {args.robustbench.parent / CARD_MD}, "
-          f"{args.robustbench.parent / CARD_JSON}")
+    print(f"wrote       {export['path']}, " + ", ".join(map(str, card_paths(args.robustbench))))
     return 0
 
 
