@@ -70,12 +70,14 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--overwrite", action="store_true",
                         help="replace existing output files (otherwise refuse)")
     parser.add_argument("--limit", type=bounded(int, 1), default=None, metavar="N",
-                        help="write only the first N samples of each split, for quick trials")
+                        help="write only N samples of each split, evenly spaced (every class "
+                             "of a folder kept), for quick trials")
     images = parser.add_argument_group(
         "image storage (FFCV RGBImageField); defaults: imagenet/folder use FFCV's ImageNet "
         "recipe (proportion, 500px, q90, 0.5), the others are stored raw at full size")
     images.add_argument("--write-mode", choices=WRITE_MODES, default=None,
-                        help="raw pixels, jpg, a proportion of jpgs, or smart (jpg for big images)")
+                        help="raw pixels, jpg, a proportion of jpgs, or smart (jpg for "
+                             "images of more than 256x256 pixels, raw for smaller ones)")
     images.add_argument("--max-resolution", type=bounded(int, 8), default=None, metavar="PX",
                         help="downscale so the longer side is at most PX")
     images.add_argument("--jpeg-quality", type=bounded(int, 1, 100), default=None, metavar="Q",
@@ -101,10 +103,19 @@ def load_splits(dataset: str, data_dir: Path | None) -> dict[str, datasets.Image
     return {split: datasets.cifar_dataset(dataset, root, split) for split in datasets.SPLITS}
 
 
-def stack_images(data: datasets.ImageDataset, count: int) -> tuple[np.ndarray, np.ndarray]:
-    """The first `count` samples as one uint8 [N, H, W, 3] array and their labels."""
+def limited(size: int, limit: int | None) -> list[int]:
+    """The samples --limit keeps: `limit` of `size`, evenly spaced in stored order, so a
+    source stored class by class (folders, Tiny-ImageNet) keeps every class, not the first."""
+    if limit is None or limit >= size:
+        return list(range(size))
+    return np.linspace(0, size - 1, limit).round().astype(int).tolist()
+
+
+def stack_images(data: datasets.ImageDataset, indices: list[int]
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """The samples at `indices` as one uint8 [N, H, W, 3] array and their labels."""
     images, labels = [], []
-    for index in tqdm(range(count), unit="img", leave=False, file=sys.stderr):
+    for index in tqdm(indices, unit="img", leave=False, file=sys.stderr):
         image, label = data[index]
         if images and image.shape != images[0].shape:
             raise UserError(f"--format npz needs images of one size; image {index} is "
@@ -133,13 +144,13 @@ def main(argv: list[str] | None = None) -> int:
     splits = load_splits(args.dataset, args.data_dir)
     writable_directory(out_dir, "--out-dir")  # now made: the sources are there
     for split, data in splits.items():
-        count = len(data) if args.limit is None else min(args.limit, len(data))
-        print(f"{args.dataset} {split}: {count} images -> {outputs[split]}", flush=True)
+        indices = limited(len(data), args.limit)
+        print(f"{args.dataset} {split}: {len(indices)} images -> {outputs[split]}", flush=True)
         if args.format == "npz":
-            write_npz(outputs[split], *stack_images(data, count))
+            write_npz(outputs[split], *stack_images(data, indices))
             continue
         write_beton(data, outputs[split], image=image_field(**storage),
-                    indices=None if args.limit is None else range(count),
+                    indices=None if args.limit is None else indices,
                     num_workers=args.num_workers, overwrite=args.overwrite)
     for path in outputs.values():
         print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")

@@ -55,6 +55,25 @@ def all_reduce_sum(values: torch.Tensor, world: World) -> torch.Tensor:
     return values
 
 
+def agreed_signal(signum: int | None, world: World, device: torch.device) -> int | None:
+    """The stop signal any rank received (the largest number), the same on every rank: all
+    ranks stop after the same step, or none does."""
+    if not world.distributed:
+        return signum
+    flag = torch.tensor([signum or 0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return int(flag.item()) or None
+
+
+def gather_objects(value, world: World) -> list:
+    """[value of rank 0, value of rank 1, ...] on every rank ([value] in one process)."""
+    if not world.distributed:
+        return [value]
+    values = [None] * world.size
+    dist.all_gather_object(values, value)
+    return values
+
+
 def barrier(world: World) -> None:
     if world.distributed:
         dist.barrier()
@@ -65,16 +84,26 @@ def shutdown(world: World) -> None:
         dist.destroy_process_group()
 
 
-def process_count(nproc: str, device: str) -> int:
+def process_count(nproc: str, device: str, lr_scaling: bool = True) -> int:
     """How many processes to start here: 1 under torchrun (it already did), else `nproc`
-    (training.nproc), where auto is one per visible GPU (and 1 on a CPU or with device
-    cpu)."""
+    (training.nproc), where auto is one per visible GPU for a recipe whose lr follows the
+    global batch (optim.lr_scaling), else 1 (and 1 on a CPU or with device cpu).
+
+    Why not every GPU for the others: data.batch_size is per process, so N processes train
+    at N times the batch with the lr tuned for one (the CIFAR recipes' upstream codes keep
+    batch 128 on any number of GPUs, with nn.DataParallel)."""
     if "WORLD_SIZE" in os.environ:
         return 1
     nproc = str(nproc).strip()
     if nproc == "auto":
         uses_cuda = device != "cpu" and torch.cuda.is_available()
-        return torch.cuda.device_count() if uses_cuda else 1
+        gpus = torch.cuda.device_count() if uses_cuda else 1
+        if gpus > 1 and not lr_scaling:
+            print(f"note: {gpus} GPUs, but this recipe's lr is for one process's batch "
+                  "(optim.lr_scaling=false): training in one process; training.nproc=N runs "
+                  "N at N times the batch", file=sys.stderr, flush=True)
+            return 1
+        return gpus
     if not nproc.isdigit() or int(nproc) < 1:
         raise UserError(f"training.nproc: expected auto or a number >= 1, got {nproc!r}")
     return int(nproc)

@@ -20,7 +20,7 @@ from fastibd.cli import ArgumentParser, bounded
 from fastibd.data import dataset_labels, first_examples
 from fastibd.device import resolve_device
 from fastibd.errors import UserError, exit_on_user_error
-from fastibd.eval.evaluate import check_classes, check_resolution
+from fastibd.eval.evaluate import check_classes, check_resolution, evaluation_crop
 from fastibd.models import NORMALIZATIONS, TappedModel, default_pipeline
 from fastibd.models.catalog import (
     CatalogEntry,
@@ -159,7 +159,7 @@ def measure_clean_accuracy(model: TappedModel, entry: CatalogEntry,
     resolution, _, _ = check_resolution(model.spec, pipeline, args.data, None, False, args.file)
     total = min(args.n, len(labels))
     batches = first_examples(args.data, pipeline, total, args.batch_size, device, resolution,
-                             args.workers)
+                             args.workers, evaluation_crop(model.spec, pipeline, None))
     model = model.to(device)
     measured = next(iter(accuracy_by_normalization(model, batches, ())[0].values()))
     shortfall = published_shortfall(measured, total, entry)

@@ -317,7 +317,7 @@ def test_cli_pgd_breaks_a_standard_model(standard_ckpt: Path, digits_dir: Path, 
     data = report["data"]
     assert {k: v for k, v in data.items() if k != "class_counts"} == {
         "path": str((digits_dir / "val.beton").resolve()), "num_examples": 100,
-        "dataset_size": 360, "num_classes": 10, "resolution": 32}
+        "dataset_size": 360, "num_classes": 10, "resolution": 32, "crop_ratio": None}
     labels = dataset_labels(digits_dir / "val.beton")[:100]
     assert data["class_counts"] == [int((labels == c).sum()) for c in range(10)]
     assert sum(data["class_counts"]) == 100
@@ -396,6 +396,37 @@ def test_cli_bad_input_is_one_line(case: str, standard_ckpt: Path, three_class_c
     line = cli_error(evaluate.main, argv, capsys)
     assert "error: " in line and expected in line, line
     assert not (tmp_path / "r.json").exists()
+
+
+def test_the_center_crop_is_asked_for_else_recorded_else_the_usual_one() -> None:
+    spec = build_model("resnet18", 10, "none", 1 / 8).spec
+    recorded = dataclasses.replace(spec, crop_ratio=1.0)
+    assert evaluate.evaluation_crop(spec, "imagenet", None) == 224 / 256
+    assert evaluate.evaluation_crop(recorded, "imagenet", None) == 1.0
+    assert evaluate.evaluation_crop(recorded, "imagenet", 0.5) == 0.5
+    assert evaluate.evaluation_crop(recorded, "cifar", None) is None  # images as stored
+    with pytest.raises(UserError, match="--crop-ratio applies to the imagenet pipeline"):
+        evaluate.evaluation_crop(spec, "cifar", 0.5)
+
+
+def test_autoattack_below_four_classes_is_refused_before_any_attack(
+        three_class_ckpt: Path, tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch) -> None:
+    """APGD-T's DLR loss reads the 3rd and 4th largest logits: pyautoattack only warns, then
+    fails with an IndexError traceback."""
+    rng = np.random.default_rng(0)
+    data = tmp_path / "three.npz"
+    np.savez(data, images=rng.integers(0, 256, (6, 32, 32, 3), dtype=np.uint8),
+             labels=np.array([0, 1, 2, 0, 1, 2]))
+    monkeypatch.setattr(evaluate, "run_attacks", lambda *a, **k: pytest.fail("attacked"))
+    for attacks in ("clean,aa", "aa-apgd"):
+        line = cli_error(evaluate.main, ["--ckpt", str(three_class_ckpt), "--data", str(data),
+                                         "--attacks", attacks, "--device", "cpu",
+                                         "--no-progress", "--out", str(tmp_path / "r.json")],
+                         capsys)
+        assert "at least 4 classes; the model has 3" in line, line
+    with pytest.raises(ValueError, match="at least 4 classes"):
+        robustness.run_attacks(nn.Identity(), iter(()), ["aa"],
+                               robustness.Settings(num_classes=2), progress=False)
 
 
 def test_cli_as_a_process(standard_ckpt: Path, three_class_ckpt: Path, digits_dir: Path,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -52,6 +53,32 @@ def test_imagenet_configs_hold_the_recipe(name: str, eps: int) -> None:
     assert schedule[0] == 160 and schedule[-1] == 192 and schedule == sorted(schedule)
 
 
+def ffcv_get_resolution(epoch: int, min_res: int, max_res: int, end_ramp: int,
+                        start_ramp: int) -> int:
+    """A port of ffcv-imagenet's `ImageNetTrainer.get_resolution` (train_imagenet.py, commit
+    4dd291a122096a2032ec9fd19633e1b9aff3577d, lines 173-185), written apart from fastibd's."""
+    assert min_res <= max_res
+    if epoch <= start_ramp:
+        return min_res
+    if epoch >= end_ramp:
+        return max_res
+    interp = np.interp([epoch], [start_ramp, end_ramp], [min_res, max_res])
+    return int(np.round(interp[0] / 32)) * 32
+
+
+@pytest.mark.parametrize("min_res,max_res,start_ramp,end_ramp", [
+    (160, 192, 65, 76),  # rn50_88_epochs.yaml
+    (160, 192, 11, 13),  # imagenet_eps4 / imagenet_eps2
+    (160, 224, 0, 10), (128, 256, 3, 40), (160, 192, 5, 5), (160, 200, 2, 6), (192, 192, 1, 4)])
+def test_progressive_resizing_follows_ffcv_imagenet(min_res: int, max_res: int, start_ramp: int,
+                                                     end_ramp: int) -> None:
+    """The schedule rounded down to a multiple of 32 before: epoch 12 of imagenet_eps4 ran at
+    160 px where FFCV's recipe runs 192, and a max_res of 200 was never reached."""
+    for epoch in range(end_ramp + 3):
+        assert resolution_at(epoch, min_res, max_res, start_ramp, end_ramp) == \
+            ffcv_get_resolution(epoch, min_res, max_res, end_ramp, start_ramp), epoch
+
+
 def test_missing_teacher_says_how_to_get_it(imagenet_like: Path, tmp_path: Path,
                                             capsys: pytest.CaptureFixture) -> None:
     from fastibd.train import main
@@ -64,10 +91,19 @@ def test_missing_teacher_says_how_to_get_it(imagenet_like: Path, tmp_path: Path,
     assert "absent.ckpt" in line and "robust-models-transfer" in line and "Salman2020Do_R50" in line
 
 
-def test_process_count(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_process_count(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     assert process_count("auto", "cpu") == 1
     assert process_count("3", "cpu") == 3
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert process_count("auto", "auto", lr_scaling=True) == 4  # the ImageNet recipes
+    capsys.readouterr()
+    # batch_size is per process: a recipe whose lr is for one process's batch stays in one
+    assert process_count("auto", "auto", lr_scaling=False) == 1
+    assert "4 GPUs" in capsys.readouterr().err
+    assert process_count("2", "auto", lr_scaling=False) == 2
+    assert process_count("auto", "cpu", lr_scaling=True) == 1
     monkeypatch.setenv("WORLD_SIZE", "2")  # already under torchrun: never launch again
     assert process_count("3", "cpu") == 1
 
@@ -112,4 +148,37 @@ def test_imagenet_config_trains_with_ddp_and_progressive_resizing(
     assert all(r["loss_feat"] > 0 for r in epochs)
     state = torch.load(run / "last.pt", map_location="cpu", weights_only=True)
     assert state["spec"]["options"] == {"blurpool": True}
-    assert state["world_size"] == 2
+    assert state["spec"]["crop_ratio"] == pytest.approx(224 / 256)  # what evaluate will feed
+    assert state["world_size"] == 2 and len(state["rng_ranks"]) == 2  # each rank's streams
+
+
+def test_evaluation_feeds_the_center_crop_the_run_evaluated_with(
+        imagenet_like: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """fastibd.evaluate always cropped 224/256, whatever data.val_crop_ratio the run had
+    selected its checkpoint with."""
+    import json
+    from dataclasses import replace
+
+    from fastibd.data import first_examples
+    from fastibd.eval import evaluate
+
+    val = imagenet_like / "val.beton"
+    wide, usual = (next(iter(first_examples(val, "imagenet", 4, 4, torch.device("cpu"), 24, 1,
+                                            ratio)))[0].clone() for ratio in (1.0, None))
+    assert (wide - usual).abs().max() > 0.1  # the crop shows in the images
+    model = build_model("resnet50", 3, "imagenet", width_mult=1 / 16)
+    model.spec = replace(model.spec, resolution=24, crop_ratio=1.0)  # as a run records it
+    ckpt = atomic_save(model_checkpoint(model), tmp_path / "m.pt")
+    fed: list[float | None] = []
+
+    def spy(*args, **kwargs):
+        fed.append(args[7])
+        return first_examples(*args, **kwargs)
+
+    monkeypatch.setattr(evaluate, "first_examples", spy)
+    for flags, ratio in (([], 1.0), (["--crop-ratio", "0.5"], 0.5)):
+        out = tmp_path / f"{ratio}.json"
+        assert evaluate.main(["--ckpt", str(ckpt), "--data", str(val), "--attacks", "clean",
+                              "--n", "4", "--sanity-n", "0", "--device", "cpu", "--workers",
+                              "1", "--no-progress", "--out", str(out), *flags]) == 0
+        assert fed[-1] == ratio and json.loads(out.read_text())["data"]["crop_ratio"] == ratio

@@ -25,9 +25,10 @@ from fastibd.run_dir import RunDirectory, read_metrics
 from fastibd.train import main
 from tests.conftest import REPO, cli_error, data_args
 
+# piecewise: a schedule more epochs extend (onecycle, the smoke recipe's, is refused that)
 RUN = ["--cfg", "smoke_teacher", "--training.epochs=2", "--training.max_steps=2",
        "--data.holdout=64", "--attack.steps=1", "--attack.eval_steps=1",
-       "--logging.progress=false"]
+       "--logging.progress=false", "--optim.schedule=piecewise"]
 
 
 def snapshot(folder: Path) -> dict[str, tuple[int, str]]:
@@ -97,6 +98,48 @@ def test_resume_changed_continues_and_records_the_change(
     (resume,) = [r for r in records if r["kind"] == "resume"]
     assert resume["changes"]["optim.lr"] == [0.1, 0.05]
     assert [r["epoch"] for r in records if r["kind"] == "epoch"] == [1, 2, 3]
+    assert records[-2]["lr"] == 0.05  # epoch 3 ran at the new rate (0.1 came back before)
+
+
+def test_resume_changed_applies_the_new_optimizer_settings(
+        finished_run: Path, digits_dir: Path, tmp_path: Path) -> None:
+    """The saved optimizer and schedule brought back the old lr, momentum and weight decay
+    while config_history.yaml said they had changed."""
+    run = copy_of(finished_run, tmp_path)
+    assert main([*RUN, *data_args(digits_dir), f"--training.out_dir={run}", "--optim.lr=0.01",
+                 "--optim.weight_decay=0.1", "--optim.momentum=0.5", "--training.epochs=3",
+                 "--training.resume_changed=true"]) == 0
+    state = torch.load(run / "last.pt", map_location="cpu", weights_only=True)
+    decayed, exempt = state["optimizer"]["param_groups"]
+    assert (decayed["lr"], decayed["initial_lr"], decayed["momentum"]) == (0.01, 0.01, 0.5)
+    assert (decayed["weight_decay"], exempt["weight_decay"]) == (0.1, 0.0)
+    assert state["scheduler"]["base_lrs"] == [0.01, 0.01]
+
+
+def test_more_epochs_of_a_schedule_over_all_epochs_are_refused(
+        finished_run: Path, digits_dir: Path, tmp_path: Path,
+        capsys: pytest.CaptureFixture) -> None:
+    """onecycle and linear spread over training.epochs: more of them move the lr at once."""
+    run = copy_of(finished_run, tmp_path)
+    state = torch.load(run / "last.pt", map_location="cpu", weights_only=True)
+    state["config"]["optim"]["schedule"] = "onecycle"  # as the run had been trained with it
+    atomic_save(state, run / "last.pt")
+    refused(capsys, run, [*RUN, *data_args(digits_dir), f"--training.out_dir={run}",
+                          "--optim.schedule=onecycle", "--training.epochs=3"],
+            "training.epochs 2 -> 3", "--training.resume_changed=true")
+
+
+def test_resume_with_another_number_of_processes_is_refused(
+        finished_run: Path, digits_dir: Path, tmp_path: Path,
+        capsys: pytest.CaptureFixture) -> None:
+    """Steps per epoch, each process's data and the schedule's position (counted in steps)
+    depend on it: a 2-process run resumed in 1 ran epoch 2 at the wrong rates."""
+    run = copy_of(finished_run, tmp_path)
+    state = torch.load(run / "last.pt", map_location="cpu", weights_only=True)
+    atomic_save({**state, "world_size": 2}, run / "last.pt")
+    refused(capsys, run, [*RUN, *data_args(digits_dir), f"--training.out_dir={run}",
+                          "--training.epochs=3"],
+            "trained by 2 process(es), this run has 1", "training.nproc=2")
 
 
 def test_more_epochs_resume_without_a_flag(finished_run: Path, digits_dir: Path,

@@ -139,6 +139,38 @@ def test_the_dry_run_says_which_runs_resume(empty_data: list[str], capsys) -> No
                          "training.resume=true")
 
 
+@pytest.mark.parametrize("code", [130, 143, -15])
+def test_a_run_stopped_by_a_signal_stops_the_sweep(code: int, empty_data: list[str],
+                                                   capsys) -> None:
+    """A SIGTERM (a cluster's preemption) ends the trainer with 143, a torchrun child killed
+    by it with -15: the sweep went on to the next run before, as after a failure."""
+    calls: list[list[str]] = []
+
+    def stopped(argv: list[str]) -> int:
+        calls.append(argv)
+        return code
+
+    argv = ["--cfg", "smoke_teacher", "--grid", "optim.lr=0.05,0.1", "--out", "sweep",
+            *empty_data]
+    assert main(argv, train=stopped) == code
+    assert len(calls) == 1 and "interrupted; rerun the same command" in capsys.readouterr().err
+
+
+def test_a_run_of_several_processes_runs_as_a_child(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The trainer's own relaunch replaces its process with torchrun: inside a sweep that
+    ended the sweep after its first run (exit 0, no results.csv)."""
+    from fastibd.train import sweep
+
+    started: list[list[str]] = []
+    monkeypatch.setattr("fastibd.distributed.process_count", lambda *a: 2)
+    monkeypatch.setattr(sweep.subprocess, "call", lambda cmd: started.append(cmd) or 0)
+    assert sweep._train(["--cfg", "smoke_teacher", "--training.nproc=2"]) == 0
+    (command,) = started
+    assert command[1:6] == ["-m", "torch.distributed.run", "--standalone",
+                            "--nproc_per_node=2", "-m"]
+    assert command[6:] == ["fastibd.train", "--cfg", "smoke_teacher", "--training.nproc=2"]
+
+
 def test_grid_parsing() -> None:
     assert parse_grid("loss.alpha=0.7, 0.8,0.9") == ("loss.alpha", ["0.7", "0.8", "0.9"])
     assert parse_grid("optim.milestones=100,150;75,90") == ("optim.milestones",

@@ -74,6 +74,25 @@ def test_random_order_is_seeded_per_epoch_and_drop_last_drops(digits_npz: Path) 
     assert set(e0.tolist()) <= set(labels.tolist())
 
 
+def test_npz_and_beton_give_the_same_random_order(digits_npz: Path, digits_dir: Path) -> None:
+    """The same seed draws the same batches from either file (the README's promise; the
+    npz loader shuffled with torch.randperm, FFCV with numpy's permutation)."""
+    options = LoaderOptions(batch_size=50, order="random", seed=11, num_workers=1,
+                            indices=tuple(range(3, 360, 2)))
+    loaders = [make_loader(digits_npz / "val.npz", "cifar", "eval", options),
+               make_loader(digits_dir / "val.beton", "cifar", "eval", options)]
+    for epoch in (0, 3):
+        batches = []
+        for loader in loaders:
+            loader.set_epoch(epoch)
+            batches.append([(x.clone(), y.clone()) for x, y in loader])
+        (npz, beton) = batches
+        assert len(npz) == len(beton) == 4
+        for (x_npz, y_npz), (x_beton, y_beton) in zip(npz, beton, strict=True):
+            assert torch.equal(y_npz.cpu(), y_beton.cpu())
+            assert torch.equal(x_npz.cpu(), x_beton.cpu())
+
+
 def test_distributed_ranks_split_every_sample_into_equal_shares(
         digits_npz: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     options = LoaderOptions(batch_size=1000, order="random", seed=0, distributed=True,

@@ -251,19 +251,56 @@ def test_existing_run_is_not_clobbered(capsys: pytest.CaptureFixture, reference_
     assert (reference_run / "last.pt").read_bytes() == before
 
 
-def test_two_process_gloo_run(digits_dir: Path, tmp_path: Path) -> None:
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               "--nproc_per_node=2", "-m", "fastibd.train", *FAST, *data_args(digits_dir),
-               "--training.epochs=1", "--training.max_steps=2", "--data.num_workers=1",
-               f"--training.out_dir={tmp_path}"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600,
-                            env=env)
+# Under torchrun: SIGTERM (a scheduler's preemption) reaches rank 1 during its step 1 and
+# rank 0 during its step 2, as when a signal lands between the two ranks' checks.
+SKEWED_STOP = """
+import os, signal, sys
+from fastibd.method.step import TrainingStep
+from fastibd.train.cli import main
+
+at = {"0": 2, "1": 1}[os.environ["RANK"]]
+real, calls = TrainingStep.__call__, [0]
+
+def step(self, x, y):
+    calls[0] += 1
+    if calls[0] == at:
+        os.kill(os.getpid(), signal.SIGTERM)
+    return real(self, x, y)
+
+TrainingStep.__call__ = step
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_two_process_gloo_run_stops_together_and_resumes(digits_dir: Path,
+                                                         tmp_path: Path) -> None:
+    """Each rank stopped at the step it saw the signal: rank 1 left while rank 0 waited for
+    it in the next all-reduce (gloo: a 'Connection closed by peer' traceback; NCCL: a hang),
+    and nothing was saved. Now every rank stops after the same step, the state is saved, and
+    the resumed epoch's record counts both ranks' images of the stopped part."""
+    run = tmp_path / "run"
+    args = [*FAST, *data_args(digits_dir), "--training.epochs=1", "--training.max_steps=3",
+            "--data.num_workers=1", f"--training.out_dir={run}"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                "--nproc_per_node=2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    (tmp_path / "skewed_stop.py").write_text(SKEWED_STOP)
+    stopped = subprocess.run([*torchrun, str(tmp_path / "skewed_stop.py"), *args], cwd=REPO,
+                             capture_output=True, text=True, timeout=600, env=env)
+    # (torchrun itself reports its children's non-zero exits with a traceback of its own)
+    assert stopped.returncode != 0 and "[rank0]: Traceback" not in stopped.stderr, \
+        stopped.stderr[-3000:]
+    assert "stopped by SIGTERM at epoch 1, step 1" in stopped.stderr, stopped.stderr[-3000:]
+    saved = torch.load(run / "last.pt", map_location="cpu", weights_only=True)
+    assert (saved["epoch"], saved["step_in_epoch"], saved["partial"]["steps"]) == (0, 1, 2)
+
+    result = subprocess.run([*torchrun, "-m", "fastibd.train", *args], cwd=REPO,
+                            capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
-    (epoch,) = [r for r in read_metrics(tmp_path) if r["kind"] == "epoch"]
+    (epoch,) = [r for r in read_metrics(run) if r["kind"] == "epoch"]
     batch = load_settings(FAST).data.batch_size
-    assert epoch["images"] == 2 * 2 * batch  # both ranks' batches, summed over ranks
-    assert sorted(p.name for p in tmp_path.glob("*.pt")) == ["best.pt", "last.pt"]
+    assert epoch["images"] == 2 * 3 * batch  # both ranks' batches, summed over ranks
+    assert sorted(p.name for p in run.glob("*.pt")) == ["best.pt", "last.pt"]
     assert result.stdout.count("final best") == 1  # rank 0 alone reports
 
 

@@ -77,9 +77,14 @@ def test_folder_jpg_round_trip_within_jpeg_error(tmp_path: Path) -> None:
     assert write_ffcv.main(["--dataset", "imagenet", "--data-dir", str(root), "--out-dir", str(out),
                             "--write-mode", "jpg", "--jpeg-quality", "90", "--limit", "7",
                             "--num-workers", "2"]) == 0
-    files = folder_files(root, "val")[:7]
+    every = folder_files(root, "val")
+    files = [every[i] for i in write_ffcv.limited(len(every), 7)]
     images, labels = read_all(out / "val.beton")
-    assert labels.tolist() == [c for _, c in files]  # --limit keeps the first N
+    assert labels.tolist() == [c for _, c in files]
+    # --limit spreads over the stored order: every class of the folder, not the first ones
+    assert len(files) == 7 and set(labels.tolist()) == {0, 1, 2}
+    assert write_ffcv.limited(12, 7) == [0, 2, 4, 6, 7, 9, 11]
+    assert write_ffcv.limited(5, 9) == write_ffcv.limited(5, None) == [0, 1, 2, 3, 4]
     expected = np.stack([np.asarray(Image.open(f).convert("RGB")) for f, _ in files])
     # The stored bytes are a quality-90 JPEG: what comes back is far closer to our own q90
     # round trip of the source than to the source (the rest is JPEG decoders' rounding).
@@ -195,6 +200,47 @@ def test_write_beton_progress_bar_can_be_silenced(tmp_path: Path,
     write_beton(data, tmp_path / "quiet.beton", num_workers=1, progress=False)
     assert capfd.readouterr().err == ""
     assert (tmp_path / "quiet.beton").read_bytes() == (tmp_path / "loud.beton").read_bytes()
+
+
+def test_an_image_ffcv_cannot_store_is_one_error_not_a_hang(tmp_path: Path) -> None:
+    """A raw image over FFCV's 8 MiB page makes its encoder raise in the worker; the worker
+    died and DatasetWriter waited for its samples forever."""
+    import signal
+
+    from fastibd.data.beton import image_field, write_beton
+    from fastibd.data.sources import ArrayDataset
+    from fastibd.errors import UserError
+
+    def hung(*_: object) -> None:
+        raise TimeoutError("write_beton hung")
+
+    data = ArrayDataset(np.zeros((2, 1800, 1800, 3), np.uint8), np.arange(2))  # 9.7 MB each
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(120)
+    try:
+        with pytest.raises(UserError, match="could not be stored.*page size.*--max-resolution"):
+            write_beton(data, tmp_path / "big.beton", image=image_field("raw"), num_workers=1,
+                        progress=False)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert list(tmp_path.iterdir()) == []  # no .beton, no .partial
+
+
+def test_smart_mode_stores_big_images_as_jpeg_and_small_ones_raw(tmp_path: Path) -> None:
+    """FFCV's smart mode stores every image raw unless given a threshold."""
+    from ffcv.reader import Reader
+
+    from fastibd.data.beton import image_field, write_beton
+
+    rng = np.random.default_rng(0)
+    sizes = [(300, 300), (64, 64), (257, 256), (200, 100)]  # > 256x256 pixels: JPEG
+    data = [(rng.integers(0, 256, (*size, 3), dtype=np.uint8), label)
+            for label, size in enumerate(sizes)]
+    write_beton(data, tmp_path / "smart.beton", image=image_field("smart"), num_workers=1,
+                progress=False)
+    modes = Reader(str(tmp_path / "smart.beton")).metadata["f0"]["mode"].tolist()  # the image
+    assert modes == [0, 1, 0, 1]  # FFCV's IMAGE_MODES: jpg 0, raw 1
 
 
 def test_out_dir_empty_or_impossible_is_one_line(tmp_path: Path,

@@ -2,8 +2,9 @@
 
 Every loader is a `Loader`: it yields `(images, labels)` on the device (images float in
 [0, 1], NCHW shape in channels_last memory; labels int64 [B]), has a length in batches, and
-`set_epoch(epoch)` makes its next pass the one of that epoch (order, augmentation and, for
-progressive resizing, resolution), which is how a run resumes.
+`set_epoch(epoch)` makes its next pass the one of that epoch (order, the cifar pipeline's
+augmentation and, for progressive resizing, resolution), which is how a run resumes; the
+imagenet pipeline's random resized crops come from FFCV's unseeded generator.
 
 A dataset is a .beton (FFCV, fastibd.data.ffcv_loaders) or an .npz held on the device
 (fastibd.data.tensor_loader, for machines without FFCV), picked by the file's suffix. Two
@@ -45,6 +46,7 @@ from fastibd.data.options import (
 )
 from fastibd.data.tensor_loader import TensorLoader, npz_labels, npz_resolution
 from fastibd.errors import UserError
+from fastibd.seeding import derived_seed
 
 __all__ = ["CIFAR_PAD", "DATASET_SUFFIXES", "DEFAULT_CROP_RATIO", "PIPELINES", "SPLITS",
            "DataSettings", "ImageNetTrainLoader", "Loader", "LoaderOptions", "TensorLoader",
@@ -55,6 +57,9 @@ __all__ = ["CIFAR_PAD", "DATASET_SUFFIXES", "DEFAULT_CROP_RATIO", "PIPELINES", "
 PIPELINES = ("cifar", "imagenet")
 SPLITS = ("train", "eval")
 HOLDOUT_SEED = 20231  # fixed: the held-out slice must not change when training.seed does
+# The loaders order epoch e by seed + e (FFCV's rule): fed the run's seed itself, seed 1
+# would replay seed 0's orders one epoch later. They get a seed derived from it instead.
+DATA_ORDER_STREAM = 0x0D47A
 
 
 class Loader(Protocol):
@@ -85,11 +90,15 @@ def make_loader(path: str | Path, pipeline: str, split: str, options: LoaderOpti
 
 
 def first_examples(path: str | Path, pipeline: str, n: int, batch_size: int,
-                   device: torch.device, resolution: int = 224, workers: int = 8) -> Loader:
-    """The first n examples of a dataset file in stored order, as a model is evaluated."""
+                   device: torch.device, resolution: int = 224, workers: int = 8,
+                   crop_ratio: float | None = None) -> Loader:
+    """The first n examples of a dataset file in stored order, as a model is evaluated
+    (imagenet: the central `crop_ratio` of the shorter side, as the run's data.val_crop_ratio;
+    None: 224/256)."""
     options = LoaderOptions(batch_size=batch_size, device=device, num_workers=workers,
                             order="sequential", indices=tuple(range(n)))
-    return make_loader(path, pipeline, "eval", options, resolution=resolution)
+    return make_loader(path, pipeline, "eval", options, resolution=resolution,
+                       crop_ratio=crop_ratio or DEFAULT_CROP_RATIO)
 
 
 def dataset_labels(path: str | Path) -> np.ndarray:
@@ -105,15 +114,16 @@ def dataset_resolution(path: str | Path) -> int:
 
 def resolution_at(epoch: int, min_res: int, max_res: int, start_ramp: int, end_ramp: int,
                   step: int = 32) -> int:
-    """Progressive resizing (FFCV's ImageNet recipe): min_res until epoch start_ramp, then a
-    linear ramp to max_res at end_ramp, rounded down to a multiple of `step` (so a compiled
-    model sees a few distinct shapes, not one per epoch), never below min_res."""
-    if max_res <= min_res:
+    """Progressive resizing, as ffcv-imagenet's `get_resolution`: min_res up to epoch
+    start_ramp, max_res from end_ramp on, in between the linear ramp rounded to the nearest
+    multiple of `step` (so a compiled model sees a few distinct shapes), kept in
+    [min_res, max_res]."""
+    if max_res <= min_res or epoch <= start_ramp:
         return min_res
-    if end_ramp <= start_ramp:  # a jump
-        return max_res if epoch >= end_ramp else min_res
+    if epoch >= end_ramp:
+        return max_res
     res = float(np.interp(epoch, [start_ramp, end_ramp], [min_res, max_res]))
-    return max(min_res, int(res) // step * step)
+    return min(max_res, max(min_res, int(np.round(res / step)) * step))
 
 
 @dataclass
@@ -152,7 +162,8 @@ def training_data(settings: DataSettings, device: torch.device, seed: int,
     def options(**overrides) -> LoaderOptions:
         return LoaderOptions(**{"batch_size": settings.batch_size, "device": device,
                                 "num_workers": settings.num_workers,
-                                "os_cache": settings.os_cache, "seed": seed, **overrides})
+                                "os_cache": settings.os_cache,
+                                "seed": derived_seed(seed, DATA_ORDER_STREAM), **overrides})
 
     def schedule(epoch: int) -> int:
         return resolution_at(epoch, settings.min_res, settings.max_res, settings.start_ramp,

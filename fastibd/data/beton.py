@@ -2,10 +2,12 @@
 
 FFCV's `DatasetWriter` runs the dataset in worker processes and waits until every
 sample is counted; an exception in a worker would leave it waiting forever. So samples
-are read through `_FailureGuard`, which records the first error in shared memory and
-turns the remaining samples into cheap placeholders; the writer finishes, the partial
-file is deleted and the error is raised in the main process. The file is written under
-a temporary name and renamed at the end, so a .beton that exists is a complete one.
+are read through `_FailureGuard`, and stored through `_guarded_store` (FFCV's encoder
+raises too, e.g. for a raw image larger than its 8 MiB page): the first error is recorded
+in shared memory and the remaining samples become cheap placeholders; the writer
+finishes, the partial file is deleted and the error is raised in the main process. The
+file is written under a temporary name and renamed at the end, so a .beton that exists is
+a complete one.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import functools
 import multiprocessing as mp
 import os
 import signal
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Literal
 from unittest import mock
@@ -31,6 +33,7 @@ WRITE_MODES: tuple[str, ...] = ("raw", "jpg", "proportion", "smart")
 PARTIAL_SUFFIX = ".partial"
 
 _MESSAGE_BYTES = 4096
+SMART_THRESHOLD = 256 * 256 * 3  # bytes: in smart mode, images of more pixels than 256x256 are JPEG
 _PLACEHOLDER = (np.zeros((1, 1, 3), dtype=np.uint8), 0)
 
 
@@ -58,10 +61,13 @@ class _FailureGuard:
             _check_sample(image, index)
             return image, label
         except Exception as err:  # noqa: BLE001 - anything a sample raises must reach the user
-            with self.message.get_lock():
-                if not self.message.value:
-                    self.message.value = str(err).encode()[: _MESSAGE_BYTES - 1]
+            self.record(str(err))
             return _PLACEHOLDER
+
+    def record(self, message: str) -> None:
+        with self.message.get_lock():
+            if not self.message.value:
+                self.message.value = message.encode()[: _MESSAGE_BYTES - 1]
 
     def failure(self) -> str | None:
         return self.message.value.decode(errors="replace") or None
@@ -78,8 +84,11 @@ def image_field(
     max_resolution: int | None = None,
     jpeg_quality: int = 90,
     compress_probability: float = 0.5,
+    smart_threshold: int = SMART_THRESHOLD,
 ):
-    """FFCV's RGB image field with the options of its ImageNet recipe exposed."""
+    """FFCV's RGB image field with the options of its ImageNet recipe exposed. `smart` stores
+    as JPEG the images whose raw pixels exceed `smart_threshold` bytes (FFCV's smart mode
+    without a threshold stores every image raw)."""
     keep_torch_threads()
     from ffcv.fields import RGBImageField
 
@@ -90,6 +99,7 @@ def image_field(
         max_resolution=max_resolution,
         jpeg_quality=jpeg_quality,
         compress_probability=compress_probability,
+        smart_threshold=smart_threshold,
     )
 
 
@@ -126,8 +136,10 @@ def write_beton(
     writer = DatasetWriter(str(partial), fields, num_workers=num_workers)
     # FFCV draws its bar with the tqdm it imported and offers no switch for it.
     bar = ffcv_writer.tqdm if progress else functools.partial(ffcv_writer.tqdm, disable=True)
+    store = _guarded_store(ffcv_writer.handle_sample, guard)
     try:
-        with mock.patch.object(ffcv_writer, "tqdm", bar), interrupts_kept():
+        with mock.patch.object(ffcv_writer, "tqdm", bar), \
+                mock.patch.object(ffcv_writer, "handle_sample", store), interrupts_kept():
             writer.from_indexed_dataset(
                 guard, indices=None if indices is None else list(indices), chunksize=chunksize
             )
@@ -141,6 +153,24 @@ def write_beton(
     finally:
         partial.unlink(missing_ok=True)
     return path
+
+
+def _guarded_store(handle_sample: Callable[..., None],
+                   guard: _FailureGuard) -> Callable[..., None]:
+    """FFCV's per-sample encoder, with its errors recorded instead of killing the worker
+    (a dead worker never reports its samples, and DatasetWriter then waits forever)."""
+
+    def store(sample: tuple, dest_ix: int, *args: object) -> None:
+        if guard.message.value:
+            return
+        try:
+            handle_sample(sample, dest_ix, *args)
+        except Exception as err:  # noqa: BLE001 - e.g. a raw image larger than a page
+            hint = (" (FFCV stores an image in one 8 MiB page: lower --max-resolution or use "
+                    "--write-mode jpg)" if "page size" in str(err) else "")
+            guard.record(f"sample {dest_ix} of the write could not be stored: {err}{hint}")
+
+    return store
 
 
 def _stop_workers(writer) -> None:

@@ -94,7 +94,14 @@ def keep_torch_threads() -> None:
     results behind the caller's back. Its decoders only need numba's threads, so its thread
     setter is narrowed to those. Call before anything imports ffcv."""
     threads = torch.get_num_threads()
-    from ffcv.pipeline.compiler import Compiler  # importing it sets torch's threads to 1
+    try:
+        from ffcv.pipeline.compiler import Compiler  # importing it sets torch's threads to 1
+    except ModuleNotFoundError as err:
+        if err.name is None or not err.name.startswith("ffcv"):
+            raise
+        raise UserError("FFCV is not installed, and .beton files need it (README: "
+                        "set-up); without it, write and read .npz files: "
+                        "data_prep/write_ffcv.py --format npz") from None
 
     torch.set_num_threads(threads)
     if getattr(Compiler, "keeps_torch_threads", False):

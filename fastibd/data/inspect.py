@@ -14,7 +14,7 @@ import torch
 from tqdm import tqdm
 
 from fastibd.cli import ArgumentParser, bounded
-from fastibd.data import PIPELINES, LoaderOptions, dataset_labels, make_loader
+from fastibd.data import PIPELINES, LoaderOptions, dataset_labels, dataset_resolution, make_loader
 from fastibd.errors import exit_on_user_error
 
 
@@ -35,6 +35,8 @@ def build_parser() -> ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     dataset_labels(args.path)  # the checks train and evaluate make: readable, right fields
+    if args.pipeline == "cifar":
+        dataset_resolution(args.path)  # one size, square (the imagenet pipeline takes any)
     options = LoaderOptions(batch_size=args.batch_size, num_workers=args.num_workers)
     loader = make_loader(args.path, args.pipeline, "train", options, resolution=args.resolution)
     counts: dict[int, int] = {}

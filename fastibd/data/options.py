@@ -36,7 +36,7 @@ class LoaderOptions:
     distributed: bool = False  # FFCV's flag: each rank reads its own share (pads with repeats)
     drop_last: bool = False
     order: Order = "random"
-    os_cache: bool = True  # True when the dataset fits in RAM; False streams with QUASI_RANDOM
+    os_cache: bool = True  # True when the dataset fits in RAM (False: FFCV reads pages itself)
     seed: int | None = None  # ordering seed; set it for reproducible (and distributed) runs
     dtype: torch.dtype = torch.float32
     indices: tuple[int, ...] | None = None  # read only these samples (e.g. a held-out slice)

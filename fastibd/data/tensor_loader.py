@@ -93,7 +93,10 @@ class TensorLoader:
         count = len(self.labels)
         if self.options.order == "sequential":
             order = torch.arange(count)
-        else:
+        elif not self.options.distributed:  # FFCV's Random order: numpy's permutation
+            seed = None if self.options.seed is None else self.options.seed + epoch
+            order = torch.from_numpy(np.random.default_rng(seed).permutation(count))
+        else:  # FFCV's distributed Random order: DistributedSampler's torch.randperm
             gen = torch.Generator()
             if self.options.seed is None:
                 gen.seed()  # unseeded, like FFCV without a seed

@@ -23,7 +23,7 @@ starts depend only on the seed and the restart index, not on the number of steps
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -54,11 +54,14 @@ class AttackResult:
     last point visited. correct: bool [B], still classified correctly. correct_by_step: bool
     [steps + 1, B] for PGD-type attacks: row k says "correct under the first k steps" (of
     every restart; row 0 is clean + random start), so one long run gives every shorter one.
+    finals: for FGSM / PGD / CW, the last point of each restart after all its steps (what a
+    transfer attack sends on to the evaluated model).
     """
 
     x_adv: Tensor
     correct: Tensor
     correct_by_step: Tensor | None = None
+    finals: tuple[Tensor, ...] = ()
 
 
 def margin_loss(logits: Tensor, y: Tensor) -> Tensor:
@@ -122,6 +125,7 @@ def pgd(
         raise ValueError(f"steps and restarts must be >= 1, got {steps}, {restarts}")
     loss_fn = LOSS_FUNCTIONS[loss]
     x, y = x.detach(), y.detach()
+    finals = []
     with eval_mode(model):
         tally = _Tally(x, y, predict(model, x) == y, steps)
         for restart in range(restarts):
@@ -135,7 +139,8 @@ def pgd(
             with torch.no_grad():
                 tally.visit(x_adv, model(x_adv))  # the last point: no gradient needed
             tally.keep_unbroken(x_adv)
-    return AttackResult(tally.best, tally.correct, tally.by_step)
+            finals.append(x_adv)
+    return AttackResult(tally.best, tally.correct, tally.by_step, tuple(finals))
 
 
 class _Tally:
@@ -185,17 +190,28 @@ def fgsm(model: nn.Module, x: Tensor, y: Tensor, eps: float, norm: str = "linf"
 # ------------------------------------------------------------------------- black-box
 
 
-def transfer(model: nn.Module, x: Tensor, y: Tensor, x_crafted: Tensor) -> AttackResult:
+def transfer(model: nn.Module, x: Tensor, y: Tensor, crafted: Sequence[Tensor]) -> AttackResult:
     """Score examples crafted on another model (a surrogate) on `model`.
 
-    correct: `model` classifies both the clean x and x_crafted correctly. The clean image
-    counts as a point the attack visited, as in every attack here, so a transfer attack never
-    scores above clean and, crafted on `model` itself, equals the white-box attack exactly.
-    x_adv: x_crafted, except x itself where only the clean image is misclassified."""
-    x, x_crafted = x.detach(), x_crafted.detach()
-    clean, crafted = predict(model, x) == y, predict(model, x_crafted) == y
-    x_adv = torch.where((~clean & crafted).view(-1, *[1] * (x.dim() - 1)), x, x_crafted)
-    return AttackResult(x_adv, clean & crafted)
+    `crafted`: the surrogate attack's final points, one tensor per restart, each after all
+    its steps, as TRADES's `_pgd_blackbox` scores them (not the first point that fooled the
+    surrogate: that is often an early iterate, or the clean image itself where the surrogate
+    errs, and transfers worse). correct: `model` classifies the clean x and every crafted
+    point correctly; the clean image counts, as in every attack here, so a transfer attack
+    never scores above clean. x_adv: the first crafted point `model` misclassifies, x where
+    only the clean image is, else the last crafted point."""
+    if not crafted:
+        raise ValueError("transfer needs at least one crafted point per example")
+    x = x.detach()
+    correct = predict(model, x) == y
+    x_adv = x.clone()
+    for point in crafted:
+        point = point.detach()
+        fooled = correct & (predict(model, point) != y)
+        x_adv[fooled] = point[fooled]
+        correct &= ~fooled
+    x_adv[correct] = crafted[-1].detach()[correct]
+    return AttackResult(x_adv, correct)
 
 
 def spsa_generator(seed: int, device: torch.device) -> torch.Generator:
@@ -380,7 +396,8 @@ def autoattack(
     name: "aa" = AutoAttack standard (APGD-CE, APGD-T, FAB-T, Square 5000 queries);
     "aa-apgd" = its two gradient attacks only (APGD-CE + APGD-T, as configured in standard:
     one restart, 9 target classes); "square" = the black-box Square attack alone.
-    With fewer than 10 classes the targeted attacks use every other class as a target.
+    With 4 to 9 classes the targeted attacks use every other class as a target (below 4,
+    APGD-T's DLR loss is undefined: robustness.check_classes_supported refuses it).
     `warnings` receives pyautoattack's warning messages (randomness, output range, ...).
     """
     from pyautoattack import AutoAttack

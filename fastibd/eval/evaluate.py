@@ -38,7 +38,13 @@ import torch
 from torch import Tensor, nn
 
 from fastibd.cli import ArgumentParser, DefaultsHelpFormatter, bounded, parse_budget, writable_file
-from fastibd.data import LoaderOptions, dataset_labels, dataset_resolution, first_examples
+from fastibd.data import (
+    DEFAULT_CROP_RATIO,
+    LoaderOptions,
+    dataset_labels,
+    dataset_resolution,
+    first_examples,
+)
 from fastibd.device import resolve_device
 from fastibd.errors import UserError, exit_on_user_error
 from fastibd.eval import attacks as eval_attacks
@@ -51,6 +57,7 @@ from fastibd.eval.robustness import (
     attack_family,
     attack_settings,
     budget_line,
+    check_classes_supported,
     check_norm_supported,
     huge_eps_check,
     needs_surrogate,
@@ -169,8 +176,10 @@ def format_table(report: dict[str, Any]) -> str:
         f"checkpoint  {checkpoint['path']}  (sha256 {checkpoint['sha256'][:12]})",
         f"model       {model['arch']}, {model['num_classes']} classes, width {model['width_mult']}"
         f", normalization {model['normalization']}",
-        f"data        {data['path']}, {data['resolution']} px (trained at "
-        f"{model['trained_resolution']})",
+        f"data        {data['path']}, {data['resolution']} px"
+        + ("" if data.get("crop_ratio") is None else
+           f" (center crop {data['crop_ratio']:.4g} of the shorter side)")
+        + f" (trained at {model['trained_resolution']})",
         f"examples    first {data['num_examples']} of {data['dataset_size']}, "
         f"{sum(c > 0 for c in data['class_counts'])} of {model['num_classes']} classes",
         f"settings    {budget_line(config)}, restarts "
@@ -288,6 +297,18 @@ def check_resolution(spec: ModelSpec, pipeline: str, data: Path, asked: int | No
     return fed, trained, [{"check": "resolution", "message":
                            f"evaluated at {fed} px, trained at {trained} px ({source}); "
                            "allowed by --allow-resolution-change"}]
+
+
+def evaluation_crop(spec: ModelSpec, pipeline: str, asked: float | None) -> float | None:
+    """The imagenet pipeline's center crop (fraction of the shorter side): --crop-ratio, else
+    the one the checkpoint records (the run's data.val_crop_ratio), else 224/256; None for the
+    cifar pipeline, which feeds images as stored."""
+    if pipeline == "cifar":
+        if asked is not None:
+            raise UserError("--crop-ratio applies to the imagenet pipeline only; the cifar "
+                            "pipeline feeds images as stored")
+        return None
+    return asked or spec.crop_ratio or DEFAULT_CROP_RATIO
 
 
 def wanted_surrogate(attacks: list[str], surrogate: Path | None) -> bool:
@@ -436,6 +457,10 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--resolution", type=bounded(int, 8), default=None,
                         help="imagenet pipeline: input resolution (default: the one the "
                              "checkpoint was trained for, else the architecture's)")
+    parser.add_argument("--crop-ratio", type=bounded(float, 0.01, 1), default=None,
+                        help="imagenet pipeline: validation center crop, as a fraction of the "
+                             "shorter side (default: the run's data.val_crop_ratio the "
+                             "checkpoint records, else 224/256)")
     parser.add_argument("--allow-resolution-change", action="store_true",
                         help="evaluate at a resolution other than the checkpoint's (flagged)")
     parser.add_argument("--workers", type=bounded(int, 1), default=LoaderOptions.num_workers,
@@ -470,6 +495,10 @@ def main(argv: list[str] | None = None) -> int:
     model, loaded, pipeline = evaluated.model, evaluated.loaded, evaluated.pipeline
     spec, resolution, setup_flags = model.spec, evaluated.resolution, evaluated.flags
     num_classes = spec.num_classes
+    try:
+        check_classes_supported(args.attacks, num_classes)
+    except ValueError as err:
+        raise UserError(str(err)) from None
     n = len(labels) if args.n is None else min(args.n, len(labels))
     if args.n is not None and args.n > len(labels):
         print(f"note: {args.data} holds {len(labels)} examples; evaluating all of them",
@@ -495,8 +524,9 @@ def main(argv: list[str] | None = None) -> int:
     settings = Settings(args.eps, args.step_size, args.restarts, args.seed, num_classes,
                         args.square_queries, args.spsa_samples, args.spsa_delta,
                         args.spsa_iters, args.spsa_lr, args.spsa_batch, args.norm)
+    crop_ratio = evaluation_crop(spec, pipeline, args.crop_ratio)
     batches = first_examples(args.data, pipeline, n, args.batch_size, device, resolution,
-                             args.workers)
+                             args.workers, crop_ratio)
     results, kept = run_attacks(attacked, batches, args.attacks, settings, total=n,
                                 progress=not args.no_progress, keep=args.sanity_n,
                                 surrogate=surrogate)
@@ -526,7 +556,7 @@ def main(argv: list[str] | None = None) -> int:
         "surrogate": surrogate_about,
         "data": {"path": args.data.resolve(), "num_examples": results.n,
                  "dataset_size": len(labels), "num_classes": num_classes,
-                 "resolution": resolution,
+                 "resolution": resolution, "crop_ratio": crop_ratio,
                  "class_counts": class_counts(labels[:results.n], num_classes)},
         "environment": {"device": str(device), "torch": torch.__version__,
                         "pyautoattack": _version("pyautoattack"),

@@ -31,6 +31,7 @@ from fastibd.data import dataset_file, first_examples
 from fastibd.device import resolve_device
 from fastibd.errors import UserError, exit_on_user_error
 from fastibd.eval import attacks as eval_attacks
+from fastibd.eval.robustness import budget_text
 from fastibd.models import TappedModel, default_pipeline
 from fastibd.models.teachers import load_teacher
 from fastibd.run_dir import BEST, LAST, chosen_checkpoint, final_record, read_metrics
@@ -103,7 +104,8 @@ def plot_curves(records: list[dict[str, Any]], path: Path) -> dict[str, Any] | N
 
 
 def accuracy_vs_eps(model: TappedModel, batches: Sequence[tuple[Tensor, Tensor]],
-                    eps_values: Sequence[float], steps: int, seed: int) -> list[float]:
+                    eps_values: Sequence[float], steps: int, seed: int,
+                    norm: str = "linf") -> list[float]:
     """PGD-`steps` accuracy at each eps (step 2.5 eps / steps, Madry et al.); eps 0 = clean."""
     accuracies = []
     bar = _bar(len(eps_values) * len(batches), "accuracy vs eps")
@@ -114,7 +116,7 @@ def accuracy_vs_eps(model: TappedModel, batches: Sequence[tuple[Tensor, Tensor]]
                 hit = eval_attacks.predict(model, x) == y
             else:
                 hit = eval_attacks.pgd(model, x, y, eps, 2.5 * eps / steps, steps,
-                                       seed=seed + index).correct
+                                       seed=seed + index, norm=norm).correct
             correct += int(hit.sum())
             total += len(y)
             bar.update()
@@ -124,7 +126,8 @@ def accuracy_vs_eps(model: TappedModel, batches: Sequence[tuple[Tensor, Tensor]]
 
 
 def accuracy_vs_steps(model: TappedModel, batches: Sequence[tuple[Tensor, Tensor]], eps: float,
-                      step_size: float, steps: Sequence[int], seed: int) -> list[float]:
+                      step_size: float, steps: Sequence[int], seed: int,
+                      norm: str = "linf") -> list[float]:
     """PGD-k accuracy for each k in `steps`, from one run of max(steps): with the same random
     start, PGD-k is the first k steps of the longer run (eval_attacks keeps every step)."""
     longest = max(steps)
@@ -132,7 +135,8 @@ def accuracy_vs_steps(model: TappedModel, batches: Sequence[tuple[Tensor, Tensor
     total = 0
     bar = _bar(len(batches), f"accuracy vs steps (PGD-{longest})")
     for index, (x, y) in enumerate(batches):
-        result = eval_attacks.pgd(model, x, y, eps, step_size, longest, seed=seed + index)
+        result = eval_attacks.pgd(model, x, y, eps, step_size, longest, seed=seed + index,
+                                  norm=norm)
         correct += result.correct_by_step.sum(dim=1).cpu().float()
         total += len(y)
         bar.update()
@@ -148,15 +152,17 @@ def _bar(batches: int, what: str) -> tqdm.tqdm:
 
 def plot_robustness(eps_values: Sequence[float], eps_acc: Sequence[float], eps_steps: int,
                     steps: Sequence[int], steps_acc: Sequence[float], steps_eps: float,
-                    step_size: float, n: int, path: Path) -> None:
+                    step_size: float, n: int, path: Path, norm: str = "linf") -> None:
     fig = _figure(11, 4.2)
     ax_eps, ax_steps = fig.subplots(1, 2)
-    ax_eps.plot([e * 255 for e in eps_values], [100 * a for a in eps_acc], marker="o")
-    ax_eps.set(title=f"PGD-{eps_steps} accuracy vs eps ({n} images)", xlabel="eps (x/255)",
+    scale, unit = (1, "L2 radius") if norm == "l2" else (255, "x/255")
+    name = "PGD-L2" if norm == "l2" else "PGD"
+    ax_eps.plot([e * scale for e in eps_values], [100 * a for a in eps_acc], marker="o")
+    ax_eps.set(title=f"{name}-{eps_steps} accuracy vs eps ({n} images)", xlabel=f"eps ({unit})",
                ylabel="accuracy (%)", ylim=(0, 100))
     ax_steps.plot(steps, [100 * a for a in steps_acc], marker="o")
-    ax_steps.set(title=f"PGD accuracy vs steps (eps {steps_eps * 255:.3g}/255, step "
-                       f"{step_size * 255:.3g}/255)", xlabel="PGD steps",
+    ax_steps.set(title=f"{name} accuracy vs steps (eps {budget_text(steps_eps, norm)}, step "
+                       f"{budget_text(step_size, norm)})", xlabel=f"{name} steps",
                  ylabel="accuracy (%)", xscale="log", ylim=(0, 100))
     ax_steps.set_xticks(list(steps), [str(s) for s in steps])
     for ax in (ax_eps, ax_steps):
@@ -232,18 +238,24 @@ def _read_state(path: Path) -> dict[str, Any] | None:
     return state if isinstance(state, dict) else None
 
 
-def _data_settings(config: dict[str, Any], data: Path | None) -> tuple[Path | None, str, int]:
-    """The validation file (--data, else the run's data.val_path), pipeline and resolution."""
+def _data_settings(config: dict[str, Any], data: Path | None
+                   ) -> tuple[Path | None, str, int, float | None]:
+    """The validation file (--data, else the run's data.val_path), pipeline, resolution and
+    center crop (the run's val_res and val_crop_ratio: what its own evaluation fed)."""
     section = config.get("data", {}) if isinstance(config, dict) else {}
     if data is None and section.get("val_path") and Path(section["val_path"]).is_file():
         data = Path(section["val_path"])
-    return data, section.get("pipeline", ""), int(section.get("val_res", 224))
+    crop_ratio = section.get("val_crop_ratio")
+    return (data, section.get("pipeline", ""), int(section.get("val_res", 224)),
+            None if crop_ratio is None else float(crop_ratio))
 
 
 def _load_batches(data: Path, n: int, batch_size: int, device: torch.device, pipeline: str,
-                  resolution: int, workers: int) -> list[tuple[Tensor, Tensor]]:
+                  resolution: int, crop_ratio: float | None, workers: int
+                  ) -> list[tuple[Tensor, Tensor]]:
     return [(x.clone(), y.clone()) for x, y in
-            first_examples(data, pipeline, n, batch_size, device, resolution, workers)]
+            first_examples(data, pipeline, n, batch_size, device, resolution, workers,
+                           crop_ratio)]
 
 
 def _num_examples(data: Path) -> int:
@@ -262,13 +274,15 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--n", type=bounded(int, 1), default=200,
                         help="images for the robustness curves (default: %(default)s)")
     parser.add_argument("--eps-list", default=",".join(map(str, DEFAULT_EPS_255)),
-                        help="eps values in x/255 for the eps curve (default: %(default)s)")
+                        help="eps values in x/255 for the eps curve; for an L2 run, multiples "
+                             "of the run's radius / 8 (default: %(default)s)")
     parser.add_argument("--steps-list", default=",".join(map(str, DEFAULT_STEPS)),
                         help="PGD step counts for the steps curve (default: %(default)s)")
     parser.add_argument("--eps", type=parse_budget, default=None,
                         help="eps of the steps curve (default: the run's attack.eps, else 8/255)")
-    parser.add_argument("--step-size", type=parse_budget, default=2 / 255,
-                        help="PGD step of the steps curve (default: 2/255)")
+    parser.add_argument("--step-size", type=parse_budget, default=None,
+                        help="PGD step of the steps curve (default: 2/255; for an L2 run, "
+                             "eps / 4)")
     parser.add_argument("--batch-size", type=bounded(int, 1), default=200)
     parser.add_argument("--seed", type=bounded(int, 0), default=0)
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
@@ -306,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     device = resolve_device(args.device, "--device")
     last = _read_state(run_dir / LAST)
     config = (last or {}).get("config") or {}
-    data, pipeline, resolution = _data_settings(config, args.data)
+    data, pipeline, resolution, crop_ratio = _data_settings(config, args.data)
     summary: dict[str, Any] = {"run_dir": str(run_dir)}
     written: list[Path] = []
 
@@ -338,20 +352,25 @@ def main(argv: list[str] | None = None) -> int:
             pipeline = default_pipeline(model.spec.arch)
         n = min(args.n, _num_examples(data))
         batches = _load_batches(data, n, args.batch_size, device, pipeline, resolution,
-                                args.workers)
-        attack_eps = args.eps or float((config.get("attack") or {}).get("eps", 8 / 255))
-        eps_values = [e / 255 for e in eps_255]
+                                crop_ratio, args.workers)
+        attack = config.get("attack") or {}
+        norm = attack.get("norm", "linf")
+        attack_eps = args.eps or float(attack.get("eps", 8 / 255))
+        # L2: the curve at the same fractions of the run's radius as x/255 is of 8/255
+        eps_values = ([e / 255 for e in eps_255] if norm == "linf"
+                      else [attack_eps * e / 8 for e in eps_255])
+        step_size = args.step_size or (2 / 255 if norm == "linf" else attack_eps / 4)
         print(f"robustness curves: {ckpt.name} on {n} images of {data}", flush=True)
-        eps_acc = accuracy_vs_eps(model, batches, eps_values, EPS_CURVE_STEPS, args.seed)
-        steps_acc = accuracy_vs_steps(model, batches, attack_eps, args.step_size, steps,
-                                      args.seed)
+        eps_acc = accuracy_vs_eps(model, batches, eps_values, EPS_CURVE_STEPS, args.seed, norm)
+        steps_acc = accuracy_vs_steps(model, batches, attack_eps, step_size, steps,
+                                      args.seed, norm)
         plot_robustness(eps_values, eps_acc, EPS_CURVE_STEPS, steps, steps_acc, attack_eps,
-                        args.step_size, n, out / "robustness.png")
+                        step_size, n, out / "robustness.png", norm)
         summary["robustness"] = {
             "checkpoint": str(ckpt), "data": str(data), "n": n,
-            "vs_eps": {"eps": eps_values, "steps": EPS_CURVE_STEPS,
+            "vs_eps": {"eps": eps_values, "steps": EPS_CURVE_STEPS, "norm": norm,
                        "step_size": "2.5 * eps / steps", "accuracy": eps_acc},
-            "vs_steps": {"eps": attack_eps, "step_size": args.step_size, "steps": steps,
+            "vs_steps": {"eps": attack_eps, "step_size": step_size, "steps": steps, "norm": norm,
                          "accuracy": steps_acc}}
         written.append(out / "robustness.png")
 
@@ -362,8 +381,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         try:
             summary["attention"] = attention_figure(run_dir, last, config, data, pipeline,
-                                                    resolution, device, args.workers,
-                                                    out / "attention.png")
+                                                    (resolution, crop_ratio), device,
+                                                    args.workers, out / "attention.png")
             written.append(out / "attention.png")
         except UserError as err:  # the figures already drawn are still worth having
             note(f"{err}: skipped the attention map")
@@ -378,8 +397,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def attention_figure(run_dir: Path, last: dict[str, Any], config: dict[str, Any], data: Path,
-                     pipeline: str, resolution: int, device: torch.device, workers: int,
-                     path: Path) -> dict[str, Any]:
+                     pipeline: str, sizes: tuple[int, float | None], device: torch.device,
+                     workers: int, path: Path) -> dict[str, Any]:
     """Load the run's teacher and last student, draw the mean attention; return its numbers."""
     teacher_cfg = config["teacher"]
     teacher = load_teacher(teacher_cfg.get("arch") or None, teacher_cfg["path"],
@@ -392,7 +411,7 @@ def attention_figure(run_dir: Path, last: dict[str, Any], config: dict[str, Any]
     if not pipeline:
         pipeline = default_pipeline(student.spec.arch)
     count = min(ATTENTION_BATCH, _num_examples(data))
-    ((x, _),) = _load_batches(data, count, count, device, pipeline, resolution, workers)
+    ((x, _),) = _load_batches(data, count, count, device, pipeline, *sizes, workers)
     attention = mean_attention(teacher, student, last["features"],
                                int(config["loss"]["attention_dim"]), x)
     plot_attention(attention, teacher.spec.arch, student.spec.arch, count, path)

@@ -39,6 +39,8 @@ HUGE_EPS, HUGE_STEPS, HUGE_STEP_SIZE = 0.5, 20, 0.05
 HUGE_EPS_MAX_ACCURACY = 0.02  # anything clearly above 0% at eps 0.5 means the gradients lie
 MONOTONIC_FALSE_ALARM = 1e-3  # how often equally strong attacks may set off the monotonic flag
 LINF_ONLY = ("spsa",)  # attacks with no L2 form here
+AUTOATTACK_TARGETED = ("aa", "aa-apgd")  # run APGD-T
+AA_MIN_CLASSES = 4  # APGD-T's targeted DLR loss reads the 3rd and 4th largest logits
 # Masking checks. Each threshold leaves room for what honest models show: AutoAttack or CW
 # typically 1-5 points below PGD-20 (TRADES, RSLAD, IBD; the digits student: 0), never an
 # exactly-zero cross-entropy gradient (that needs an fp32 logit margin above ~100).
@@ -128,8 +130,9 @@ def _attack_settings(name: str, settings: Settings) -> dict[str, Any]:
         crafted = name.removeprefix(TRANSFER)
         return {"kind": "transfer", "crafted_on": "surrogate", "crafted_with": crafted,
                 "craft": attack_settings(crafted, settings),
-                "correct": "the evaluated model classifies the clean and the crafted example "
-                           "correctly"}
+                "scored": "the final point of each restart (TRADES's _pgd_blackbox)",
+                "correct": "the evaluated model classifies the clean example and every scored "
+                           "one correctly"}
     if family == "spsa":
         return {"kind": "black-box", "attacks": ["spsa"], "loss": "cw-margin",
                 "samples": settings.spsa_samples,
@@ -166,16 +169,16 @@ def attack(model: nn.Module, name: str, x: Tensor, y: Tensor, settings: Settings
            warnings: set[str] | None = None, surrogate: nn.Module | None = None
            ) -> eval_attacks.AttackResult:
     """What `name` finds on the batch (x, y) with the batch's `seed`. A transfer attack runs
-    its white-box attack on `surrogate`, with the same seed (so with the model itself as
-    the surrogate it finds what the white-box attack finds), and scores the result on
-    `model`."""
+    its white-box attack on `surrogate`, with the same seed, and scores its final points on
+    `model` (so with the model itself as the surrogate it is never stronger than the
+    white-box attack, which also counts the points on the way)."""
     family, steps = attack_family(name)
     check_norm_supported([name], settings.norm)
     if needs_surrogate(name):
         if surrogate is None:
             raise ValueError(f"{name} crafts its examples on a surrogate model: pass one")
         crafted = attack(surrogate, name.removeprefix(TRANSFER), x, y, settings, seed)
-        return eval_attacks.transfer(model, x, y, crafted.x_adv)
+        return eval_attacks.transfer(model, x, y, crafted.finals)
     if family == "clean":
         return eval_attacks.AttackResult(x, eval_attacks.predict(model, x) == y)
     if family == "fgsm":
@@ -200,6 +203,16 @@ def check_norm_supported(attacks: list[str], norm: str) -> None:
     if norm != "linf" and unsupported:
         raise ValueError(f"{', '.join(unsupported)} is implemented for --norm linf only; drop "
                          f"it from the attacks to evaluate with --norm {norm}")
+
+
+def check_classes_supported(attacks: list[str], num_classes: int) -> None:
+    """Refuse, before any work, AutoAttack on a model of fewer than 4 classes (pyautoattack
+    only warns, then APGD-T fails with an IndexError deep inside)."""
+    needs = [name for name in attacks if attack_family(name)[0] in AUTOATTACK_TARGETED]
+    if needs and num_classes < AA_MIN_CLASSES:
+        raise ValueError(f"{', '.join(needs)} run APGD-T, whose targeted DLR loss needs at "
+                         f"least {AA_MIN_CLASSES} classes; the model has {num_classes}: use "
+                         "pgdK, cwK or square instead")
 
 
 @dataclass
@@ -257,6 +270,7 @@ def run_attacks(
     names = ["clean", *[a for a in attacks if a != "clean"]]
     transfer = [name for name in names if needs_surrogate(name)]
     check_norm_supported(names, settings.norm)
+    check_classes_supported(names, settings.num_classes)
     if transfer and surrogate is None:  # before any work, not after hours of it
         raise ValueError(f"{', '.join(transfer)} craft their examples on a surrogate model: "
                          "pass surrogate=")
@@ -502,8 +516,9 @@ def clean_and_pgd(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], ep
                   step_size: float, steps: int, seed: int = 0, num_classes: int = 10,
                   norm: str = "linf", progress: bool = False) -> dict[str, Any]:
     """Clean and PGD-`steps` accuracy, exactly as `fastibd.evaluate --attacks pgdK --eps EPS
-    --step-size STEP --seed SEED --norm NORM` reports them (cross-entropy, one random start,
-    fp32); `progress`: a bar over the batches."""
+    --step-size STEP --seed SEED --norm NORM --batch-size B` reports them for batches of B
+    (cross-entropy, one random start, fp32; the starts are seeded per batch);
+    `progress`: a bar over the batches."""
     name = f"pgd{steps}"
     settings = Settings(eps, step_size, 1, seed, num_classes, norm=norm)
     results, _ = run_attacks(model, batches, [name], settings, progress=progress,

@@ -89,14 +89,15 @@ class ModelSettings:
                             "(anti-aliasing, as FFCV's recipe)", False)
 
 
-def build_student(settings: ModelSettings, num_classes: int,
-                  resolution: int | None = None) -> TappedModel:
+def build_student(settings: ModelSettings, num_classes: int, resolution: int | None = None,
+                  crop_ratio: float | None = None) -> TappedModel:
     """The student a run's `model` section describes; `resolution`, the input size it will
-    be evaluated at, goes into its spec (and so into its checkpoints)."""
+    be evaluated at, and `crop_ratio`, the imagenet pipeline's validation center crop, go into
+    its spec (and so into its checkpoints)."""
     options = {"blurpool": True} if settings.blurpool else {}
     model = build_model(settings.arch, num_classes, settings.normalization, settings.width_mult,
                         **options)
-    model.spec = replace(model.spec, resolution=resolution)
+    model.spec = replace(model.spec, resolution=resolution, crop_ratio=crop_ratio)
     return model
 
 

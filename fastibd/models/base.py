@@ -39,6 +39,9 @@ class ModelSpec:
     # The input resolution it was trained for (square side; what evaluation must feed it).
     # None: not recorded (foreign files, older checkpoints): the architecture's convention.
     resolution: int | None = None
+    # imagenet pipeline: the validation center crop (fraction of the shorter side) it was
+    # evaluated with while training; None: not recorded, the usual 224/256.
+    crop_ratio: float | None = None
 
 
 def normalization_stats(normalization: str | Stats) -> Stats | None:

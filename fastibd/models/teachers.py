@@ -257,7 +257,8 @@ def load_checkpoint(
     `arch` may be None for fastibd checkpoints (they name their architecture).
     `num_classes=None` reads it off the classifier's weights. `normalization` overrides what
     the file carries (with a note saying so). The model is in eval mode with requires_grad
-    off, on `device`; its spec's resolution is what the file records (None if nothing).
+    off, on `device`; its spec's resolution and crop ratio are what the file records (None if
+    nothing).
     """
     if format not in FORMATS:
         raise UserError(f"unknown checkpoint format {format!r}; choose from {', '.join(FORMATS)}")
@@ -266,13 +267,14 @@ def load_checkpoint(
     fmt = detect_format(raw) if format == "auto" else format
     state, stats, spec = _interpret(raw, fmt, path)
 
-    resolution, recorded = None, {}
+    resolution, crop_ratio, recorded = None, None, {}
     if spec is not None:  # our own checkpoint knows how to build itself
         if arch is not None and arch != spec["arch"]:
             raise UserError(f"{path} holds a {spec['arch']}, not a {arch}")
         arch, width_mult = spec["arch"], spec["width_mult"]
         options = {**spec.get("options", {}), **options}
         stats, resolution = spec["normalization"], spec.get("resolution")
+        crop_ratio = spec.get("crop_ratio")
         num_classes = spec["num_classes"] if num_classes is None else num_classes
         recorded = {key: raw[key] for key in ("holdout", "epoch") if raw.get(key) is not None}
     if arch is None:
@@ -288,7 +290,7 @@ def load_checkpoint(
     _check_fit(model, state, f"{path} does not fit {arch} (num_classes={num_classes}, "
                              f"read as format {fmt!r})")
     model.load_state_dict(state, strict=True)
-    model.spec = replace(model.spec, resolution=resolution)
+    model.spec = replace(model.spec, resolution=resolution, crop_ratio=crop_ratio)
     model.eval().requires_grad_(False)
     return LoadedCheckpoint(model.to(device), fmt, recorded, notes, override)
 

@@ -14,7 +14,8 @@ from fastibd.train.trainer import Trainer
 @exit_on_user_error("fastibd.train")
 def run(argv: list[str]) -> int:
     settings = load_settings(argv)
-    nproc = process_count(settings.training.nproc, settings.training.device)
+    nproc = process_count(settings.training.nproc, settings.training.device,
+                          settings.optim.lr_scaling)
     if nproc > 1:
         relaunch(argv, nproc)
     trainer = Trainer(settings)

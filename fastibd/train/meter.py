@@ -32,10 +32,16 @@ class EpochMeter:
         for name, value in parts.items():
             self.sums[name] = self.sums.get(name, 0.0) + value.float()
 
-    def partial(self) -> dict[str, Any]:
-        """What this part of the epoch measured, in plain values (for the saved state)."""
-        return {"sums": {k: v.item() for k, v in self.sums.items()}, "steps": self.steps,
-                "images": self.images, "seconds": time.perf_counter() - self.start}
+    def partial(self, world: World) -> dict[str, Any]:
+        """What this part of the epoch measured on every rank (one all-reduce, which every
+        rank joins), in plain values, for the saved state."""
+        names = sorted(self.sums)
+        reduced = all_reduce_sum(torch.stack(
+            [self.sums[n].float() for n in names]
+            + [torch.tensor(float(c), device=self.device) for c in (self.steps, self.images)]),
+            world).tolist()
+        return {"sums": dict(zip(names, reduced[:-2], strict=True)), "steps": int(reduced[-2]),
+                "images": int(reduced[-1]), "seconds": time.perf_counter() - self.start}
 
     def metrics(self, world: World) -> dict[str, float]:
         """loss_<part> (mean per step), images, images_per_s and epoch_time_s, over every

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from fastibd.config import Choice, Flag, IntList, Number, option, section
+from fastibd.errors import UserError
 
 
 @section("optim", "SGD and the learning-rate schedule (per iteration)")
@@ -31,6 +32,15 @@ class OptimSettings:
     peak_epoch: float = option(Number(0, 1e6), "onecycle: epoch of the peak", 2.0)
     lr_scaling: bool = option(Flag(), "scale lr by global batch / batch_size (several GPUs)",
                               False)
+
+
+def check_optim(settings: OptimSettings) -> None:
+    """The combinations each value alone does not rule out, refused in one line. (A
+    peak_epoch past training.epochs is not one: a short trial of a onecycle recipe, e.g.
+    `--cfg smoke --training.epochs 1`, then only warms up, as asked.)"""
+    if settings.nesterov and settings.momentum == 0:
+        raise UserError("optim.nesterov=true needs optim.momentum > 0 (Nesterov momentum "
+                        "without momentum is plain SGD)")
 
 
 def build_optimizer(module: nn.Module, settings: OptimSettings,

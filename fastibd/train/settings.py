@@ -19,7 +19,7 @@ from fastibd.method.awp import AWPSettings
 from fastibd.method.modes import LossSettings
 from fastibd.models import ModelSettings
 from fastibd.models.teachers import TeacherSettings
-from fastibd.train.schedule import OptimSettings
+from fastibd.train.schedule import OptimSettings, check_optim
 
 RECIPES = config.Recipes(Path(__file__).resolve().parents[2] / "configs")
 
@@ -89,7 +89,9 @@ SECTIONS = tuple(f.type if isinstance(f.type, type) else globals()[f.type]
 
 def load_settings(argv: list[str]) -> Settings:
     """The settings of `python -m fastibd.train ARGV` (--cfg NAME, --section.key=value)."""
-    return Settings(**config.load(argv, SECTIONS, RECIPES))
+    settings = Settings(**config.load(argv, SECTIONS, RECIPES))
+    check_optim(settings.optim)
+    return settings
 
 
 def help_text() -> str:

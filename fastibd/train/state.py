@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from fastibd.distributed import World, gather_objects
 from fastibd.errors import UserError
 from fastibd.method.step import TrainingStep
 from fastibd.models.checkpoint import atomic_save, model_checkpoint
@@ -38,11 +39,11 @@ class TrainState:
     epoch: int = 0  # epochs finished
     step_in_epoch: int = 0  # steps of the next epoch already taken (a mid-epoch save)
     best: dict[str, Any] | None = None  # {"epoch": ..., "clean_acc": ..., "pgd_acc": ...}
-    # the epoch in progress at a mid-epoch save: its loss sums, steps, images and seconds,
-    # so the epoch's metrics still cover all of it after a resume
+    # the epoch in progress at a mid-epoch save: its loss sums, steps and images (summed
+    # over the ranks) and seconds, so the epoch's metrics still cover all of it after a resume
     partial: dict[str, Any] | None = field(default=None)
 
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self, world: World | None = None) -> dict[str, Any]:
         step = self.step
         rng = {"torch": torch.get_rng_state()}
         if step.attack_rng is not None:
@@ -56,7 +57,8 @@ class TrainState:
             optimizer=step.optimizer.state_dict(),
             scheduler=None if step.scheduler is None else step.scheduler.state_dict(),
             scaler=step.scaler.state_dict(), epoch=self.epoch, step_in_epoch=self.step_in_epoch,
-            rng=rng, best=self.best, config=self.settings, world_size=self.world_size,
+            rng=rng, rng_ranks=gather_objects(rng, world or World()), best=self.best,
+            config=self.settings, world_size=self.world_size,
             partial=self.partial)
 
     def keep_if_best(self, held: dict[str, Any], path: Path) -> bool:
@@ -78,10 +80,14 @@ class TrainState:
             raise UserError(f"the weights became non-finite {where}; stopped without saving "
                             f"(the last checkpoint is from before: {last}). Lower optim.lr")
 
-    def save(self, path: Path) -> None:
-        atomic_save(self.state_dict(), path)
+    def save(self, path: Path, world: World) -> None:
+        """last.pt. Every rank calls it (it gathers their RNG states); rank 0 writes it."""
+        checkpoint = self.state_dict(world)
+        if world.is_main:
+            atomic_save(checkpoint, path)
 
-    def load(self, path: Path, allow_changes: bool = False) -> dict[str, tuple[Any, Any]]:
+    def load(self, path: Path, allow_changes: bool = False, world: World | None = None
+             ) -> dict[str, tuple[Any, Any]]:
         """Continue from `path`. It must be a training state of the same architecture and
         mode, trained with the same settings except those a resume may change
         (RESUMABLE_CHANGES); other differences are refused unless `allow_changes`. Returns
@@ -94,29 +100,52 @@ class TrainState:
             raise UserError(f"{path} is a {saved_arch} run in mode {saved_mode}; this config "
                             f"trains a {arch} in mode {mode}: use another training.out_dir")
         changes = setting_changes(state["config"], self.settings)
-        refused = {k: v for k, v in changes.items() if k not in RESUMABLE_CHANGES}
+        refused = {k: v for k, v in changes.items() if k not in RESUMABLE_CHANGES
+                   or (k == "training.epochs"
+                       and self.settings["optim"]["schedule"] in SCHEDULES_OVER_EPOCHS)}
         if refused and not allow_changes:
             listed = "; ".join(f"{k} {_shown(old)} -> {_shown(new)}"
                                for k, (old, new) in refused.items())
             raise UserError(f"{path.parent} was trained with other settings ({listed}): resume "
                             "with the run's own settings, choose another training.out_dir, or "
                             "pass --training.resume_changed=true to continue with these")
+        saved_world = state.get("world_size", 1)
+        if saved_world != self.world_size:
+            raise UserError(f"{path} was trained by {saved_world} process(es), this run has "
+                            f"{self.world_size}: the steps per epoch, each process's data and "
+                            f"the schedule's position depend on it; resume with "
+                            f"training.nproc={saved_world}")
         step.student.load_state_dict(state["model"])
         if step.objective.features is not None:
             step.objective.features.load_state_dict(state["features"])
+        current = [dict(g) for g in step.optimizer.param_groups]  # this run's settings
         step.optimizer.load_state_dict(state["optimizer"])
+        for group, now in zip(step.optimizer.param_groups, current, strict=True):
+            for key in ("weight_decay", "momentum", "nesterov", "dampening", "initial_lr"):
+                if key in now:
+                    group[key] = now[key]
         if step.scheduler is not None:
             step.scheduler.load_state_dict(state["scheduler"])
+            sched = step.scheduler  # its position from the file, its rates from the settings
+            sched.base_lrs = [g["initial_lr"] for g in step.optimizer.param_groups]
+            for group, base, factor in zip(step.optimizer.param_groups, sched.base_lrs,
+                                           sched.lr_lambdas, strict=True):
+                group["lr"] = base * factor(sched.last_epoch)
+            sched._last_lr = [g["lr"] for g in step.optimizer.param_groups]
         step.scaler.load_state_dict(state["scaler"])
         self.epoch, self.step_in_epoch, self.best = (state["epoch"], state["step_in_epoch"],
                                                      state["best"])
         self.partial = state.get("partial")
-        torch.set_rng_state(state["rng"]["torch"])
-        if step.attack_rng is not None and "attack" in state["rng"]:
-            step.attack_rng.set_state(state["rng"]["attack"])
+        # each rank's own random streams (the same world size, checked above); files saved
+        # before rng_ranks existed hold rank 0's only
+        rng = (state.get("rng_ranks") or [state["rng"]] * self.world_size)[
+            world.rank if world is not None else 0]
+        torch.set_rng_state(rng["torch"])
+        if step.attack_rng is not None and "attack" in rng:
+            step.attack_rng.set_state(rng["attack"])
         device = next(step.objective.parameters()).device
-        if "cuda" in state["rng"] and device.type == "cuda":
-            torch.cuda.set_rng_state(state["rng"]["cuda"], device)
+        if "cuda" in rng and device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"], device)
         return changes
 
     def size_estimate(self) -> int:
@@ -128,11 +157,13 @@ class TrainState:
 
 # A resume may change these (they do not change what the run computes): more epochs, how
 # the data is read, what is printed, how often the held-out slice is scored, where to run.
+# Not more epochs for the schedules that spread over all of them: the lr would jump.
 RESUMABLE_CHANGES = frozenset({
     "training.epochs", "training.eval_every", "training.out_dir", "training.resume",
     "training.resume_changed", "training.nproc", "data.num_workers", "data.os_cache",
     "logging.progress", "logging.tensorboard", "teacher.source",
 })
+SCHEDULES_OVER_EPOCHS = ("onecycle", "linear")
 TRAINING_KEYS = ("format", "spec", "model", "optimizer", "scaler", "epoch", "step_in_epoch",
                  "rng", "best", "config")
 

@@ -21,6 +21,7 @@ import argparse
 import csv
 import itertools
 import re
+import subprocess
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -29,11 +30,16 @@ from typing import Any
 
 from fastibd.cli import ArgumentParser, parse_number, writable_directory
 from fastibd.data.options import dataset_file
-from fastibd.errors import EXIT_INTERRUPTED, UserError, exit_on_user_error
+from fastibd.errors import UserError, exit_on_user_error
 from fastibd.method.modes import MODES
 from fastibd.models.teachers import teacher_file
 from fastibd.run_dir import LAST, RunDirectory, final_record, read_metrics
 from fastibd.train.settings import Settings, load_settings
+from fastibd.train.stopping import EXIT_CODES
+
+# A run stopped by Ctrl-C or SIGTERM (a cluster's preemption): the sweep stops too. Its own
+# code (130 / 143), or the negative signal number of a torchrun child killed by it.
+STOPPED_CODES = frozenset({*EXIT_CODES.values(), *(-int(signum) for signum in EXIT_CODES)})
 
 PROG = "fastibd.sweep"
 KEY = re.compile(r"^[a-z_]+\.[a-z_0-9]+$")
@@ -226,6 +232,20 @@ def _number(value: str) -> float | str:
         return value
 
 
+def _train(argv: list[str]) -> int:
+    """One run: in this process, or under torchrun as a child when it takes several
+    processes (the trainer's own relaunch replaces the process: the sweep would end)."""
+    from fastibd.distributed import process_count
+    from fastibd.train.cli import main as train_main
+
+    s = load_settings(argv)
+    nproc = process_count(s.training.nproc, s.training.device, s.optim.lr_scaling)
+    if nproc == 1:
+        return train_main(argv)
+    return subprocess.call([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                            f"--nproc_per_node={nproc}", "-m", "fastibd.train", *argv])
+
+
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog=f"python -m {PROG}", description=__doc__.split("\n\n")[0],
                             epilog=__doc__.split("\n\n", 1)[1],
@@ -267,7 +287,7 @@ def main(argv: list[str] | None = None,
         return 0
     writable_directory(out, "--out")
     if train is None:
-        from fastibd.train.cli import main as train
+        train = _train
     failed = []
     if not args.collect_only:
         for index, run in enumerate(runs, 1):
@@ -276,7 +296,7 @@ def main(argv: list[str] | None = None,
                 continue
             print(f"[{index}/{len(runs)}] {run.directory.name}", flush=True)
             code = train(run.argv(base))
-            if code == EXIT_INTERRUPTED:
+            if code in STOPPED_CODES:
                 print(f"{PROG}: interrupted; rerun the same command to continue",
                       file=sys.stderr)
                 return code

@@ -18,7 +18,7 @@ import torch
 
 from fastibd.data import training_data
 from fastibd.device import device_name, resolve_runtime
-from fastibd.distributed import barrier, join
+from fastibd.distributed import agreed_signal, barrier, join
 from fastibd.errors import UserError
 from fastibd.eval.robustness import clean_and_pgd
 from fastibd.method.modes import MODES
@@ -62,7 +62,8 @@ class Trainer:
         self.data = training_data(s.data, runtime.device, s.training.seed, world.distributed)
         classes, place = self.data.num_classes, dict(device=runtime.device,
                                                      memory_format=runtime.memory_format)
-        student = build_student(s.model, classes, self.data.eval_size).to(**place)
+        crop_ratio = s.data.val_crop_ratio if s.data.pipeline == "imagenet" else None
+        student = build_student(s.model, classes, self.data.eval_size, crop_ratio).to(**place)
         teacher = None
         if MODES[s.loss.mode].teacher:
             teacher = run_teacher(s.teacher, s.loss.mode, classes).to(**place)
@@ -85,7 +86,7 @@ class Trainer:
                 s.training.seed * 1000 + 2 + world.rank),
             ddp=world.distributed, awp=s.awp)
         self.state = state = TrainState(self.step, s.as_dict(), world.size)
-        changes = state.load(last, s.training.resume_changed) if last else {}
+        changes = state.load(last, s.training.resume_changed, world) if last else {}
         if last:
             print(f"resuming {last} {position(state.epoch, state.step_in_epoch)}", flush=True)
         if world.is_main:
@@ -110,8 +111,8 @@ class Trainer:
         if self.step.awp is not None:
             self.step.awp.set_epoch(state.epoch)  # on after awp.warmup epochs
         skip, state.step_in_epoch, resolution = state.step_in_epoch, 0, None
-        # Resuming mid-epoch: the metrics carry on from what the stopped part measured (under
-        # DDP rank 0's share of that part).
+        # Resuming mid-epoch: the metrics carry on from what the stopped part measured (summed
+        # over the ranks that measured it; rank 0 carries it, the others start from zero).
         meter = EpochMeter(device, state.partial if skip and self.world.is_main else None)
         fp32 = ("" if self.runtime.dtype == torch.float32 else
                 ", or train in fp32 (training.precision)")
@@ -131,11 +132,12 @@ class Trainer:
                 meter.add(parts, len(y))
                 watch.add(index, total, state.epoch)
                 bar.update(index, total, self.step.scheduler.get_last_lr()[0])
-                if self.stops.signum is not None:
+                signum = agreed_signal(self.stops.signum, self.world, device)
+                if signum is not None:
                     watch.check(state.epoch)
-                    state.partial = meter.partial()
+                    state.partial = meter.partial(self.world)
                     self._save_state(check=True)
-                    raise Stopped(self.stops.signum)
+                    raise Stopped(signum)
             watch.check(state.epoch)
         state.partial = None
         metrics = meter.metrics(self.world)
@@ -147,8 +149,7 @@ class Trainer:
         """last.pt; `check`: first refuse a state gone non-finite (see TrainState)."""
         if check:
             self.state.check_finite(self.run_dir / LAST)
-        if self.world.is_main:
-            self.state.save(self.run_dir / LAST)
+        self.state.save(self.run_dir / LAST, self.world)
 
     def evaluate(self, loader) -> dict[str, Any]:
         """Clean and PGD accuracy of the student: the PGD of `fastibd.evaluate`, at the run's
@@ -200,9 +201,11 @@ class Trainer:
             self.close()
 
     def _stop_if_asked(self) -> None:
-        """Stopped, when a stop was asked for outside a training step (its state is saved)."""
-        if self.stops.signum is not None:
-            raise Stopped(self.stops.signum)
+        """Stopped, when a stop was asked for outside a training step (its state is saved);
+        every rank stops, or none does."""
+        signum = agreed_signal(self.stops.signum, self.world, self.runtime.device)
+        if signum is not None:
+            raise Stopped(signum)
 
     def _final_report(self) -> None:
         """Validation accuracy of the best checkpoint (or the last, without a held-out slice)."""
