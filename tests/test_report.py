@@ -93,6 +93,33 @@ def test_all_three_figures(tmp_path: Path, digits_dir: Path, capsys) -> None:
     assert attention.std() > 0
 
 
+def test_an_l2_run_gets_l2_curves(tmp_path: Path, digits_dir: Path,
+                                  monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """The report read attack.eps but not attack.norm: an L2 run (eps 0.5) got Linf PGD at
+    eps 0.5 (0% everywhere) and an 'eps 127.5/255' title; and --eps refused radii above 1."""
+    run_dir = make_run(tmp_path / "run", digits_dir / "val.beton", ibd=False)
+    last = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=True)
+    last["config"]["attack"] = {"eps": 1.5, "norm": "l2"}
+    atomic_save(last, run_dir / "last.pt")
+    norms: list[str] = []
+    pgd = report.eval_attacks.pgd
+
+    def spy(*args, **kwargs):
+        norms.append(kwargs["norm"])
+        return pgd(*args, **kwargs)
+
+    monkeypatch.setattr(report.eval_attacks, "pgd", spy)
+    out = tmp_path / "figs"
+    assert report.main([str(run_dir), "--out", str(out), "--n", "16", "--eps-list", "0,4,8",
+                        "--steps-list", "1,2", "--eps", "2.0", "--device", "cpu"]) == 0
+    robust = json.loads((out / "figures.json").read_text())["robustness"]
+    assert robust["vs_eps"]["norm"] == robust["vs_steps"]["norm"] == "l2"
+    assert robust["vs_eps"]["eps"] == pytest.approx([0, 0.75, 1.5])  # x/8 of the run's eps
+    assert (robust["vs_steps"]["eps"], robust["vs_steps"]["step_size"]) == (2.0, 0.5)
+    assert norms and set(norms) == {"l2"}
+    assert_picture(out / "robustness.png")
+
+
 def test_missing_inputs_are_skipped_with_a_note(tmp_path: Path, digits_dir: Path,
                                                 capsys) -> None:
     # a run without feature distillation, and without data to attack: curves only

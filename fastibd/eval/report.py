@@ -13,6 +13,7 @@ printed note.
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from collections.abc import Sequence
@@ -278,9 +279,11 @@ def build_parser() -> ArgumentParser:
                              "of the run's radius / 8 (default: %(default)s)")
     parser.add_argument("--steps-list", default=",".join(map(str, DEFAULT_STEPS)),
                         help="PGD step counts for the steps curve (default: %(default)s)")
-    parser.add_argument("--eps", type=parse_budget, default=None,
-                        help="eps of the steps curve (default: the run's attack.eps, else 8/255)")
-    parser.add_argument("--step-size", type=parse_budget, default=None,
+    # strings here, numbers once the run's attack.norm is read: an L2 radius may exceed 1
+    parser.add_argument("--eps", default=None,
+                        help="eps of the steps curve, in the run's threat model (default: the "
+                             "run's attack.eps, else 8/255)")
+    parser.add_argument("--step-size", default=None,
                         help="PGD step of the steps curve (default: 2/255; for an L2 run, "
                              "eps / 4)")
     parser.add_argument("--batch-size", type=bounded(int, 1), default=200)
@@ -288,6 +291,16 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--workers", type=bounded(int, 1), default=2, help="FFCV threads")
     return parser
+
+
+def _budget(text: str | None, name: str, norm: str) -> float | None:
+    """--eps / --step-size as a number of the run's threat model (None: not given)."""
+    if text is None:
+        return None
+    try:
+        return parse_budget(text, norm)
+    except argparse.ArgumentTypeError as err:
+        raise UserError(f"{name} {err}") from None
 
 
 def _int_list(text: str, name: str, low: int) -> list[int]:
@@ -321,6 +334,10 @@ def main(argv: list[str] | None = None) -> int:
     last = _read_state(run_dir / LAST)
     config = (last or {}).get("config") or {}
     data, pipeline, resolution, crop_ratio = _data_settings(config, args.data)
+    attack = config.get("attack") or {}
+    norm = attack.get("norm", "linf")  # the run's threat model: the curves' too
+    asked_eps = _budget(args.eps, "--eps", norm)
+    asked_step = _budget(args.step_size, "--step-size", norm)
     summary: dict[str, Any] = {"run_dir": str(run_dir)}
     written: list[Path] = []
 
@@ -353,13 +370,12 @@ def main(argv: list[str] | None = None) -> int:
         n = min(args.n, _num_examples(data))
         batches = _load_batches(data, n, args.batch_size, device, pipeline, resolution,
                                 crop_ratio, args.workers)
-        attack = config.get("attack") or {}
-        norm = attack.get("norm", "linf")
-        attack_eps = args.eps or float(attack.get("eps", 8 / 255))
+        run_eps = float(attack.get("eps", 8 / 255))
+        attack_eps = asked_eps or run_eps
         # L2: the curve at the same fractions of the run's radius as x/255 is of 8/255
         eps_values = ([e / 255 for e in eps_255] if norm == "linf"
-                      else [attack_eps * e / 8 for e in eps_255])
-        step_size = args.step_size or (2 / 255 if norm == "linf" else attack_eps / 4)
+                      else [run_eps * e / 8 for e in eps_255])
+        step_size = asked_step or (2 / 255 if norm == "linf" else attack_eps / 4)
         print(f"robustness curves: {ckpt.name} on {n} images of {data}", flush=True)
         eps_acc = accuracy_vs_eps(model, batches, eps_values, EPS_CURVE_STEPS, args.seed, norm)
         steps_acc = accuracy_vs_steps(model, batches, attack_eps, step_size, steps,
