@@ -302,6 +302,15 @@ def test_two_process_gloo_run_stops_together_and_resumes(digits_dir: Path,
     assert epoch["images"] == 2 * 3 * batch  # both ranks' batches, summed over ranks
     assert sorted(p.name for p in run.glob("*.pt")) == ["best.pt", "last.pt"]
     assert result.stdout.count("final best") == 1  # rank 0 alone reports
+    # Bitwise the uninterrupted run: each rank's RNG streams and BatchNorm statistics (which
+    # rank 1's eval-mode attack reads, and DDP syncs only at the training forward) are saved.
+    reference = tmp_path / "reference"
+    uninterrupted = subprocess.run([*torchrun, "-m", "fastibd.train", *args[:-1],
+                                    f"--training.out_dir={reference}"], cwd=REPO,
+                                   capture_output=True, text=True, timeout=600, env=env)
+    assert uninterrupted.returncode == 0, uninterrupted.stderr[-3000:]
+    expected, got = weights(reference / "last.pt"), weights(run / "last.pt")
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
 
 
 def test_cpu_training_layout_gives_float64_weight_gradients() -> None:

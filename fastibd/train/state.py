@@ -57,7 +57,12 @@ class TrainState:
             optimizer=step.optimizer.state_dict(),
             scheduler=None if step.scheduler is None else step.scheduler.state_dict(),
             scaler=step.scaler.state_dict(), epoch=self.epoch, step_in_epoch=self.step_in_epoch,
-            rng=rng, rng_ranks=gather_objects(rng, world or World()), best=self.best,
+            rng=rng, rng_ranks=gather_objects(rng, world or World()),
+            # each rank's BatchNorm statistics: DDP syncs them at the training forward only,
+            # and the eval-mode attack of the next step reads the rank's own
+            buffers_ranks=gather_objects({name: value.cpu() for name, value
+                                          in step.student.named_buffers()}, world or World()),
+            best=self.best,
             config=self.settings, world_size=self.world_size,
             partial=self.partial)
 
@@ -116,6 +121,9 @@ class TrainState:
                             f"the schedule's position depend on it; resume with "
                             f"training.nproc={saved_world}")
         step.student.load_state_dict(state["model"])
+        rank = world.rank if world is not None else 0
+        if state.get("buffers_ranks"):
+            step.student.load_state_dict(state["buffers_ranks"][rank], strict=False)
         if step.objective.features is not None:
             step.objective.features.load_state_dict(state["features"])
         current = [dict(g) for g in step.optimizer.param_groups]  # this run's settings
@@ -138,8 +146,7 @@ class TrainState:
         self.partial = state.get("partial")
         # each rank's own random streams (the same world size, checked above); files saved
         # before rng_ranks existed hold rank 0's only
-        rng = (state.get("rng_ranks") or [state["rng"]] * self.world_size)[
-            world.rank if world is not None else 0]
+        rng = (state.get("rng_ranks") or [state["rng"]] * self.world_size)[rank]
         torch.set_rng_state(rng["torch"])
         if step.attack_rng is not None and "attack" in rng:
             step.attack_rng.set_state(rng["attack"])
