@@ -42,3 +42,22 @@ def test_the_loss_watch_names_the_first_bad_step() -> None:
     with pytest.raises(UserError, match="became inf at epoch 1, step 2"):
         gpu_like.check(epoch=0)
     gpu_like.check(epoch=0)  # the window was emptied by the check
+
+
+def test_the_loss_watch_stops_every_rank_when_one_sees_a_bad_loss(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under DDP the ranks agree: one that raised alone left the others waiting forever."""
+    from fastibd.distributed import World
+    from fastibd.train import meter
+
+    reduced: list[float] = []
+
+    def elsewhere_bad(values: torch.Tensor, world: World) -> torch.Tensor:
+        reduced.append(float(values.sum()))
+        return values + 1  # another rank's loss was not finite
+
+    monkeypatch.setattr(meter, "all_reduce_sum", elsewhere_bad)
+    watch = LossWatch(torch.device("cpu"), "(hint)", World(rank=1, size=2, distributed=True))
+    with pytest.raises(UserError, match="non-finite on another process during epoch 2"):
+        watch.add(0, torch.tensor(1.0), epoch=1)
+    assert reduced == [0.0]  # this rank said its own loss was finite

@@ -60,11 +60,14 @@ class EpochMeter:
 
 class LossWatch:
     """Raises a UserError naming the step where the loss stopped being finite. The losses
-    are kept on the device and checked `every` steps (each check syncs a GPU)."""
+    are kept on the device and checked `every` steps (each check syncs a GPU). Under DDP
+    every rank checks at the same steps and they agree (one all-reduce): a rank that
+    stopped alone would leave the others waiting in their next all-reduce."""
 
-    def __init__(self, device: torch.device, hint: str) -> None:
+    def __init__(self, device: torch.device, hint: str, world: World | None = None) -> None:
         self.every = 1 if device.type == "cpu" else 25
         self.hint = hint  # what the user can change, after "Lower optim.lr"
+        self.world = world or World()
         self.window: list[tuple[int, Tensor]] = []
 
     def add(self, index: int, total: Tensor, epoch: int) -> None:
@@ -74,7 +77,16 @@ class LossWatch:
 
     def check(self, epoch: int) -> None:
         window, self.window = self.window, []
-        if not window or torch.isfinite(torch.stack([t for _, t in window])).all():
+        if not window:
+            return
+        finite = torch.isfinite(torch.stack([t for _, t in window])).all()
+        bad_here = ~finite
+        if self.world.distributed:
+            bad_anywhere = bool(all_reduce_sum(bad_here.float().view(1), self.world).item())
+            if bad_anywhere and not bad_here:
+                raise UserError(f"the loss became non-finite on another process during epoch "
+                                f"{epoch + 1}; stopped without saving {self.hint}")
+        if finite:
             return
         index, value = next((i, t.item()) for i, t in window if not torch.isfinite(t))
         raise UserError(f"the loss became {value} at epoch {epoch + 1}, step {index + 1}; "

@@ -44,7 +44,8 @@ class TrainingSettings:
                                   False)
     eval_every: int = option(Integer(1), "evaluate on the held-out slice every N epochs", 1)
     nproc: str = option(Text(), "processes (one per GPU) when not started by torchrun: auto = "
-                        "every visible GPU (DDP), or a number", "auto")
+                        "every visible GPU (DDP) if optim.lr_scaling, else one (batch_size is "
+                        "per process), or a number", "auto")
     max_steps: int = option(Integer(0), "stop each epoch after N steps (0: full epochs); for "
                             "quick trials", 0)
 

@@ -117,7 +117,7 @@ class Trainer:
         fp32 = ("" if self.runtime.dtype == torch.float32 else
                 ", or train in fp32 (training.precision)")
         watch = LossWatch(device, f"(the last checkpoint is from before: {self.run_dir / LAST})."
-                          f" Lower optim.lr{fp32}")
+                          f" Lower optim.lr{fp32}", self.world)
         bar = StepBar(self.steps_per_epoch, skip, state.epoch, self.settings.training.epochs,
                       self.settings.logging.progress and self.world.is_main)
         with bar:
