@@ -3,7 +3,7 @@
 # dependencies a stock PyTorch image lacks, built here (with network) into .whl/:
 #   bash scripts/gpu_wheels.sh [DIR]
 # fastargs (config) and terminaltables (which fastargs imports without declaring it). Add
-# pyautoattack==0.2.0 by hand for `fastibd.evaluate --attacks autoattack` there (42 MB: it
+# pyautoattack==0.2.0 by hand for `fastibd.evaluate --attacks aa` there (42 MB: it
 # ships a checkpoint). Copy DIR next to the checkout on the GPU machine, or point
 # GPU_CHECK_WHEELS at it.
 set -euo pipefail
