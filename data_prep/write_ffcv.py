@@ -70,8 +70,9 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--overwrite", action="store_true",
                         help="replace existing output files (otherwise refuse)")
     parser.add_argument("--limit", type=bounded(int, 1), default=None, metavar="N",
-                        help="write only N samples of each split, evenly spaced (every class "
-                             "of a folder kept), for quick trials")
+                        help="write only N samples of each split, evenly spaced in stored "
+                             "order (a class-sorted folder keeps its classes' spread), for "
+                             "quick trials")
     images = parser.add_argument_group(
         "image storage (FFCV RGBImageField); defaults: imagenet/folder use FFCV's ImageNet "
         "recipe (proportion, 500px, q90, 0.5), the others are stored raw at full size")
@@ -105,7 +106,8 @@ def load_splits(dataset: str, data_dir: Path | None) -> dict[str, datasets.Image
 
 def limited(size: int, limit: int | None) -> list[int]:
     """The samples --limit keeps: `limit` of `size`, evenly spaced in stored order, so a
-    source stored class by class (folders, Tiny-ImageNet) keeps every class, not the first."""
+    source stored class by class (folders, Tiny-ImageNet) keeps samples of all its classes
+    (when `limit` is not below their number and they are not very uneven), not the first."""
     if limit is None or limit >= size:
         return list(range(size))
     return np.linspace(0, size - 1, limit).round().astype(int).tolist()

@@ -75,6 +75,11 @@ class LossWatch:
         if len(self.window) >= self.every:
             self.check(epoch)
 
+    def just_checked(self) -> bool:
+        """Whether the last `add` checked (and so synced the device): the same steps on
+        every rank."""
+        return not self.window
+
     def check(self, epoch: int) -> None:
         window, self.window = self.window, []
         if not window:

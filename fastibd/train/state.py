@@ -127,7 +127,12 @@ class TrainState:
         if step.objective.features is not None:
             step.objective.features.load_state_dict(state["features"])
         current = [dict(g) for g in step.optimizer.param_groups]  # this run's settings
-        step.optimizer.load_state_dict(state["optimizer"])
+        try:
+            step.optimizer.load_state_dict(state["optimizer"])
+        except ValueError:  # other parameter groups, e.g. optim.decay_norm_and_bias changed
+            raise UserError(f"{path}'s optimizer state does not fit this run's parameter groups "
+                            "(optim.decay_norm_and_bias cannot change on resume): choose "
+                            "another training.out_dir") from None
         for group, now in zip(step.optimizer.param_groups, current, strict=True):
             for key in ("weight_decay", "momentum", "nesterov", "dampening", "initial_lr"):
                 if key in now:

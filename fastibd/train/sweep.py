@@ -21,6 +21,7 @@ import argparse
 import csv
 import itertools
 import re
+import signal
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
@@ -37,9 +38,8 @@ from fastibd.run_dir import LAST, RunDirectory, final_record, read_metrics
 from fastibd.train.settings import Settings, load_settings
 from fastibd.train.stopping import EXIT_CODES
 
-# A run stopped by Ctrl-C or SIGTERM (a cluster's preemption): the sweep stops too. Its own
-# code (130 / 143), or the negative signal number of a torchrun child killed by it.
-STOPPED_CODES = frozenset({*EXIT_CODES.values(), *(-int(signum) for signum in EXIT_CODES)})
+# A run stopped by Ctrl-C or SIGTERM (a cluster's preemption): the sweep stops too.
+STOPPED_CODES = frozenset(EXIT_CODES.values())
 
 PROG = "fastibd.sweep"
 KEY = re.compile(r"^[a-z_]+\.[a-z_0-9]+$")
@@ -242,8 +242,29 @@ def _train(argv: list[str]) -> int:
     nproc = process_count(s.training.nproc, s.training.device, s.optim.lr_scaling)
     if nproc == 1:
         return train_main(argv)
-    return subprocess.call([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                            f"--nproc_per_node={nproc}", "-m", "fastibd.train", *argv])
+    return run_child([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                      f"--nproc_per_node={nproc}", "-m", "fastibd.train", *argv])
+
+
+def run_child(command: list[str]) -> int:
+    """Run `command` (torchrun) to its end, passing it Ctrl-C and SIGTERM, each once; the
+    trainer's exit code for a stop (130 / 143) when one came, since torchrun exits 1 when its
+    workers stopped. In its own session: the terminal's Ctrl-C reaches it only through here,
+    so that it is the one signal torchrun forwards to its workers, which save and exit."""
+    child = subprocess.Popen(command, start_new_session=True)
+    received: list[int] = []
+
+    def forward(signum: int, _frame: object) -> None:
+        received.append(signum)
+        child.send_signal(signum)
+
+    previous = {signum: signal.signal(signum, forward) for signum in EXIT_CODES}
+    try:
+        code = child.wait()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    return EXIT_CODES[received[0]] if received else code
 
 
 def build_parser() -> ArgumentParser:
