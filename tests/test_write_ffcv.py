@@ -202,9 +202,13 @@ def test_write_beton_progress_bar_can_be_silenced(tmp_path: Path,
     assert (tmp_path / "quiet.beton").read_bytes() == (tmp_path / "loud.beton").read_bytes()
 
 
-def test_an_image_ffcv_cannot_store_is_one_error_not_a_hang(tmp_path: Path) -> None:
+@pytest.mark.parametrize("start_method", ["fork", "forkserver"])
+def test_an_image_ffcv_cannot_store_is_one_error_not_a_hang(tmp_path: Path,
+                                                            start_method: str) -> None:
     """A raw image over FFCV's 8 MiB page makes its encoder raise in the worker; the worker
-    died and DatasetWriter waited for its samples forever."""
+    died and DatasetWriter waited for its samples forever. Under forkserver (Python 3.14's
+    default) too: the guard reaches the workers only if they are forked."""
+    import multiprocessing
     import signal
 
     from fastibd.data.beton import image_field, write_beton
@@ -216,6 +220,8 @@ def test_an_image_ffcv_cannot_store_is_one_error_not_a_hang(tmp_path: Path) -> N
 
     data = ArrayDataset(np.zeros((2, 1800, 1800, 3), np.uint8), np.arange(2))  # 9.7 MB each
     previous = signal.signal(signal.SIGALRM, hung)
+    default = multiprocessing.get_start_method()
+    multiprocessing.set_start_method(start_method, force=True)
     signal.alarm(120)
     try:
         with pytest.raises(UserError, match="could not be stored.*page size.*--max-resolution"):
@@ -224,6 +230,7 @@ def test_an_image_ffcv_cannot_store_is_one_error_not_a_hang(tmp_path: Path) -> N
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
+        multiprocessing.set_start_method(default, force=True)
     assert list(tmp_path.iterdir()) == []  # no .beton, no .partial
 
 

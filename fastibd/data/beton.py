@@ -138,8 +138,12 @@ def write_beton(
     bar = ffcv_writer.tqdm if progress else functools.partial(ffcv_writer.tqdm, disable=True)
     store = _guarded_store(ffcv_writer.handle_sample, guard)
     try:
+        # Forked workers, whatever the default start method (forkserver from Python 3.14):
+        # the guarded encoder is patched here and reaches them only through a fork.
         with mock.patch.object(ffcv_writer, "tqdm", bar), \
-                mock.patch.object(ffcv_writer, "handle_sample", store), interrupts_kept():
+                mock.patch.object(ffcv_writer, "handle_sample", store), \
+                mock.patch.object(ffcv_writer, "Process", mp.get_context("fork").Process), \
+                interrupts_kept():
             writer.from_indexed_dataset(
                 guard, indices=None if indices is None else list(indices), chunksize=chunksize
             )
