@@ -44,7 +44,7 @@ class TrainState:
     partial: dict[str, Any] | None = field(default=None)
 
     def state_dict(self, world: World | None = None) -> dict[str, Any]:
-        step = self.step
+        step, world = self.step, world or World()
         rng = {"torch": torch.get_rng_state()}
         if step.attack_rng is not None:
             rng["attack"] = step.attack_rng.get_state()
@@ -57,11 +57,11 @@ class TrainState:
             optimizer=step.optimizer.state_dict(),
             scheduler=None if step.scheduler is None else step.scheduler.state_dict(),
             scaler=step.scaler.state_dict(), epoch=self.epoch, step_in_epoch=self.step_in_epoch,
-            rng=rng, rng_ranks=gather_objects(rng, world or World()),
+            rng=rng, rng_ranks=gather_objects(rng, world),
             # each rank's BatchNorm statistics: DDP syncs them at the training forward only,
             # and the eval-mode attack of the next step reads the rank's own
             buffers_ranks=gather_objects({name: value.cpu() for name, value
-                                          in step.student.named_buffers()}, world or World()),
+                                          in step.student.named_buffers()}, world),
             best=self.best,
             config=self.settings, world_size=self.world_size,
             partial=self.partial)

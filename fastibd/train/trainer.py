@@ -135,9 +135,8 @@ class Trainer:
                 # Under DDP the ranks agree on a stop at the steps where the loss check has
                 # just synced the device anyway (every step on a CPU, every 25 on a GPU): one
                 # all-reduce, no sync of its own. Alone, a process stops after any step.
-                signum = (self.stops.signum if not self.world.distributed else
-                          agreed_signal(self.stops.signum, self.world, device)
-                          if watch.just_checked() else None)
+                due = watch.just_checked() or not self.world.distributed
+                signum = agreed_signal(self.stops.signum, self.world, device) if due else None
                 if signum is not None:
                     watch.check(state.epoch)
                     state.partial = meter.partial(self.world)
